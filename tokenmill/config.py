@@ -1,0 +1,148 @@
+"""Engine configuration: a few frozen dataclasses, validated once at start-up.
+
+Each field carries its help text in ``metadata["help"]``; the CLI builds its flags from these same
+fields (``add_config_arguments``), so a flag, its default and its validation have one source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+from tokenmill.errors import ConfigError
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = _help(
+        "Path to a GGUF file or a Hugging Face model folder (config.json + *.safetensors). "
+        "Default: the built-in SmolLM2-135M-Instruct.",
+        default=None,
+    )
+    dtype: str = _help("Compute dtype of weights and activations: float32, bfloat16 or float16.",
+                       default="float32")
+    device: str = _help("torch device the model runs on, e.g. cpu, cuda, cuda:1.", default="cpu")
+    max_model_len: int | None = _help(
+        "Longest sequence (prompt + output) served; default: the model's own context length.",
+        default=None,
+    )
+    served_model_name: str | None = _help(
+        "Name clients use in the `model` field; default: the model file or folder name.",
+        default=None,
+    )
+    seed: int = _help("Seed for sampling when a request brings no seed of its own.", default=0)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not supported; choose one of "
+                              f"{', '.join(SUPPORTED_DTYPES)}", param="dtype")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len={self.max_model_len} must be at least 1",
+                              param="max_model_len")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = _help("Tokens per KV cache block.", default=16)
+    kv_cache_memory: float = _help(
+        "KV cache pool size: bytes if > 1, otherwise a fraction of the free memory.",
+        default=0.25,
+    )
+    enable_prefix_caching: bool = _help(
+        "Reuse the KV of identical prompt prefixes across requests.", default=True
+    )
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size={self.block_size} must be a power of two >= 1",
+                              param="block_size")
+        if self.kv_cache_memory <= 0:
+            raise ConfigError(f"kv_cache_memory={self.kv_cache_memory} must be > 0 (bytes, or a "
+                              "fraction of free memory when <= 1)", param="kv_cache_memory")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = _help(
+        "Token budget of one engine step (prefill chunks + decodes).", default=512
+    )
+    max_num_seqs: int = _help("Most requests running in one step.", default=64)
+    max_waiting_requests: int = _help(
+        "Bound on the waiting queue; beyond it new requests are refused with 429.", default=1024
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_waiting_requests"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"{name}={value} must be at least 1", param=name)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    num_threads: int | None = field(
+        default=None,
+        metadata={"help": "torch compute threads; default: TOKENMILL_NUM_THREADS or all cores."},
+    )
+
+    def resolved_num_threads(self) -> int:
+        if self.num_threads is not None:
+            return self.num_threads
+        return int(os.environ.get("TOKENMILL_NUM_THREADS", os.cpu_count() or 1))
+
+
+ENGINE_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one ``--flag`` per field of a config dataclass (help text and default from the field)."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in ENGINE_SECTIONS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+            continue
+        base = _scalar_type(kind)
+        parser.add_argument(flag, dest=f.name, type=base, default=None, help=help_text)
+
+
+def _scalar_type(kind: Any) -> type:
+    for candidate in (int, float, str):
+        if kind is candidate or candidate in getattr(kind, "__args__", ()):
+            return candidate
+    return str
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Build ``cls`` from the flags that were given; unset flags keep the dataclass defaults."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+             if getattr(args, f.name, None) is not None}
+    return cls(**given)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    for section in ENGINE_SECTIONS.values():
+        add_config_arguments(parser, section)
+    add_config_arguments(parser, EngineConfig)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    sections = {name: config_from_args(cls, args) for name, cls in ENGINE_SECTIONS.items()}
+    return EngineConfig(**sections, num_threads=getattr(args, "num_threads", None))

@@ -1,0 +1,97 @@
+"""Every error a user can cause, in one hierarchy.
+
+The server and the CLI map these to OpenAI-style JSON errors and exit codes in one place each, so a
+new error only needs a class here (with its ``status_code``) to be reported correctly everywhere.
+
+    TokenmillError                       500  base class; never raised directly
+    ├── ConfigError                      400  a config field has a bad value (names field and value)
+    ├── ModelLoadError                   400  the model cannot be loaded (names the file)
+    │   ├── ModelNotFoundError                path missing, or a folder without weights
+    │   ├── CorruptModelFileError             truncated / unreadable GGUF or safetensors
+    │   └── UnsupportedModelError             architecture or tensor type tokenmill cannot run
+    ├── InvalidRequestError              400  something in a request is wrong (``param`` names it)
+    │   ├── InvalidSamplingParamsError        a sampling parameter is out of range / unknown
+    │   ├── PromptTooLongError                prompt (+ max_tokens) over the context or the KV pool
+    │   └── UnknownModelError                the request names a model that is not served
+    ├── RequestRejectedError             429  the server is overloaded (queue bound); retry later
+    ├── EngineNotReadyError              503  the engine is starting or shutting down
+    ├── EngineDeadError                  500  the engine core died; the server must restart
+    └── BenchError                       -    a measuring-tool problem (unreachable URL, bad input)
+"""
+
+from __future__ import annotations
+
+
+class TokenmillError(Exception):
+    """Base class: carries an HTTP status and an OpenAI error ``type`` for the server's handler."""
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class ConfigError(TokenmillError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ModelLoadError(TokenmillError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFoundError(ModelLoadError):
+    pass
+
+
+class CorruptModelFileError(ModelLoadError):
+    pass
+
+
+class UnsupportedModelError(ModelLoadError):
+    pass
+
+
+class InvalidRequestError(TokenmillError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class InvalidSamplingParamsError(InvalidRequestError):
+    pass
+
+
+class PromptTooLongError(InvalidRequestError):
+    pass
+
+
+class UnknownModelError(InvalidRequestError):
+    error_type = "model_not_found"
+
+
+class RequestRejectedError(TokenmillError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_seconds: float = 1.0, **kwargs):
+        super().__init__(message, **kwargs)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class EngineNotReadyError(TokenmillError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class EngineDeadError(TokenmillError):
+    status_code = 500
+    error_type = "internal_error"
+
+
+class BenchError(TokenmillError):
+    """A problem in the measuring tools (unreachable server, bad workload spec, ...)."""
