@@ -12,7 +12,13 @@ new error only needs a class here (with its ``status_code``) to be reported corr
     ├── InvalidRequestError              400  something in a request is wrong (``param`` names it)
     │   ├── InvalidSamplingParamsError        a sampling parameter is out of range / unknown
     │   ├── PromptTooLongError                prompt (+ max_tokens) over the context or the KV pool
-    │   └── UnknownModelError                the request names a model that is not served
+    │   ├── UnknownModelError                the request names a model that is not served
+    │   └── ContentFilterError               a gateway guardrail blocked the request (names the rule)
+    ├── AuthenticationError              401  missing or wrong API key (never says which keys exist)
+    ├── PermissionDeniedError            403  the tenant may not use this model
+    ├── NotFoundError                    404  a named thing (e.g. a RAG collection) does not exist
+    ├── RequestTooLargeError             413  the request body is over the configured limit
+    ├── UpstreamUnavailableError         503  the gateway found no upstream able to answer
     ├── RequestRejectedError             429  the server is overloaded (queue bound); retry later
     ├── EngineNotReadyError              503  the engine is starting or shutting down
     ├── EngineDeadError                  500  the engine core died; the server must restart
@@ -72,6 +78,36 @@ class PromptTooLongError(InvalidRequestError):
 
 class UnknownModelError(InvalidRequestError):
     error_type = "model_not_found"
+
+
+class ContentFilterError(InvalidRequestError):
+    def __init__(self, message: str, *, code: str | None = "content_filter", **kwargs):
+        super().__init__(message, code=code, **kwargs)
+
+
+class AuthenticationError(TokenmillError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class PermissionDeniedError(TokenmillError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class NotFoundError(TokenmillError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class RequestTooLargeError(TokenmillError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class UpstreamUnavailableError(TokenmillError):
+    status_code = 503
+    error_type = "service_unavailable"
 
 
 class RequestRejectedError(TokenmillError):
