@@ -1,0 +1,98 @@
+"""Attention over a paged KV cache.
+
+Each layer's cache is one tensor ``[2, num_slots, kv_heads, head_dim]`` (K then V), where a slot is
+``block_id * block_size + offset``. New tokens' K/V are written through ``slot_mapping`` *before*
+attention reads, so a request may read KV written by another request in the same step (how prefix
+sharing works for requests admitted together). Reads gather each sequence's slots through its block
+table, then use ``scaled_dot_product_attention`` (grouped-query heads broadcast by ``enable_gqa``).
+
+Sequences are split in two groups, each handled with the fewest Python iterations:
+* decodes (one new token each) are gathered into one padded batch and attended in one call;
+* prefill chunks (several new tokens, maybe after cached context) are attended one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    query_start: int  # first row of this sequence in the flattened token batch
+    query_len: int
+    context_len: int  # tokens attended to = already computed + query_len
+    slot_ids: torch.Tensor | None  # [context_len] cache slots of positions 0..context_len-1
+    # [query_len, context_len] bool (True = attend). None = plain causal, valid only when
+    # context_len == query_len (SDPA's is_causal aligns the triangle top-left).
+    mask: torch.Tensor | None
+
+
+@dataclass
+class DecodeBatch:
+    token_rows: torch.Tensor  # [B] rows of the decode tokens in the flattened batch
+    slot_ids: torch.Tensor  # [B, max_len] cache slots (padding points at slot 0, masked out)
+    mask: torch.Tensor  # [B, 1, 1, max_len] bool
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor | None  # [num_tokens] where each new token's K/V is written
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    decode: DecodeBatch | None = None
+
+
+def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    kv_cache: torch.Tensor | None, meta: AttentionMetadata, scale: float
+                    ) -> torch.Tensor:
+    """``query`` [T, heads, d], ``key``/``value`` [T, kv_heads, d] -> output [T, heads, d]."""
+    if kv_cache is not None:
+        kv_cache[0].index_copy_(0, meta.slot_mapping, key)
+        kv_cache[1].index_copy_(0, meta.slot_mapping, value)
+    output = torch.empty_like(query)
+    for span in meta.prefills:
+        rows = slice(span.query_start, span.query_start + span.query_len)
+        if kv_cache is None:
+            k, v = key[rows], value[rows]
+        else:
+            k, v = kv_cache[0][span.slot_ids], kv_cache[1][span.slot_ids]
+        out = F.scaled_dot_product_attention(
+            query[rows].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            attn_mask=span.mask, is_causal=span.mask is None, scale=scale, enable_gqa=True,
+        )
+        output[rows] = out.transpose(0, 1)
+    if meta.decode is not None:
+        batch = meta.decode
+        q = query[batch.token_rows].unsqueeze(2)  # [B, heads, 1, d]
+        k = kv_cache[0][batch.slot_ids].transpose(1, 2)  # [B, kv_heads, L, d]
+        v = kv_cache[1][batch.slot_ids].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=scale,
+                                             enable_gqa=True)
+        output[batch.token_rows] = out.squeeze(2)
+    return output
+
+
+def attention_mask(query_positions: torch.Tensor, context_len: int,
+                   sliding_window: int | None) -> torch.Tensor:
+    """``[len(query_positions), context_len]`` bool: each query sees keys at positions <= its own
+    (and within the sliding window, when the model has one)."""
+    key_positions = torch.arange(context_len, device=query_positions.device)
+    allowed = key_positions[None, :] <= query_positions[:, None]
+    if sliding_window is not None:
+        allowed &= key_positions[None, :] > query_positions[:, None] - sliding_window
+    return allowed
+
+
+def causal_metadata(seq_lens: list[int], sliding_window: int | None = None,
+                    device: torch.device | str = "cpu") -> AttentionMetadata:
+    """Metadata for whole sequences attended without a cache (reference checks)."""
+    spans, start = [], 0
+    for length in seq_lens:
+        mask = None
+        if sliding_window is not None and length > sliding_window:
+            mask = attention_mask(torch.arange(length, device=device), length, sliding_window)
+        spans.append(PrefillSpan(start, length, length, None, mask))
+        start += length
+    return AttentionMetadata(slot_mapping=None, prefills=spans)

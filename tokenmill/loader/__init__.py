@@ -1,0 +1,1 @@
+"""Model loaders: files in, ``(name, tensor)`` pairs, architecture numbers and a tokenizer out."""

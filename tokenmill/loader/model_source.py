@@ -1,0 +1,65 @@
+"""Where a model comes from: resolves a path (or the built-in default) to its architecture numbers, a
+tensor stream and a tokenizer, whichever the file format. Models only ever see this."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokenmill.errors import ModelNotFoundError
+from tokenmill.loader.builtin import BUILTIN_MODEL_NAME, builtin_model_path
+from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.models.arch_config import ArchConfig
+
+
+@dataclass
+class ModelSource:
+    path: Path
+    name: str  # what clients call the model by default
+    arch: ArchConfig
+    tokenizer: Tokenizer
+    iter_tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    if model is None:
+        return builtin_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"model path {path} does not exist")
+    return path
+
+
+def open_model_source(model: str | Path | None) -> ModelSource:
+    path = resolve_model_path(model)
+    if path.is_dir():
+        return _folder_source(path)
+    if path.suffix != ".gguf":
+        raise ModelNotFoundError(
+            f"{path} is neither a .gguf file nor a Hugging Face model folder"
+        )
+    return _gguf_source(path, name=BUILTIN_MODEL_NAME if model is None else path.stem)
+
+
+def _gguf_source(path: Path, name: str) -> ModelSource:
+    from tokenmill.loader.gguf import iter_gguf_tensors, open_gguf, read_arch_config
+    from tokenmill.loader.tokenizer import tokenizer_from_gguf
+
+    reader = open_gguf(path)
+    arch = read_arch_config(reader, path)
+    tokenizer = tokenizer_from_gguf(reader, path)
+    return ModelSource(path, name, arch, tokenizer, lambda: iter_gguf_tensors(reader, arch, path))
+
+
+def _folder_source(folder: Path) -> ModelSource:
+    from tokenmill.loader.safetensors import iter_safetensors, read_hf_config
+    from tokenmill.loader.tokenizer import tokenizer_from_folder
+
+    arch = read_hf_config(folder)
+    if not any(folder.glob("*.safetensors")):
+        raise ModelNotFoundError(f"{folder} has no *.safetensors weight files")
+    tokenizer = tokenizer_from_folder(folder, eos_token_ids=arch.eos_token_ids)
+    return ModelSource(folder, folder.name, arch, tokenizer, lambda: iter_safetensors(folder))

@@ -1,0 +1,110 @@
+"""Hugging Face model folders: ``config.json`` + ``*.safetensors`` (memory-mapped) + tokenizer files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill.errors import CorruptModelFileError, ModelNotFoundError, UnsupportedModelError
+from tokenmill.models.arch_config import ArchConfig, RopeScaling
+
+# Hugging Face `architectures` entry -> tokenmill registry key.
+SUPPORTED_HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+def read_hf_config(folder: Path) -> ArchConfig:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{folder} has no config.json (not a Hugging Face model folder)")
+    try:
+        config: dict[str, Any] = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CorruptModelFileError(f"{config_file} is not valid JSON: {exc}") from exc
+    names = config.get("architectures") or []
+    known = [SUPPORTED_HF_ARCHITECTURES[n] for n in names if n in SUPPORTED_HF_ARCHITECTURES]
+    if not known:
+        raise UnsupportedModelError(
+            f"{config_file}: architectures {names} are not supported; tokenmill runs "
+            f"{', '.join(SUPPORTED_HF_ARCHITECTURES)}"
+        )
+    try:
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        rope = config.get("rope_parameters") or {}
+        scaling = config.get("rope_scaling") or rope
+        eos = config.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return ArchConfig(
+            architecture=known[0],
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_hidden_layers=int(config["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+            rope_scaling=_rope_scaling(scaling, config_file),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=known[0] == "qwen2" or bool(config.get("attention_bias", False)),
+            sliding_window=_sliding_window(config),
+            bos_token_id=config.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+    except KeyError as exc:
+        raise CorruptModelFileError(f"{config_file} lacks the field {exc.args[0]!r}") from exc
+
+
+def _rope_scaling(scaling: dict[str, Any], config_file: Path) -> RopeScaling:
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return RopeScaling()
+    if kind == "linear":
+        return RopeScaling(rope_type="linear", factor=float(scaling["factor"]))
+    if kind == "llama3":
+        return RopeScaling(
+            rope_type="llama3",
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    raise UnsupportedModelError(f"{config_file}: rope scaling {kind!r} is not supported")
+
+
+def _sliding_window(config: dict[str, Any]) -> int | None:
+    # Qwen2 declares a window but only uses it when use_sliding_window is set.
+    if config.get("use_sliding_window") is False:
+        return None
+    window = config.get("sliding_window")
+    return int(window) if window else None
+
+
+def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"{folder} has no *.safetensors weight files")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name)
+        except (OSError, RuntimeError, ValueError) as exc:
+            # safetensors raises SafetensorError (a subclass of Exception) on bad headers
+            raise CorruptModelFileError(f"{file} is not a readable safetensors file: {exc}") from exc
+        except Exception as exc:
+            if type(exc).__name__ == "SafetensorError":
+                raise CorruptModelFileError(f"{file} is not a readable safetensors file: {exc}") from exc
+            raise

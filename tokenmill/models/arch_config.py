@@ -1,0 +1,48 @@
+"""The architecture numbers of a model, whatever file format they were read from.
+
+Loaders fill this from GGUF metadata or a Hugging Face ``config.json``; models and the KV cache size
+themselves from it. It knows nothing about files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """A rotary scaling variant declared by the model (``rope_type`` as Hugging Face names it)."""
+
+    rope_type: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    architecture: str  # registry key: "llama", "mistral", "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    sliding_window: int | None = None  # Mistral
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kv_bytes_per_token_per_layer_elements(self) -> int:
+        """K and V elements one token occupies in one layer."""
+        return 2 * self.num_key_value_heads * self.head_dim

@@ -1,0 +1,173 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM): one model file, differences from ArchConfig.
+
+Qwen2 adds q/k/v biases; Mistral may declare a sliding window; Llama 3 declares rope scaling. Weights
+arrive as ``(hf_name, tensor)`` pairs from any loader and are mapped onto fused parameters here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from tokenmill.errors import CorruptModelFileError
+from tokenmill.layers.activation import SiluAndMul
+from tokenmill.layers.attention import AttentionMetadata, paged_attention
+from tokenmill.layers.linear import Linear, MergedLinear
+from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.models.arch_config import ArchConfig
+
+# checkpoint sub-module -> (fused module, shard name)
+_FUSED_SHARDS = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", "q"),
+    "self_attn.k_proj": ("self_attn.qkv_proj", "k"),
+    "self_attn.v_proj": ("self_attn.qkv_proj", "v"),
+    "self_attn.o_proj": ("self_attn.o_proj", ""),
+    "mlp.gate_proj": ("mlp.gate_up_proj", "gate"),
+    "mlp.up_proj": ("mlp.gate_up_proj", "up"),
+    "mlp.down_proj": ("mlp.down_proj", ""),
+}
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype,
+                 device: torch.device | str):
+        super().__init__()
+        self.num_heads = arch.num_attention_heads
+        self.num_kv_heads = arch.num_key_value_heads
+        self.head_dim = arch.head_dim
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(arch.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size},
+                                     arch.attention_bias, dtype, device)
+        self.o_proj = Linear(q_size, arch.hidden_size, False, dtype, device)
+        self.rotary = rotary
+        self.scale = self.head_dim ** -0.5
+        self.split_sizes = [q_size, kv_size, kv_size]
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: torch.Tensor | None) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        size = arch.intermediate_size
+        self.gate_up_proj = MergedLinear(arch.hidden_size, {"gate": size, "up": size}, False,
+                                         dtype, device)
+        self.down_proj = Linear(size, arch.hidden_size, False, dtype, device)
+        self.act = SiluAndMul()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(hidden)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype,
+                 device: torch.device | str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = LlamaAttention(arch, rotary, dtype, device)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = LlamaMLP(arch, dtype, device)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: torch.Tensor | None) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta, kv_cache)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str,
+                 max_positions: int | None = None):
+        super().__init__()
+        self.arch = arch
+        rotary = RotaryEmbedding(arch.head_dim, max_positions or arch.max_position_embeddings,
+                                 arch.rope_theta, arch.rope_scaling, dtype, device)
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, dtype=dtype,
+                                         device=device)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(arch, rotary, dtype, device) for _ in range(arch.num_hidden_layers)
+        )
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps).to(device=device, dtype=dtype)
+        for layer in self.layers:
+            layer.input_layernorm.to(device=device, dtype=dtype)
+            layer.post_attention_layernorm.to(device=device, dtype=dtype)
+        self.lm_head = (None if arch.tie_word_embeddings else
+                        Linear(arch.hidden_size, arch.vocab_size, False, dtype, device))
+        self.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden]`` for a flattened batch of sequences."""
+        hidden = self.embed_tokens(input_ids)
+        for index, layer in enumerate(self.layers):
+            hidden = layer(positions, hidden, meta, None if kv_caches is None else kv_caches[index])
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return nn.functional.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into the fused parameters."""
+        modules = dict(self.named_modules())
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            local = name.removeprefix("model.")
+            if local == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the head reads the embedding matrix
+            target = self._fused_target(local)
+            if target is not None:
+                module_name, shard, kind = target
+                module = modules[module_name]
+                module.load_shard(shard, kind, tensor)
+                loaded.add(f"{module_name}.{shard}.{kind}")
+                continue
+            if local not in params:
+                raise CorruptModelFileError(f"unexpected tensor {name} for a {self.arch.architecture} "
+                                            "model")
+            if params[local].shape != tensor.shape:
+                raise CorruptModelFileError(f"tensor {name} has shape {tuple(tensor.shape)}, "
+                                            f"expected {tuple(params[local].shape)}")
+            params[local].data.copy_(tensor)
+            loaded.add(local)
+        missing = self._expected_names() - loaded
+        if missing:
+            raise CorruptModelFileError(f"the checkpoint lacks {len(missing)} tensors, e.g. "
+                                        f"{sorted(missing)[:3]}")
+
+    def _fused_target(self, local: str) -> tuple[str, str, str] | None:
+        prefix, _, kind = local.rpartition(".")
+        layer_prefix, _, sub = prefix.partition(".")  # "layers", "N.self_attn.q_proj"
+        index, _, module = sub.partition(".")
+        if layer_prefix != "layers" or module not in _FUSED_SHARDS:
+            return None
+        fused, shard = _FUSED_SHARDS[module]
+        return f"layers.{index}.{fused}", shard, kind
+
+    def _expected_names(self) -> set[str]:
+        """Every shard of the fused layer matrices and every other parameter, by load name."""
+        names: set[str] = set()
+        fused_params: set[str] = set()
+        for module_name, module in self.named_modules():
+            if isinstance(module, MergedLinear) and module_name.startswith("layers."):
+                kinds = ["weight"] + (["bias"] if module.bias is not None else [])
+                for shard in module.shard_offsets:
+                    names.update(f"{module_name}.{shard}.{kind}" for kind in kinds)
+                fused_params.update(f"{module_name}.{kind}" for kind in kinds)
+        names.update(n for n, _ in self.named_parameters() if n not in fused_params)
+        return names
