@@ -1,0 +1,110 @@
+"""``Request``: the single unit of per-request state in the engine core.
+
+Token ids, progress (``num_computed_tokens``), status, KV block ids, finish reason and stats all live
+here; the scheduler and block manager read and update it, nothing else tracks a request's progress.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from tokenmill.engine.stats import RequestStats
+from tokenmill.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "finished_stopped"
+    FINISHED_LENGTH = "finished_length"
+    FINISHED_ABORTED = "finished_aborted"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASONS
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The OpenAI ``finish_reason`` for a finished status, None otherwise."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_id: int | None = None,
+        arrival_time: float | None = None,
+        cache_salt: str | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_id = eos_token_id
+        self.cache_salt = cache_salt
+        self.output_token_ids: list[int] = []
+        # Kept as its own list (not prompt + output on demand) because the runner and the prefix
+        # hasher read it every step.
+        self.all_token_ids: list[int] = list(self.prompt_token_ids)
+        self.max_tokens: int | None = sampling_params.max_tokens
+        """Resolved by the scheduler at admission (None in the params means up to the context)."""
+        self.num_computed_tokens = 0
+        """Tokens whose KV is in (or being written to) this request's blocks."""
+        self.num_cached_tokens = 0
+        """Tokens found in the prefix cache when the request was first scheduled."""
+        self.status = RequestStatus.WAITING
+        self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []
+        """Hash-chain value of each full block of ``all_token_ids`` (filled by the block manager)."""
+        self.stop_reason: int | str | None = None
+        """The stop token id or stop string that ended the request, if any."""
+        self.stats = RequestStats(arrival_time=time.time() if arrival_time is None
+                                  else arrival_time)
+
+    @property
+    def arrival_time(self) -> float:
+        return self.stats.arrival_time
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens_to_compute(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.finish_reason
+
+    def append_output_token_id(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.name}, "
+                f"prompt={self.num_prompt_tokens}, output={self.num_output_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)})")

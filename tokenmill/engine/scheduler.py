@@ -1,0 +1,298 @@
+"""Continuous-batching scheduler: one rule, no prefill/decode phases.
+
+Each step hands out ``{request_id: num_new_tokens}`` under ``max_num_batched_tokens`` and
+``max_num_seqs`` until every request's ``num_computed_tokens`` catches up with its ``num_tokens``.
+Running requests go first (in admission order), then waiting ones (FCFS). Chunked prefill, mixed
+batches of decodes and prefill chunks, prefix-cache hits and preemption by recompute all follow:
+
+* a prompt longer than the remaining budget is simply given the budget (a chunk);
+* a prefix hit starts a request with ``num_computed_tokens > 0``;
+* when blocks run out, the most recently admitted running request is preempted: its blocks are
+  freed, ``num_computed_tokens`` drops to 0 and it waits at the front of the queue; its output
+  tokens stay, so it resumes by recomputing prompt + output and continues where it was.
+
+Why this cannot deadlock: admission rejects any request that could not fit in the pool alone, the
+oldest running request always gets tokens first and may preempt every younger one, so it finishes;
+then the next oldest does, and so on.
+
+Threading: call everything from the engine-core loop, between steps. Aborts that arrive while the
+runner executes a step are applied before the next ``schedule()``; the runner still writes the KV
+of the step it was given, so blocks registered in the prefix cache always hold what they claim.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from tokenmill.config import CacheConfig, SchedulerConfig
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.scheduler_output import EngineCoreOutput, RunnerOutput, SchedulerOutput
+from tokenmill.engine.stats import SchedulerStats
+from tokenmill.errors import InvalidRequestError, PromptTooLongError, RequestRejectedError
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 num_blocks: int, max_model_len: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        assert max_model_len >= 1, max_model_len
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        self.max_model_len = max_model_len
+        self.block_manager = BlockManager(num_blocks, cache_config.block_size,
+                                          cache_config.enable_prefix_caching)
+        self.clock = clock
+        self.requests: dict[str, Request] = {}
+        """Every unfinished request, by id."""
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        """In admission order: the last one is the first to be preempted."""
+        self._finished_since_last_step: set[str] = set()
+        self.num_preemptions = 0
+        self.num_steps = 0
+        self._last_num_batched_tokens = 0
+        self._last_batch_size = 0
+
+    # ------------------------------------------------------------------ admission
+    def add_request(self, request: Request) -> None:
+        """Queue a request; it can be scheduled from the next ``schedule()`` on.
+
+        Raises PromptTooLongError if it could never run (context or whole KV pool too small) and
+        RequestRejectedError if the waiting queue is full.
+        """
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use",
+                                      param="request_id")
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt is empty; give at least one token",
+                                      param="prompt")
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - num_prompt
+            if max_tokens < 1:
+                raise PromptTooLongError(
+                    f"the prompt has {num_prompt} tokens, which leaves no room to generate in the "
+                    f"model's context of {self.max_model_len} tokens", param="prompt")
+        if num_prompt + max_tokens > self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) is "
+                f"{num_prompt + max_tokens} tokens, more than the model's context of "
+                f"{self.max_model_len}; shorten the prompt or lower max_tokens",
+                param="max_tokens" if num_prompt < self.max_model_len else "prompt")
+        # The last sampled token is never run through the model, so its KV needs no slot.
+        bm = self.block_manager
+        num_blocks_needed = bm.num_blocks_for_tokens(num_prompt + max_tokens - 1)
+        if num_blocks_needed > bm.num_blocks:
+            raise PromptTooLongError(
+                f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) needs "
+                f"{num_blocks_needed} KV blocks of {bm.block_size} tokens, but the whole KV cache "
+                f"has {bm.num_blocks} blocks ({bm.num_blocks * bm.block_size} tokens); shorten "
+                f"the prompt, lower max_tokens or give the server more kv_cache_memory",
+                param="max_tokens")
+        limit = self.scheduler_config.max_waiting_requests
+        if len(self.waiting) >= limit:
+            raise RequestRejectedError(
+                f"the server is busy: {len(self.waiting)} requests are already waiting "
+                f"(max_waiting_requests={limit}); retry later")
+        request.max_tokens = max_tokens
+        request.status = RequestStatus.WAITING
+        request.stats.queued_time = self.clock()
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self) -> SchedulerOutput:
+        budget = self.scheduler_config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        num_computed: dict[str, int] = {}
+        scheduled: list[Request] = []
+        preempted: set[str] = set()
+        now = self.clock()
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens_to_compute, budget)
+            assert num_new > 0, f"running {request} has nothing to compute"
+            if not self._allocate_or_preempt(request, num_new, preempted):
+                break  # it had to preempt itself: nobody after it is left either
+            num_scheduled[request.request_id] = num_new
+            num_computed[request.request_id] = request.num_computed_tokens
+            scheduled.append(request)
+            budget -= num_new
+            index += 1
+
+        # Admitting while preempting would only take blocks the running ones need next step.
+        if not preempted:
+            max_num_seqs = self.scheduler_config.max_num_seqs
+            while self.waiting and budget > 0 and len(self.running) < max_num_seqs:
+                request = self.waiting[0]
+                hit = self.block_manager.get_computed_blocks(request)
+                num_new = min(request.num_tokens - hit.num_tokens, budget)
+                if not self.block_manager.allocate_slots(request, num_new, hit):
+                    break  # FCFS: nobody jumps the head of the queue
+                self.waiting.popleft()
+                request.num_computed_tokens = hit.num_tokens
+                if request.stats.first_scheduled_time is None:
+                    request.stats.first_scheduled_time = now
+                    request.num_cached_tokens = hit.num_tokens
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+                num_scheduled[request.request_id] = num_new
+                num_computed[request.request_id] = request.num_computed_tokens
+                scheduled.append(request)
+                budget -= num_new
+
+        total = sum(num_scheduled.values())
+        self.num_steps += 1
+        self._last_num_batched_tokens = total
+        self._last_batch_size = len(scheduled)
+        finished = self._finished_since_last_step
+        self._finished_since_last_step = set()
+        return SchedulerOutput(
+            num_scheduled_tokens=num_scheduled,
+            scheduled_requests=scheduled,
+            num_computed_tokens=num_computed,
+            total_num_scheduled_tokens=total,
+            finished_request_ids=finished,
+            preempted_request_ids=preempted,
+        )
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: set[str]) -> bool:
+        """Find blocks for a running request, preempting the youngest running ones if needed."""
+        while not self.block_manager.allocate_slots(request, num_new):
+            # Victims come from the tail, at or behind `request`, so none was scheduled this step.
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.add(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.stats.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # ------------------------------------------------------------------ results
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: RunnerOutput) -> list[EngineCoreOutput]:
+        """Advance progress, append sampled tokens, stop finished requests and free their blocks."""
+        now = self.clock()
+        sampled = runner_output.sampled_token_ids
+        logprobs = runner_output.logprobs or {}
+        outputs: list[EngineCoreOutput] = []
+        for request in scheduler_output.scheduled_requests:
+            request_id = request.request_id
+            if self.requests.get(request_id) is not request:
+                continue  # aborted while the step ran; its blocks are already free
+            request.num_computed_tokens += scheduler_output.num_scheduled_tokens[request_id]
+            token_id = sampled.get(request_id)
+            if token_id is None:
+                assert request.num_computed_tokens < request.num_tokens, (
+                    f"runner sampled no token for {request}, whose prompt is fully computed")
+                continue
+            assert request.num_computed_tokens == request.num_tokens, (
+                f"runner sampled a token for {request} in the middle of its prompt")
+            request.append_output_token_id(token_id)
+            if request.stats.first_token_time is None:
+                request.stats.first_token_time = now
+            request.stats.last_token_time = now
+            status = self._check_stop(request, token_id)
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status, now)
+            outputs.append(EngineCoreOutput(
+                request_id=request_id,
+                new_token_ids=[token_id],
+                finish_reason=request.finish_reason,
+                stop_reason=request.stop_reason,
+                logprobs=logprobs.get(request_id),
+                num_cached_tokens=request.num_cached_tokens,
+            ))
+        return outputs
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id == request.eos_token_id and not params.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        assert request.max_tokens is not None
+        if (request.num_output_tokens >= request.max_tokens
+                or request.num_tokens >= self.max_model_len):
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus, now: float) -> None:
+        assert status.is_finished, status
+        self.block_manager.free(request)
+        request.status = status
+        request.stats.finished_time = now
+        del self.requests[request.request_id]
+        self._finished_since_last_step.add(request.request_id)
+
+    # ------------------------------------------------------------------ frontend-driven finish
+    def finish_requests(self, request_ids: str | Iterable[str],
+                        status: RequestStatus = RequestStatus.FINISHED_ABORTED,
+                        stop_reason: int | str | None = None) -> list[Request]:
+        """Finish requests from outside (abort, or a stop string found by the detokenizer).
+
+        Their blocks are freed at once. Unknown or already finished ids are ignored: an abort may
+        race with a request finishing on its own. Returns the requests actually finished.
+        """
+        assert status.is_finished, status
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        now = self.clock()
+        finished: list[Request] = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            if stop_reason is not None:
+                request.stop_reason = stop_reason
+            self._finish(request, status, now)
+            finished.append(request)
+        return finished
+
+    # ------------------------------------------------------------------ introspection
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def get_stats(self) -> SchedulerStats:
+        bm = self.block_manager
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=bm.usage,
+            num_batched_tokens=self._last_num_batched_tokens,
+            batch_size=self._last_batch_size,
+            num_preemptions=self.num_preemptions,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            num_steps=self.num_steps,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+        )
+
+    def check_no_leaks(self) -> None:
+        """Once every request is done, every block must be free (see BlockManager)."""
+        assert not self.requests, f"unfinished requests remain: {list(self.requests)[:10]}"
+        self.block_manager.check_no_leaks()

@@ -1,0 +1,56 @@
+"""What passes between scheduler, model runner and frontend in one engine step.
+
+``schedule() -> SchedulerOutput -> runner -> RunnerOutput -> update_from_output() ->
+list[EngineCoreOutput]``. Plain dataclasses with no torch in them, so each side can be tested with
+hand-written values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.engine.request import Request
+
+
+@dataclass
+class SchedulerOutput:
+    num_scheduled_tokens: dict[str, int]
+    """request id -> tokens to compute this step (a prefill chunk, a whole prompt, or 1 decode)."""
+    scheduled_requests: list[Request]
+    """Batch order: running requests first, then newly admitted ones."""
+    num_computed_tokens: dict[str, int]
+    """request id -> tokens already computed before this step (position of its first new token)."""
+    total_num_scheduled_tokens: int
+    finished_request_ids: set[str] = field(default_factory=set)
+    """Finished or aborted since the previous step: the runner can drop their per-request state."""
+    preempted_request_ids: set[str] = field(default_factory=set)
+    """Preempted in this step (blocks freed); they come back later as if new, recomputing."""
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class RunnerOutput:
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    """Only for requests whose scheduled tokens reached ``num_tokens`` this step; a partial
+    prefill chunk samples nothing."""
+    logprobs: dict[str, object] | None = None
+    """Passed through to the frontend untouched (the sampler decides its shape)."""
+
+
+@dataclass
+class EngineCoreOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    """"stop", "length" or "abort" once finished, else None."""
+    stop_reason: int | str | None = None
+    """The stop token id (or stop string) that ended it; None for end-of-sequence or length."""
+    logprobs: object | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
