@@ -1,9 +1,49 @@
-"""Suite-wide settings: torch threads are kept low so a server and its client can share 2 cores."""
+"""Suite-wide fixtures. Torch threads are kept low so a server and its client can share 2 cores;
+expensive things (the built-in model, the transformers reference) load once per session."""
 
 from __future__ import annotations
 
 import os
+import warnings
 
+import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("TOKENMILL_NUM_THREADS", "2")))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a model hub
+warnings.filterwarnings("ignore", message=".*not writable.*")
+
+
+@pytest.fixture(scope="session")
+def builtin_source():
+    from tokenmill.loader.model_source import open_model_source
+
+    return open_model_source(None)
+
+
+@pytest.fixture(scope="session")
+def builtin_model(builtin_source):
+    from tokenmill.models.registry import build_model
+
+    return build_model(builtin_source, torch.float32, "cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_builtin_tokenizer(builtin_source):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(builtin_source.path.parent,
+                                         gguf_file=builtin_source.path.name)
+
+
+@pytest.fixture(scope="session")
+def hf_builtin_model(builtin_source):
+    """The reference: transformers' own GGUF loading and Llama implementation, in float32."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(
+        builtin_source.path.parent, gguf_file=builtin_source.path.name, dtype=torch.float32
+    )
+    return model.eval()
