@@ -16,6 +16,9 @@ from tokenmill.errors import TokenmillError
 # Order here is the order in `tokenmill --help`.
 COMMAND_MODULES = (
     "tokenmill.commands.generate",
+    "tokenmill.commands.bench",
+    "tokenmill.commands.plan",
+    "tokenmill.commands.profile",
 )
 
 
