@@ -157,6 +157,7 @@ class Scheduler:
             num_scheduled_tokens=num_scheduled,
             scheduled_requests=scheduled,
             num_computed_tokens=num_computed,
+            block_ids={r.request_id: list(r.block_ids) for r in scheduled},
             total_num_scheduled_tokens=total,
             finished_request_ids=finished,
             preempted_request_ids=preempted,

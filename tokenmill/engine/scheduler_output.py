@@ -20,6 +20,9 @@ class SchedulerOutput:
     """Batch order: running requests first, then newly admitted ones."""
     num_computed_tokens: dict[str, int]
     """request id -> tokens already computed before this step (position of its first new token)."""
+    block_ids: dict[str, list[int]]
+    """request id -> its block table for this step: a copy, so an abort while the step runs
+    (which empties ``request.block_ids``) cannot pull it from under the runner."""
     total_num_scheduled_tokens: int
     finished_request_ids: set[str] = field(default_factory=set)
     """Finished or aborted since the previous step: the runner can drop their per-request state."""
