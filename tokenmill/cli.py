@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "tokenmill.commands.bench",
     "tokenmill.commands.plan",
     "tokenmill.commands.profile",
+    "tokenmill.commands.gateway",
+    "tokenmill.commands.rag",
 )
 
 

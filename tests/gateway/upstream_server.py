@@ -1,0 +1,156 @@
+"""A small real OpenAI-compatible server for gateway tests, and a uvicorn-in-a-thread runner.
+
+The test controls what the server answers (``reply``), how (``fail_status``, ``delay_s``,
+``hold`` to keep requests open, ``gate`` to pause a stream after its first chunk), and reads what
+it received (``bodies``). Anything that speaks the OpenAI API at a base URL can replace it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """Runs an ASGI app with uvicorn on 127.0.0.1 in a daemon thread."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server on port {self.port} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+class FakeUpstream:
+    def __init__(self, name: str, models: tuple[str, ...] = ("tiny",)) -> None:
+        self.name = name
+        self.models = list(models)
+        self.reply: Callable[[dict[str, Any]], str] | str | None = None
+        self.fail_status: int | None = None
+        self.delay_s = 0.0
+        self.hold: threading.Event | None = None
+        self.gate: threading.Event | None = None
+        self.completion_tokens: int | None = None
+        self.bodies: list[dict[str, Any]] = []
+        self.num_started = 0
+        self.lock = threading.Lock()
+        self.app = self._build()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.bodies)
+
+    def _text(self, body: dict[str, Any]) -> str:
+        if callable(self.reply):
+            return self.reply(body)
+        if isinstance(self.reply, str):
+            return self.reply
+        return f"answer {self.num_requests} from {self.name}"
+
+    def _build(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health() -> Response:
+            return JSONResponse({"status": "ok"})
+
+        @app.get("/v1/models")
+        async def models() -> Response:
+            return JSONResponse({"object": "list", "data": [
+                {"id": m, "object": "model", "created": 0, "owned_by": self.name}
+                for m in self.models]})
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Response:
+            return await self._answer(await request.json(), chat=True)
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            return await self._answer(await request.json(), chat=False)
+
+        return app
+
+    async def _answer(self, body: dict[str, Any], chat: bool) -> Response:
+        with self.lock:
+            self.bodies.append(body)
+            self.num_started += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.hold is not None:
+            await asyncio.to_thread(self.hold.wait, 30)
+        if self.fail_status:
+            return JSONResponse({"error": {"message": "injected failure", "type": "server_error",
+                                           "param": None, "code": None}},
+                                status_code=self.fail_status)
+        text = self._text(body)
+        words = [w + " " for w in text.split(" ")]
+        words[-1] = words[-1][:-1]
+        prompt = json.dumps(body.get("messages") or body.get("prompt"))
+        num_completion = self.completion_tokens or len(words)
+        usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": num_completion,
+                 "total_tokens": len(prompt) // 4 + num_completion}
+        model = body.get("model")
+        if not body.get("stream"):
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                          "finish_reason": "stop"}
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": "stop"}
+            return JSONResponse({"id": "cmpl-fake", "object": "chat.completion" if chat else
+                                 "text_completion", "created": int(time.time()), "model": model,
+                                 "choices": [choice], "usage": usage})
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def events() -> AsyncIterator[str]:
+            base = {"id": "cmpl-fake", "object": "chat.completion.chunk" if chat else
+                    "text_completion", "created": int(time.time()), "model": model}
+            for i, word in enumerate(words):
+                if chat:
+                    delta = {"content": word} if i else {"role": "assistant", "content": word}
+                    choice = {"index": 0, "delta": delta, "finish_reason": None}
+                else:
+                    choice = {"index": 0, "text": word, "finish_reason": None}
+                yield f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+                if i == 0 and self.gate is not None:
+                    await asyncio.to_thread(self.gate.wait, 30)
+            last = {"index": 0, "finish_reason": "stop", **({"delta": {}} if chat else
+                                                            {"text": ""})}
+            yield f"data: {json.dumps({**base, 'choices': [last]})}\n\n"
+            if include_usage:
+                yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")

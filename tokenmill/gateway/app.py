@@ -1,0 +1,250 @@
+"""The gateway's FastAPI app: HTTP in and out, and the stage pipelines composed once here.
+
+    chat / completions:  auth → ratelimit → guardrails → exact_cache → semantic_cache → rag → upstream
+    embeddings:          auth → ratelimit → local embedding model
+    models:              auth → union of the replicas' models the tenant may use
+
+Every tokenmill error becomes an OpenAI-shaped JSON error (``{"error": {message, type, param,
+code}}``) with its status code, plus ``Retry-After`` on 429s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tokenmill.errors import (
+    InvalidRequestError,
+    RequestRejectedError,
+    RequestTooLargeError,
+    TokenmillError,
+)
+from tokenmill.gateway.auth import AuthStage, can_use_model
+from tokenmill.gateway.config import GatewayConfig
+from tokenmill.gateway.embeddings import Embedder, load_embedder
+from tokenmill.gateway.exact_cache import ExactCacheStage
+from tokenmill.gateway.guardrails import GuardrailsStage
+from tokenmill.gateway.metrics import GatewayMetrics
+from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler, Stage, compose
+from tokenmill.gateway.protocol import CHAT, COMPLETIONS, is_usage_chunk, validate_body
+from tokenmill.gateway.rag import RagStage
+from tokenmill.gateway.rag_store import RagStore
+from tokenmill.gateway.ratelimit import RateLimiter, RateLimitStage
+from tokenmill.gateway.router import Router
+from tokenmill.gateway.semantic_cache import SemanticCacheStage
+from tokenmill.gateway.upstream import UpstreamStage
+
+logger = logging.getLogger("tokenmill.gateway")
+_STATE_SAVE_INTERVAL_S = 1.0
+
+
+@dataclass
+class Gateway:
+    """Everything one app holds, reachable from tests and benchmarks as ``app.state.gateway``."""
+
+    config: GatewayConfig
+    metrics: GatewayMetrics
+    limiter: RateLimiter
+    router: Router
+    client: httpx.AsyncClient
+    embedder: Embedder
+    stages: list[Stage]
+    completions: Handler
+    embeddings: Handler
+    models: Handler
+
+
+def build_gateway(config: GatewayConfig, *, embedder: Embedder | None = None,
+                  transport: httpx.AsyncBaseTransport | None = None) -> Gateway:
+    metrics = GatewayMetrics()
+    embedder = embedder or load_embedder(config.embeddings.model_path)
+    r = config.routing
+    client = httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(r.read_timeout_s, connect=r.connect_timeout_s),
+        # Replicas are our own servers; many connections per replica keep streams concurrent.
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
+    limiter = RateLimiter(config.tenants, config.server.state_file)
+    router = Router(config.upstreams, r, metrics)
+    auth = AuthStage(config.tenants)
+    ratelimit = RateLimitStage(limiter, metrics)
+    stages: list[Stage] = [auth, ratelimit, GuardrailsStage(config.guardrails, metrics)]
+    if config.cache.exact:
+        stages.append(ExactCacheStage(config.cache, metrics))
+    if config.cache.semantic:
+        stages.append(SemanticCacheStage(config.cache, embedder, metrics))
+    stages.append(RagStage(config.rag, RagStore(config.rag.dir, embedder.dim), embedder))
+    completions = compose(stages, UpstreamStage(router, client, metrics), metrics)
+
+    async def embed_terminal(request: GatewayRequest) -> GatewayResponse:
+        texts = request.body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts or \
+                not all(isinstance(t, str) and t for t in texts):
+            raise InvalidRequestError("'input' must be a non-empty string or list of non-empty "
+                                      "strings", param="input")
+        vectors = await asyncio.to_thread(embedder.embed, texts)
+        num_tokens = request.estimated_tokens
+        return GatewayResponse(body={
+            "object": "list", "model": config.embeddings.served_name,
+            "data": [{"object": "embedding", "index": i, "embedding": v.tolist()}
+                     for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}})
+
+    async def models_terminal(request: GatewayRequest) -> GatewayResponse:
+        names = [*router.all_models(), config.embeddings.served_name]
+        assert request.tenant is not None
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "tokenmill"}
+                for m in names if can_use_model(request.tenant, m)]
+        return GatewayResponse(body={"object": "list", "data": data})
+
+    return Gateway(config, metrics, limiter, router, client, embedder, stages, completions,
+                   compose([auth, ratelimit], embed_terminal, metrics),
+                   compose([auth], models_terminal, metrics))
+
+
+def error_response(exc: TokenmillError) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, RequestRejectedError):
+        headers["Retry-After"] = str(math.ceil(exc.retry_after_seconds))
+    body = {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param,
+                      "code": exc.code}}
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+
+def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
+               transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    gw = build_gateway(config, embedder=embedder, transport=transport)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.router.check_all(gw.client)
+        tasks = [asyncio.create_task(gw.router.health_loop(gw.client))]
+        if config.server.state_file:
+            tasks.append(asyncio.create_task(_save_loop(gw.limiter)))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            gw.limiter.save()
+            await gw.client.aclose()
+
+    app = FastAPI(title="tokenmill gateway", lifespan=lifespan)
+    app.state.gateway = gw
+
+    async def handle(endpoint: str, http_request: Request, handler: Handler) -> Response:
+        greq = GatewayRequest(endpoint, {}, _bearer(http_request))
+        try:
+            if endpoint != "models":
+                greq.body = await _read_json(http_request, config.server.max_body_bytes)
+                if endpoint in (CHAT, COMPLETIONS):
+                    validate_body(endpoint, greq.body)
+                    greq.client_wants_usage = bool((greq.body.get("stream_options") or {})
+                                                   .get("include_usage"))
+                elif not isinstance(greq.body, dict):
+                    raise InvalidRequestError("the request body must be a JSON object")
+            response = await handler(greq)
+        except TokenmillError as exc:
+            gw.metrics.requests.labels(greq.tenant_name, endpoint, str(exc.status_code)).inc()
+            return error_response(exc)
+        except Exception:
+            logger.exception("gateway bug while handling %s", endpoint)
+            gw.metrics.requests.labels(greq.tenant_name, endpoint, "500").inc()
+            return error_response(TokenmillError("internal gateway error; see the gateway log"))
+        gw.metrics.requests.labels(greq.tenant_name, endpoint, str(response.status_code)).inc()
+        headers = {**greq.extra_headers, **response.headers}
+        if response.events is None:
+            body = response.body or {}
+            if response.status_code == 200 and greq.extra_fields:
+                body = {**body, **greq.extra_fields}
+            return JSONResponse(body, status_code=response.status_code, headers=headers)
+        return StreamingResponse(_sse(response.events, greq.client_wants_usage),
+                                 media_type="text/event-stream", headers=headers)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await handle(CHAT, request, gw.completions)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle(COMPLETIONS, request, gw.completions)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await handle("embeddings", request, gw.embeddings)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return await handle("models", request, gw.models)
+
+    @app.get("/health")
+    async def health() -> Response:
+        now = time.monotonic()
+        upstreams = {r.name: r.can_route(now) for r in gw.router.replicas}
+        ok = any(upstreams.values())
+        return JSONResponse({"status": "ok" if ok else "no_upstream", "upstreams": upstreams},
+                            status_code=200 if ok else 503)
+
+    if config.server.expose_metrics:
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _bearer(request: Request) -> str | None:
+    value = request.headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLargeError(f"request body of {declared} bytes is over the limit of "
+                                   f"{limit} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives: Content-Length may be absent
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLargeError(f"request body is over the limit of {limit} bytes",
+                                       code="request_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+
+
+async def _sse(events: AsyncIterator[dict[str, Any]], wants_usage: bool) -> AsyncIterator[str]:
+    try:
+        async for event in events:
+            if is_usage_chunk(event) and not wants_usage:
+                continue
+            yield f"data: {json.dumps(event)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _save_loop(limiter: RateLimiter) -> None:
+    while True:
+        await asyncio.sleep(_STATE_SAVE_INTERVAL_S)
+        limiter.save()

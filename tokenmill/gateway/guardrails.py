@@ -1,0 +1,192 @@
+"""Guardrails stage: input rules (injection, deny-list, PII) and output rules on the answer.
+
+Input: every message's text (or the prompt) is scanned; an injection/jailbreak pattern or a
+deny-listed word blocks the request, PII is blocked, redacted or allowed per the tenant's policy.
+A block names the rule that fired and never echoes the matched text back.
+
+Output: streamed text is scanned in a rolling window; the last ``output_holdback_chars`` are held
+back, so a match no longer than that never reaches the client. When a rule fires the stream ends
+with ``finish_reason: content_filter``. All rules are data from the config.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.errors import ContentFilterError
+from tokenmill.gateway.config import GuardrailsSection, RuleSection
+from tokenmill.gateway.metrics import GatewayMetrics
+from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
+from tokenmill.gateway.protocol import CHAT, choice_text, with_choice_text
+
+CONTENT_FILTER = "content_filter"
+
+
+def luhn_ok(text: str) -> bool:
+    digits = [int(c) for c in text if c.isdigit()]
+    if len(digits) < 12:
+        return False
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+_VALIDATORS = {"luhn": luhn_ok}
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    name: str
+    regex: re.Pattern[str]
+    validator: str | None = None
+
+    @classmethod
+    def from_section(cls, rule: RuleSection) -> CompiledRule:
+        return cls(rule.name, re.compile(rule.pattern, re.IGNORECASE), rule.validator)
+
+    def matches(self, text: str) -> list[re.Match[str]]:
+        check = _VALIDATORS.get(self.validator or "")
+        return [m for m in self.regex.finditer(text) if check is None or check(m.group(0))]
+
+
+class GuardrailsStage:
+    name = "guardrails"
+
+    def __init__(self, section: GuardrailsSection, metrics: GatewayMetrics) -> None:
+        self.input_rules = [CompiledRule.from_section(r) for r in section.input_rules]
+        if section.deny_list:
+            words = "|".join(re.escape(w) for w in section.deny_list)
+            self.input_rules.append(CompiledRule("deny_list", re.compile(rf"\b(?:{words})\b",
+                                                                         re.IGNORECASE)))
+        self.pii_rules = [CompiledRule.from_section(r) for r in section.pii]
+        self.output_rules = [CompiledRule.from_section(r) for r in section.output_rules]
+        self.window = section.output_window_chars
+        self.holdback = section.output_holdback_chars
+        self.metrics = metrics
+
+    async def __call__(self, request: GatewayRequest, call_next: Handler) -> GatewayResponse:
+        if request.endpoint in (CHAT, "completions"):
+            self.check_input(request)
+        response = await call_next(request)
+        if not self.output_rules or request.endpoint not in (CHAT, "completions"):
+            return response
+        if response.events is not None:
+            response.events = self.filter_stream(request.endpoint, response.events)
+        elif response.body is not None and response.status_code == 200:
+            response.body = self.filter_body(request.endpoint, response.body)
+        return response
+
+    # -- input -------------------------------------------------------------------------------
+
+    def check_input(self, request: GatewayRequest) -> None:
+        policy = request.tenant.pii_policy if request.tenant else "block"
+        for text, put in _text_slots(request):
+            for rule in self.input_rules:
+                if rule.matches(text):
+                    self._block(rule.name, "input")
+            if policy == "allow":
+                continue
+            redacted = text
+            for rule in self.pii_rules:
+                found = rule.matches(redacted)
+                if not found:
+                    continue
+                if policy == "block":
+                    self._block(rule.name, "input", what="personal data")
+                self.metrics.guardrail_blocks.labels(rule.name, "input", "redact").inc()
+                for m in reversed(found):  # right to left keeps earlier offsets valid
+                    redacted = redacted[:m.start()] + f"[REDACTED:{rule.name}]" + redacted[m.end():]
+            if redacted != text:
+                put(redacted)
+
+    def _block(self, rule: str, direction: str, what: str = "disallowed content") -> None:
+        self.metrics.guardrail_blocks.labels(rule, direction, "block").inc()
+        raise ContentFilterError(f"request blocked by guardrail rule {rule!r} ({what} in the "
+                                 "prompt)", param=rule)
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _first_output_match(self, text: str) -> tuple[str, int] | None:
+        best = None
+        for rule in self.output_rules:
+            found = rule.matches(text)
+            if found and (best is None or found[0].start() < best[1]):
+                best = (rule.name, found[0].start())
+        return best
+
+    def filter_body(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+        choices = []
+        for choice in body.get("choices", []):
+            text = choice_text(endpoint, choice, streamed=False) or ""
+            hit = self._first_output_match(text)
+            if hit:
+                self.metrics.guardrail_blocks.labels(hit[0], "output", "stop").inc()
+                choice = with_choice_text(endpoint, choice, text[:hit[1]], streamed=False)
+                choice["finish_reason"] = CONTENT_FILTER
+            choices.append(choice)
+        return {**body, "choices": choices}
+
+    async def filter_stream(self, endpoint: str, events: AsyncIterator[dict[str, Any]]
+                            ) -> AsyncIterator[dict[str, Any]]:
+        tails: dict[int, str] = {}     # already sent, kept only as wide as the window
+        pending: dict[int, str] = {}   # received but held back
+        try:
+            async for event in events:
+                choices = event.get("choices") or []
+                if not choices:
+                    yield event
+                    continue
+                out = []
+                for choice in choices:
+                    index = choice.get("index", 0)
+                    text = pending.get(index, "") + (choice_text(endpoint, choice, streamed=True)
+                                                     or "")
+                    tail = tails.get(index, "")
+                    hit = self._first_output_match(tail + text)
+                    if hit:
+                        self.metrics.guardrail_blocks.labels(hit[0], "output", "stop").inc()
+                        cut = max(0, hit[1] - len(tail))  # the clean text before the match
+                        stop = with_choice_text(endpoint, choice, text[:cut], streamed=True)
+                        stop["finish_reason"] = CONTENT_FILTER
+                        yield {**event, "choices": [stop]}
+                        return
+                    finished = choice.get("finish_reason") is not None
+                    keep = 0 if finished else min(len(text), self.holdback)
+                    send, pending[index] = text[:len(text) - keep], text[len(text) - keep:]
+                    tails[index] = (tail + send)[-self.window:]
+                    if send or finished or (choice.get("delta") or {}).get("role"):
+                        out.append(with_choice_text(endpoint, choice, send, streamed=True))
+                if out:
+                    yield {**event, "choices": out}
+            for index, text in pending.items():  # upstream ended without a finish_reason
+                if text:
+                    choice = with_choice_text(endpoint, {"index": index, "finish_reason": None},
+                                              text, streamed=True)
+                    yield {"object": "chat.completion.chunk", "choices": [choice]}
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
+
+
+def _text_slots(request: GatewayRequest) -> list[tuple[str, Any]]:
+    """(text, setter) for each piece of caller text, so redaction can write it back in place."""
+    body = request.body
+    if request.endpoint != CHAT:
+        return [(body.get("prompt", ""), lambda t: body.__setitem__("prompt", t))]
+    slots = []
+    for message in body["messages"]:
+        content = message.get("content")
+        if isinstance(content, str):
+            slots.append((content, lambda t, m=message: m.__setitem__("content", t)))
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    slots.append((part["text"], lambda t, p=part: p.__setitem__("text", t)))
+    return slots

@@ -1,0 +1,91 @@
+"""RAG stage: the top-k chunks of a collection are injected as cited context before the question.
+
+A request names a collection with an extra body field ``"rag": {"collection": NAME, "top_k": K}``
+(or gets its tenant's default). The field is removed before the request goes upstream. Sources
+used are returned in the ``x-tokenmill-rag-sources`` header and, for JSON answers, in
+``tokenmill_rag_sources``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.gateway.config import RagSection
+from tokenmill.gateway.embeddings import Embedder
+from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
+from tokenmill.gateway.protocol import CHAT, COMPLETIONS, query_text
+from tokenmill.gateway.rag_store import RagStore, Retrieved
+
+SOURCES_HEADER = "x-tokenmill-rag-sources"
+SOURCES_FIELD = "tokenmill_rag_sources"
+_INSTRUCTION = ("Answer using the context below when it is relevant. Cite the sources you use "
+                "by their [number].")
+
+
+def format_context(found: list[Retrieved]) -> str:
+    blocks = [f"[{i}] (source: {r.chunk.source})\n{r.chunk.text}" for i, r in enumerate(found, 1)]
+    return _INSTRUCTION + "\n\n" + "\n\n".join(blocks)
+
+
+class RagStage:
+    name = "rag"
+
+    def __init__(self, section: RagSection, store: RagStore, embedder: Embedder) -> None:
+        self.section = section
+        self.store = store
+        self.embedder = embedder
+
+    def _spec(self, request: GatewayRequest) -> tuple[str | None, int]:
+        spec: Any = request.body.pop("rag", None)
+        default = request.tenant.rag_collection if request.tenant else None
+        if spec is None:
+            return default, self.section.top_k
+        if not isinstance(spec, dict):
+            raise InvalidRequestError("'rag' must be an object like {\"collection\": \"docs\", "
+                                      "\"top_k\": 3}", param="rag")
+        unknown = set(spec) - {"collection", "top_k"}
+        if unknown:
+            raise InvalidRequestError(f"unknown field rag.{min(unknown)}; known: "
+                                      "collection, top_k", param=f"rag.{min(unknown)}")
+        top_k = spec.get("top_k", self.section.top_k)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or \
+                not 1 <= top_k <= self.section.max_top_k:
+            raise InvalidRequestError(f"rag.top_k must be an integer in 1..{self.section.max_top_k}"
+                                      f", got {top_k!r}", param="rag.top_k")
+        collection = spec.get("collection", default)
+        if collection is not None and not isinstance(collection, str):
+            raise InvalidRequestError("rag.collection must be a string", param="rag.collection")
+        return collection, top_k
+
+    async def __call__(self, request: GatewayRequest, call_next: Handler) -> GatewayResponse:
+        if request.endpoint not in (CHAT, COMPLETIONS):
+            return await call_next(request)
+        name, top_k = self._spec(request)
+        if name is None:
+            return await call_next(request)
+        collection = self.store.collection(name)
+        collection.reload_if_changed()
+        question = query_text(request.endpoint, request.body)
+        vector = (await asyncio.to_thread(self.embedder.embed, [question]))[0]
+        found = collection.search(vector, top_k)
+        if found:
+            self._inject(request, format_context(found))
+        request.extra_headers[SOURCES_HEADER] = ", ".join(
+            f"{r.chunk.source}#{r.chunk.position}" for r in found)
+        request.extra_fields[SOURCES_FIELD] = [
+            {"index": i, "source": r.chunk.source, "chunk": r.chunk.position,
+             "score": round(r.score, 4)} for i, r in enumerate(found, 1)]
+        return await call_next(request)
+
+    @staticmethod
+    def _inject(request: GatewayRequest, context: str) -> None:
+        if request.endpoint == COMPLETIONS:
+            request.body["prompt"] = f"{context}\n\n{request.body['prompt']}"
+            return
+        messages = request.body["messages"]
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"),
+                        default=len(messages))
+        request.body["messages"] = (messages[:last_user] + [{"role": "system", "content": context}]
+                                    + messages[last_user:])

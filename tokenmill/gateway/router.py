@@ -1,0 +1,158 @@
+"""Replicas, routing policies, active health checks and the circuit breaker.
+
+A policy orders the routable replicas of a model; the upstream stage tries them in that order, so
+the order is also the retry plan. Policies live in a small registry:
+
+- ``least_outstanding``: fewest requests in flight first (ties rotate, so idle replicas share).
+- ``round_robin``: rotate.
+- ``prefix_affinity``: rendezvous hashing of the prompt's first characters, so one prefix keeps
+  landing on one replica (whose KV prefix cache then hits), unless that replica has
+  ``affinity_max_imbalance`` more requests in flight than the least busy one. Rendezvous hashing
+  moves only the prefixes of a replica that leaves, not everyone's.
+
+After ``failure_threshold`` consecutive failures a replica's circuit opens for ``cooldown_s``;
+afterwards one request is let through, and a failure re-opens it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from tokenmill.gateway.config import RoutingSection, UpstreamSection
+from tokenmill.gateway.metrics import GatewayMetrics
+
+
+@dataclass
+class Replica:
+    name: str
+    url: str
+    configured_models: list[str]
+    discovered_models: list[str] = field(default_factory=list)
+    outstanding: int = 0
+    healthy: bool = True
+    consecutive_failures: int = 0
+    open_until: float = 0.0
+
+    @property
+    def models(self) -> list[str]:
+        return self.configured_models or self.discovered_models
+
+    def serves(self, model: str) -> bool:
+        # A replica whose models are not known yet is tried rather than ruled out.
+        return not self.models or any(fnmatch.fnmatchcase(model, m) for m in self.models)
+
+    def can_route(self, now: float) -> bool:
+        return self.healthy and self.open_until <= now
+
+
+Policy = Callable[["Router", list[Replica], str], list[Replica]]
+
+
+def _least_outstanding(router: Router, replicas: list[Replica], key: str) -> list[Replica]:
+    start = router.next_turn()
+    n = len(replicas)
+    return [r for _, _, r in sorted((r.outstanding, (i - start) % n, r)
+                                    for i, r in enumerate(replicas))]
+
+
+def _round_robin(router: Router, replicas: list[Replica], key: str) -> list[Replica]:
+    start = router.next_turn() % len(replicas)
+    return replicas[start:] + replicas[:start]
+
+
+def _prefix_affinity(router: Router, replicas: list[Replica], key: str) -> list[Replica]:
+    def weight(r: Replica) -> bytes:
+        return hashlib.sha256(f"{r.name}\0{key}".encode()).digest()
+
+    preferred = max(replicas, key=weight)
+    by_load = _least_outstanding(router, replicas, key)
+    if preferred.outstanding - by_load[0].outstanding >= router.section.affinity_max_imbalance:
+        router.num_affinity_fallbacks += 1
+        return by_load
+    return [preferred] + [r for r in by_load if r is not preferred]
+
+
+POLICIES: dict[str, Policy] = {
+    "least_outstanding": _least_outstanding,
+    "round_robin": _round_robin,
+    "prefix_affinity": _prefix_affinity,
+}
+
+
+class Router:
+    def __init__(self, upstreams: list[UpstreamSection], section: RoutingSection,
+                 metrics: GatewayMetrics) -> None:
+        self.replicas = [Replica(u.name, u.url.rstrip("/"), list(u.models)) for u in upstreams]
+        self.section = section
+        self.policy = POLICIES[section.policy]
+        self.metrics = metrics
+        self._turn = 0
+        self.num_affinity_fallbacks = 0
+        for r in self.replicas:
+            self._publish(r)
+
+    def next_turn(self) -> int:
+        self._turn += 1
+        return self._turn
+
+    def all_models(self) -> list[str]:
+        return sorted({m for r in self.replicas for m in r.models if "*" not in m})
+
+    def knows_model(self, model: str) -> bool:
+        return any(r.serves(model) for r in self.replicas)
+
+    def plan(self, model: str, prompt: str) -> list[Replica]:
+        """The replicas to try for this request, best first (empty: none routable now)."""
+        now = time.monotonic()
+        usable = [r for r in self.replicas if r.serves(model) and r.can_route(now)]
+        if not usable:
+            return []
+        ordered = self.policy(self, usable, prompt[:self.section.prefix_chars])
+        return ordered[:self.section.max_attempts]
+
+    def record_success(self, replica: Replica) -> None:
+        replica.consecutive_failures = 0
+        replica.open_until = 0.0
+        self._publish(replica)
+
+    def record_failure(self, replica: Replica, kind: str) -> None:
+        self.metrics.upstream_errors.labels(replica.name, kind).inc()
+        replica.consecutive_failures += 1
+        if replica.consecutive_failures >= self.section.failure_threshold:
+            replica.open_until = time.monotonic() + self.section.cooldown_s
+        self._publish(replica)
+
+    def _publish(self, replica: Replica) -> None:
+        routable = replica.can_route(time.monotonic())
+        self.metrics.upstream_healthy.labels(replica.name).set(1 if routable else 0)
+
+    async def check_all(self, client: httpx.AsyncClient) -> None:
+        await asyncio.gather(*(self._check(client, r) for r in self.replicas))
+
+    async def _check(self, client: httpx.AsyncClient, replica: Replica) -> None:
+        timeout = self.section.connect_timeout_s
+        try:
+            resp = await client.get(replica.url + self.section.health_path, timeout=timeout)
+            replica.healthy = resp.status_code == 200
+            if replica.healthy and not replica.configured_models:
+                models = await client.get(replica.url + "/v1/models", timeout=timeout)
+                if models.status_code == 200:
+                    replica.discovered_models = [m["id"] for m in models.json().get("data", [])
+                                                 if isinstance(m, dict) and "id" in m]
+        except (httpx.HTTPError, ValueError):
+            replica.healthy = False
+        if not replica.healthy:
+            self.metrics.upstream_errors.labels(replica.name, "health_check").inc()
+        self._publish(replica)
+
+    async def health_loop(self, client: httpx.AsyncClient) -> None:
+        while True:
+            await asyncio.sleep(self.section.health_check_interval_s)
+            await self.check_all(client)
