@@ -12,7 +12,7 @@ from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.scheduler_output import EngineCoreOutput, RunnerOutput, SchedulerOutput
-from tokenmill.errors import PromptTooLongError, RequestRejectedError
+from tokenmill.errors import InvalidRequestError, PromptTooLongError, RequestRejectedError
 from tokenmill.sampling_params import SamplingParams
 
 EOS = 2
@@ -350,3 +350,14 @@ def test_request_and_scheduler_stats() -> None:
             < timeline.first_token_time <= timeline.last_token_time <= timeline.finished_time)
     assert timeline.time_to_first_token == timeline.first_token_time - 50.0
     assert scheduler.get_stats().kv_cache_usage == 0.0
+
+
+def test_duplicate_id_and_empty_prompt_are_refused() -> None:
+    scheduler = make_scheduler()
+    scheduler.add_request(make_request("same", 5))
+    with pytest.raises(InvalidRequestError, match="'same' is already in use"):
+        scheduler.add_request(make_request("same", 5))
+    with pytest.raises(InvalidRequestError, match="empty") as info:
+        scheduler.add_request(make_request("empty", []))
+    assert info.value.param == "prompt"
+    run_to_completion(scheduler)

@@ -15,9 +15,11 @@ Why this cannot deadlock: admission rejects any request that could not fit in th
 oldest running request always gets tokens first and may preempt every younger one, so it finishes;
 then the next oldest does, and so on.
 
-Threading: call everything from the engine-core loop, between steps. Aborts that arrive while the
-runner executes a step are applied before the next ``schedule()``; the runner still writes the KV
-of the step it was given, so blocks registered in the prefix cache always hold what they claim.
+Threading: call everything from the engine-core thread. ``finish_requests`` may run between
+``schedule()`` and ``update_from_output()`` (an abort while the runner works): the freed blocks are
+only handed out again by the next ``schedule()``, the runner still writes the KV of the step it was
+given (through ``SchedulerOutput.block_ids``, a copy), so blocks registered in the prefix cache
+always hold what they claim, and the late result of the aborted request is dropped.
 """
 
 from __future__ import annotations
