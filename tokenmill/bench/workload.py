@@ -178,12 +178,14 @@ def _load_jsonl(path: str, tokenizer: CountingTokenizer, spec: WorkloadSpec,
             messages = row["messages"]
             if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
                 raise BenchError(f"{path}:{lineno}: each message needs a string 'content'")
-            tokens = sum(len(tokenizer.encode(m["content"])) for m in messages)
+            tokens = sum(len(tokenizer.encode(m["content"], add_special_tokens=False))
+                         for m in messages)
             requests.append(BenchRequest(len(requests), "chat", None, messages, tokens, max_tokens))
         elif isinstance(row.get("prompt", row.get("text")), str):
             prompt = row.get("prompt", row.get("text"))
-            requests.append(BenchRequest(len(requests), "completions", prompt, None,
-                                         len(tokenizer.encode(prompt)), max_tokens))
+            num_tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
+            requests.append(BenchRequest(len(requests), "completions", prompt, None, num_tokens,
+                                         max_tokens))
         else:
             raise BenchError(f"{path}:{lineno}: expected a string 'prompt' or a 'messages' list")
     if not requests:

@@ -146,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
     )
     console = Console()
+    if not console.is_terminal:  # piped to a file: keep each level on one row
+        console = Console(width=220)
     outcome = run_bench(options, console)
     print_table(outcome.record, console)
     if options.price is not None and options.price.is_example:

@@ -123,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps([_to_json(r) for r in results], indent=1))
         return 0
     console = Console()
+    if not console.is_terminal:  # piped to a file: do not wrap the comparison table at 80
+        console = Console(width=200)
     dtype_text = weight_dtype or f"as stored ({arch.file_dtype})"
     table = Table(title=f"{arch.name}: {arch.num_params / 1e9:.2f}B params, weights {dtype_text}, "
                         f"KV {kv_dtype}, TP {args.tp}, context p50 {args.context_p50} / "
