@@ -59,6 +59,7 @@ class Gateway:
     router: Router
     client: httpx.AsyncClient
     embedder: Embedder
+    auth: AuthStage
     stages: list[Stage]
     completions: Handler
     embeddings: Handler
@@ -110,7 +111,7 @@ def build_gateway(config: GatewayConfig, *, embedder: Embedder | None = None,
                 for m in names if can_use_model(request.tenant, m)]
         return GatewayResponse(body={"object": "list", "data": data})
 
-    return Gateway(config, metrics, limiter, router, client, embedder, stages, completions,
+    return Gateway(config, metrics, limiter, router, client, embedder, auth, stages, completions,
                    compose([auth, ratelimit], embed_terminal, metrics),
                    compose([auth], models_terminal, metrics))
 
@@ -149,6 +150,8 @@ def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
     async def handle(endpoint: str, http_request: Request, handler: Handler) -> Response:
         greq = GatewayRequest(endpoint, {}, _bearer(http_request))
         try:
+            # Authenticate before reading the body: strangers get 401 and cost no parsing.
+            greq.tenant = gw.auth.tenant_for(greq.api_key)
             if endpoint != "models":
                 greq.body = await _read_json(http_request, config.server.max_body_bytes)
                 if endpoint in (CHAT, COMPLETIONS):

@@ -52,7 +52,8 @@ class AuthStage:
         return found
 
     async def __call__(self, request: GatewayRequest, call_next: Handler) -> GatewayResponse:
-        request.tenant = self.tenant_for(request.api_key)
+        if request.tenant is None:  # the app may have authenticated already, before the body
+            request.tenant = self.tenant_for(request.api_key)
         model = request.body.get("model")
         if isinstance(model, str) and not can_use_model(request.tenant, model):
             raise PermissionDeniedError(f"tenant {request.tenant.name!r} may not use model "
