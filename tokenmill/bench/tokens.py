@@ -28,6 +28,10 @@ class _JsonTokenizer:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise BenchError(f"cannot load tokenizer {path}: {exc}") from exc
+        # Some tokenizer.json files carry truncation/padding for a fixed model input size
+        # (e.g. 128 for sentence encoders); counting prompt lengths needs neither.
+        self._tok.no_truncation()
+        self._tok.no_padding()
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

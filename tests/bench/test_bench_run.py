@@ -1,0 +1,213 @@
+"""`tokenmill bench` against a real HTTP server on loopback whose delays and failures are known."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import matplotlib.image
+import openai
+import pytest
+
+from tests.bench.fake_openai import MODEL
+
+TTFT_S, ITL_S, OUTPUT_LEN = 0.12, 0.03, 8
+
+
+def _bench(run_cli, url: str, out: Path, *extra: str) -> tuple[int, str, str, dict]:
+    code, stdout, stderr = run_cli("bench", "--base-url", url, "--output-dir", str(out),
+                                   "--quiet", *extra)
+    record = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() \
+        else {}
+    return code, stdout, stderr, record
+
+
+def test_fake_server_speaks_openai_streaming(fake) -> None:
+    """The official client reads the fake's stream, usage chunk included: the bench's parser is
+    tested against the real wire format, not a private one."""
+    _server, url = fake
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    stream = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == " t0 t1 t2"
+    assert chunks[-1].usage.completion_tokens == 3
+    chat = client.chat.completions.create(model=MODEL, max_tokens=2, stream=True,
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert "".join(c.choices[0].delta.content or "" for c in chat if c.choices) == " t0 t1"
+
+
+def test_measures_known_delays_errors_goodput_and_cost(fake, run_cli, tmp_path,
+                                                       tokenizer_json) -> None:
+    server, url = fake
+    server.reset(ttft_s=TTFT_S, itl_s=ITL_S, fail_every=4)
+    code, stdout, stderr, record = _bench(
+        run_cli, url, tmp_path, "--concurrency", "1,3", "--num-requests", "8",
+        "--input-len", "uniform:20,40", "--output-len", str(OUTPUT_LEN),
+        "--tokenizer", tokenizer_json, "--slo-ttft-ms", "1000", "--slo-tpot-ms", "1000",
+        "--price-per-hour", "7.2")
+    assert code == 0, stderr
+    assert record["complete"] and record["config"]["model"] == MODEL
+    assert [lv["level"]["label"] for lv in record["levels"]] == ["c=1", "c=3"]
+    for level in record["levels"]:
+        s = level["summary"]
+        # Every 4th request of the server's count fails: 2 of 8 per level.
+        assert (s["num_requests"], s["num_ok"]) == (8, 6)
+        assert s["errors_by_kind"] == {"http_500": 2}
+        assert s["error_rate"] == pytest.approx(0.25)
+        assert "injected failure" in s["first_error"]
+        # Delays the server was told to use, within scheduling noise on a busy 2-core box.
+        assert TTFT_S * 1000 - 5 <= s["ttft_ms"]["p50"] <= TTFT_S * 1000 * 1.5
+        assert ITL_S * 1000 - 3 <= s["itl_ms"]["p50"] <= ITL_S * 1000 * 1.5
+        assert ITL_S * 1000 - 3 <= s["tpot_ms"]["p50"] <= ITL_S * 1000 * 1.5
+        assert s["output_tokens"] == 6 * OUTPUT_LEN and s["usage_reported"]
+        assert s["input_tokens"] == 6 * 11  # the fake's usage.prompt_tokens wins over our count
+        # Goodput with loose SLOs = throughput of successful requests; cost from the hour price.
+        assert s["goodput"] == pytest.approx(s["request_throughput"])
+        cost = level["cost"]
+        assert cost["dollars_per_million_output_tokens"] == pytest.approx(
+            7.2 / 3600 / s["output_tokens_per_s"] * 1e6)
+        assert cost["output_tokens_per_dollar"] == pytest.approx(
+            s["output_tokens_per_s"] * 3600 / 7.2)
+    one, three = (lv["summary"] for lv in record["levels"])
+    assert three["output_tokens_per_s"] > 1.5 * one["output_tokens_per_s"]
+    assert (record["levels"][1]["cost"]["dollars_per_million_output_tokens"]
+            < record["levels"][0]["cost"]["dollars_per_million_output_tokens"])
+    # Every file is there; the PNGs decode as images; the report carries the table.
+    for name in ("results.json", "report.md", "throughput_latency.png", "ttft_distribution.png",
+                 "tpot_distribution.png", "cost.png"):
+        assert (tmp_path / name).is_file(), name
+    image = matplotlib.image.imread(tmp_path / "throughput_latency.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+    report = (tmp_path / "report.md").read_text()
+    assert "| c=3 | 6/8 |" in report and "http_500:2" in report
+    assert "c=1" in stdout and "$/1M out" in stdout
+
+
+def test_goodput_counts_only_requests_within_slo(fake, run_cli, tmp_path, tokenizer_json) -> None:
+    server, url = fake
+    server.reset(ttft_s=0.08, itl_s=0.0)
+    code, _, stderr, record = _bench(
+        run_cli, url, tmp_path, "--concurrency", "2", "--num-requests", "6",
+        "--input-len", "16", "--output-len", "2", "--tokenizer", tokenizer_json,
+        "--slo-ttft-ms", "20")
+    assert code == 0, stderr
+    s = record["levels"][0]["summary"]
+    assert s["num_ok"] == 6 and s["good_requests"] == 0 and s["goodput"] == 0.0
+
+
+def test_rate_sweep_chat_workload_and_compare(fake, run_cli, tmp_path, tokenizer_json) -> None:
+    server, url = fake
+    args = ("--request-rate", "20,inf", "--arrival", "constant", "--num-requests", "6",
+            "--workload", "chat", "--chat-turns", "2", "--input-len", "12", "--output-len", "3",
+            "--tokenizer", tokenizer_json)
+    code, _, stderr, a = _bench(run_cli, url, tmp_path / "a", *args)
+    assert code == 0, stderr
+    assert [lv["level"]["label"] for lv in a["levels"]] == ["rate=20/s constant", "rate=inf/s"]
+    assert all(lv["summary"]["num_ok"] == 6 for lv in a["levels"])
+    # 6 arrivals 50 ms apart take at least 250 ms to send; "inf" sends them all at once.
+    first = a["levels"][0]["requests"]
+    starts = sorted(r["start_s"] for r in first)
+    assert starts[-1] - starts[0] >= 0.24
+    server.reset(ttft_s=0.05)
+    code, _, _, _ = _bench(run_cli, url, tmp_path / "b", *args)
+    assert code == 0
+    code, stdout, stderr = run_cli("bench", "--compare", str(tmp_path / "a" / "results.json"),
+                                   str(tmp_path / "b" / "results.json"))
+    assert code == 0, stderr
+    assert "TTFT p50 ms" in stdout and "B/A" in stdout
+
+
+def test_unreachable_url_is_one_clear_line(run_cli, tmp_path, tokenizer_json) -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code, _, stderr, record = _bench(run_cli, f"http://127.0.0.1:{port}", tmp_path,
+                                     "--num-requests", "2", "--tokenizer", tokenizer_json)
+    assert code == 1 and record == {}
+    assert stderr.strip().splitlines() == [
+        f"tokenmill: error: cannot reach http://127.0.0.1:{port}: All connection attempts failed"]
+
+
+def test_server_returning_only_errors_still_writes_report(fake, run_cli, tmp_path,
+                                                          tokenizer_json) -> None:
+    server, url = fake
+    server.reset(fail_every=1)
+    code, _, stderr, record = _bench(run_cli, url, tmp_path, "--num-requests", "3",
+                                     "--input-len", "10", "--output-len", "2",
+                                     "--tokenizer", tokenizer_json)
+    assert code == 1
+    assert "all 3 requests failed (http_500: 3)" in stderr and "injected failure" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert record["levels"][0]["summary"]["num_errors"] == 3
+    assert (tmp_path / "report.md").is_file()
+
+
+def test_malformed_sse_is_counted_as_such(fake, run_cli, tmp_path, tokenizer_json) -> None:
+    server, url = fake
+    server.reset(malformed=True)
+    code, _, stderr, record = _bench(run_cli, url, tmp_path, "--num-requests", "2",
+                                     "--input-len", "10", "--output-len", "4",
+                                     "--tokenizer", tokenizer_json)
+    assert code == 1 and "malformed_sse" in stderr
+    assert record["levels"][0]["summary"]["errors_by_kind"] == {"malformed_sse": 2}
+
+
+def test_no_usage_from_server_counts_chunks(fake, run_cli, tmp_path, tokenizer_json) -> None:
+    server, url = fake
+    server.reset(send_usage=False)
+    code, _, stderr, record = _bench(run_cli, url, tmp_path, "--num-requests", "2",
+                                     "--input-len", "30", "--output-len", "5",
+                                     "--tokenizer", tokenizer_json)
+    assert code == 0, stderr
+    s = record["levels"][0]["summary"]
+    assert s["output_tokens"] == 10 and not s["usage_reported"]
+    requests = record["levels"][0]["requests"]
+    assert all(r["prompt_tokens_source"] == "tokenizer" for r in requests)
+    assert all(abs(r["prompt_tokens"] - 30) <= 1 for r in requests)
+
+
+def test_partial_run_writes_what_it_measured(fake, run_cli, tmp_path, tokenizer_json,
+                                             monkeypatch) -> None:
+    """Ctrl-C as the second level starts: the first level's measurements are still written."""
+    _server, url = fake
+    from tokenmill.bench import session
+
+    real_run_level = session.run_level
+    calls = []
+
+    async def run_level_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return await real_run_level(*args, **kwargs)
+
+    monkeypatch.setattr(session, "run_level", run_level_then_interrupt)
+    code, _, stderr, record = _bench(run_cli, url, tmp_path, "--concurrency", "1,2",
+                                     "--num-requests", "2", "--input-len", "10",
+                                     "--output-len", "2", "--tokenizer", tokenizer_json)
+    assert code == 1 and "run stopped: interrupted by the user" in stderr
+    assert not record["complete"] and record["stopped_reason"] == "interrupted by the user"
+    assert [lv["level"]["label"] for lv in record["levels"]] == ["c=1"]
+    assert record["levels"][0]["summary"]["num_ok"] == 2
+    assert "Partial run" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--input-len", "uniform:300,100"), "--input-len='uniform:300,100'"),
+    (("--output-len", "gauss:5"), "expected fixed:N, uniform:LO,HI or normal:MEAN,STD"),
+    (("--input-len", "normal:-5,2"), "--input-len"),
+    (("--price-per-hour", "-3"), "--price-per-hour=-3.0 must be a finite number >= 0"),
+    (("--concurrency", "0"), "every value must be a positive number"),
+    (("--request-rate", "abc"), "'abc' is not a number"),
+    (("--slo-ttft-ms", "-1"), "SLO ttft must be a positive number"),
+    (("--hardware", "b300"), "not in the catalog"),
+    (("--workload", "jsonl"), "needs --dataset"),
+])
+def test_nonsense_input_is_refused_before_sending(fake, run_cli, tmp_path, args, message) -> None:
+    server, url = fake
+    code, _, stderr, record = _bench(run_cli, url, tmp_path, *args)
+    assert code == 1 and record == {}
+    assert len(stderr.strip().splitlines()) == 1 and message in stderr
+    assert server.num_requests == 0
