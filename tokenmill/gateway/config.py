@@ -108,7 +108,7 @@ class CacheSection:
     exact: bool = _help("Exact-match response cache.", default=True)
     semantic: bool = _help("Semantic (embedding) response cache.", default=True)
     only_deterministic: bool = _help("Cache only requests with temperature 0.", default=True)
-    similarity_threshold: float = _help("Cosine similarity for a semantic hit.", default=0.88)
+    similarity_threshold: float = _help("Cosine similarity for a semantic hit.", default=0.85)
     ttl_s: float = _help("Seconds a cached answer stays valid.", default=3600.0)
     max_entries: int = _help("Entries per cache tier; least recently used are evicted.",
                              default=10000)
