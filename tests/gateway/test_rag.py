@@ -1,0 +1,95 @@
+"""RAG: `tokenmill rag ingest`, cited context injected, sources returned, re-ingest replaces."""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import openai
+import pytest
+
+from tests.gateway.helpers import DOCS_DIR, KEY_ACME, KEY_BETA, base_config, chat
+from tokenmill.cli import main
+from tokenmill.gateway.rag_store import chunk_text
+
+QUESTIONS = [
+    ("How many days do I have to return an item?", "returns.md", "30 days"),
+    ("How long does shipping to Canada take?", "shipping.md", "7 to 10 business days"),
+    ("Does the warranty cover a broken fan?", "warranty.txt", "three-year hardware warranty"),
+]
+
+
+@pytest.fixture
+def rag_gateway(tmp_path, upstreams, start_gateway, capsys):
+    docs = tmp_path / "docs"
+    shutil.copytree(DOCS_DIR, docs)
+    rag_dir = tmp_path / "rag"
+    assert main(["rag", "ingest", str(docs), "--collection", "shop", "--rag-dir",
+                 str(rag_dir)]) == 0
+    assert "3 added" in capsys.readouterr().out
+    (fake, server), _ = upstreams
+    config = base_config([server.url], tmp_path=tmp_path)
+    config["tenants"][1]["rag_collection"] = "shop"  # beta's default collection
+    return start_gateway(config), fake, docs, rag_dir
+
+
+def system_context(body):
+    return "\n".join(m["content"] for m in body["messages"] if m["role"] == "system")
+
+
+@pytest.mark.parametrize(("question", "source", "fact"), QUESTIONS)
+def test_right_chunk_is_injected_with_its_source(rag_gateway, question, source, fact):
+    gw, fake, _, _ = rag_gateway
+    response = chat(gw.client(KEY_ACME), question, extra_body={"rag": {"collection": "shop",
+                                                                       "top_k": 1}})
+    context = system_context(fake.bodies[-1])
+    assert fact in context and f"[1] (source: {source})" in context
+    assert "rag" not in fake.bodies[-1]  # the extra field never reaches the upstream
+    assert response.headers["x-tokenmill-rag-sources"].startswith(source + "#")
+    sources = response.parse().model_extra["tokenmill_rag_sources"]
+    assert sources[0]["source"] == source and sources[0]["index"] == 1
+
+
+def test_tenant_default_collection_and_streaming_sources(rag_gateway):
+    gw, fake, _, _ = rag_gateway
+    stream = gw.client(KEY_BETA).chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "What does express shipping cost "
+                                 "in time?"}], stream=True)
+    assert "shipping.md" in stream.headers["x-tokenmill-rag-sources"]
+    list(stream.parse())
+    assert "Express shipping arrives" in system_context(fake.bodies[-1])
+
+
+def test_reingest_replaces_a_changed_file(rag_gateway, capsys):
+    gw, fake, docs, rag_dir = rag_gateway
+    (docs / "warranty.txt").write_text("Warranty\n\nThe appliance warranty now lasts five years "
+                                       "and covers liquid damage too.\n")
+    assert main(["rag", "ingest", str(docs), "--collection", "shop", "--rag-dir",
+                 str(rag_dir)]) == 0
+    assert "1 changed, 2 unchanged" in capsys.readouterr().out
+    chat(gw.client(KEY_ACME), "How long is the warranty?",
+         extra_body={"rag": {"collection": "shop", "top_k": 3}})
+    context = system_context(fake.bodies[-1])
+    assert "five years" in context and "three-year" not in context
+
+
+def test_unknown_collection_and_bad_rag_fields(rag_gateway):
+    gw, fake, _, _ = rag_gateway
+    with pytest.raises(openai.NotFoundError, match="collection 'nope' does not exist"):
+        chat(gw.client(KEY_ACME), "hi", extra_body={"rag": {"collection": "nope"}})
+    headers = {"Authorization": f"Bearer {KEY_ACME}"}
+    for rag, param in (({"collection": "shop", "top_k": 0}, "rag.top_k"),
+                       ({"collection": "../etc"}, "rag.collection"),
+                       ({"collection": "shop", "k": 2}, "rag.k")):
+        r = httpx.post(gw.url + "/v1/chat/completions", headers=headers, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "rag": rag})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+    assert fake.num_requests == 0
+
+
+def test_chunking_keeps_headings_and_bounds():
+    text = "# Title\n\n" + "\n\n".join(f"Paragraph {i}. " + "word " * 40 for i in range(10))
+    chunks = chunk_text(text, max_chars=400)
+    assert len(chunks) > 3 and all(len(c) <= 400 + len("Title\n") for c in chunks)
+    assert all(c.startswith("Title\n") for c in chunks)
+    assert "Paragraph 9." in chunks[-1]
