@@ -29,7 +29,7 @@ def test_missing_and_wrong_keys_get_the_same_401(upstreams, start_gateway):
 
 
 def test_model_outside_the_allow_list_is_403(upstreams, start_gateway):
-    (fa, sa), (fb, sb) = upstreams
+    (_fa, sa), (fb, sb) = upstreams
     fb.models = ["big"]
     gw = start_gateway(base_config([sa.url, sb.url]))
     with pytest.raises(openai.PermissionDeniedError, match="may not use model 'big'"):
@@ -56,7 +56,7 @@ def test_keys_create_prints_key_once_and_config_holds_only_its_hash(capsys, upst
 
 
 def test_request_burst_gets_429_with_retry_after_then_recovers(upstreams, start_gateway):
-    (fake, server), _ = upstreams
+    (_fake, server), _ = upstreams
     config = base_config([server.url])
     config["tenants"][0]["requests_per_minute"] = 30  # refills one request every 2 s
     gw = start_gateway(config)
@@ -107,7 +107,7 @@ def test_concurrency_cap(upstreams, start_gateway):
 
 
 def test_rate_limit_state_survives_restart(tmp_path, upstreams, start_gateway):
-    (fake, server), _ = upstreams
+    (_fake, server), _ = upstreams
     config = base_config([server.url], server={"state_file": str(tmp_path / "state.json")})
     config["tenants"][0]["requests_per_minute"] = 5
     gw = start_gateway(config)

@@ -38,7 +38,7 @@ def test_exact_hit_json_and_stream(upstreams, start_gateway):
 
 
 def test_streamed_miss_is_cached_and_tenants_never_share(upstreams, start_gateway):
-    (fake, server), _ = upstreams
+    (_fake, server), _ = upstreams
     gw = start_gateway(base_config([server.url]))
     list(gw.client(KEY_ACME).chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "shared question"}], temperature=0,

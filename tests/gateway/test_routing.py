@@ -42,7 +42,7 @@ def test_round_robin_alternates(upstreams, start_gateway):
 
 
 def test_prefix_affinity_keeps_a_prefix_on_one_replica(upstreams, start_gateway):
-    (fa, sa), (fb, sb) = upstreams
+    (fa, sa), (_fb, sb) = upstreams
     gw = start_gateway(base_config([sa.url, sb.url], routing={"policy": "prefix_affinity",
                                                               "prefix_chars": 40}))
     system = "You are a helpful assistant for ACME. "
@@ -80,7 +80,7 @@ def test_prefix_affinity_falls_back_when_preferred_is_busy(upstreams, start_gate
 
 
 def test_killed_replica_is_routed_around_without_failed_requests(upstreams, start_gateway):
-    (fa, sa), (fb, sb) = upstreams
+    (_fa, sa), (_fb, sb) = upstreams
     gw = start_gateway(base_config([sa.url, sb.url], routing={"failure_threshold": 2}))
     sb.stop()
     answers = [chat(gw.client(), f"q{i}", temperature=0.5).parse() for i in range(8)]

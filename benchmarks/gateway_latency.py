@@ -1,0 +1,130 @@
+"""Gateway latency: upstream direct vs through the gateway (miss, exact hit, semantic hit), and
+the time each stage adds (p50/p99 from the gateway's own stage histogram samples).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/gateway_latency.py [--requests 200]
+        [--upstream-delay-ms 50] [--upstream-url URL]
+
+By default the upstream is the tests' fake OpenAI server with a fixed answer delay, so the
+numbers isolate what the gateway adds; --upstream-url measures against a real server instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def timed(fn: Any, n: int) -> list[float]:
+    samples = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn(i)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+class StageTimer:
+    """Wraps each composed stage's histogram so individual samples can be kept for p99."""
+
+    def __init__(self, gw: Any) -> None:
+        self.samples: dict[str, list[float]] = {}
+        original = gw.metrics.stage_seconds.labels
+
+        def labels(stage: str) -> Any:
+            child = original(stage)
+            bucket = self.samples.setdefault(stage, [])
+
+            class Observer:
+                def observe(self, value: float) -> None:
+                    bucket.append(value)
+                    child.observe(value)
+
+            return Observer()
+
+        gw.metrics.stage_seconds.labels = labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--upstream-delay-ms", type=float, default=50.0)
+    parser.add_argument("--upstream-url", default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import openai
+
+    from tests.gateway.helpers import KEY_ACME, base_config
+    from tests.gateway.upstream_server import FakeUpstream, ServerThread
+    from tokenmill.gateway.app import create_app
+    from tokenmill.gateway.config import config_from_dict
+
+    upstream = None
+    url = args.upstream_url
+    if url is None:
+        fake = FakeUpstream("bench")
+        fake.delay_s = args.upstream_delay_ms / 1000
+        fake.reply = "a fixed answer of a few words for the benchmark"
+        upstream = ServerThread(fake.app).start()
+        url = upstream.url
+    config = base_config([url])
+    config["tenants"][0]["models"] = ["*"]
+    app = create_app(config_from_dict(config))
+    gw = app.state.gateway
+    timer = StageTimer(gw)
+    gateway = ServerThread(app).start()
+    model = "tiny"
+    direct = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    via = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY_ACME, max_retries=0)
+    n = args.requests
+
+    def ask(client: openai.OpenAI, text: str, temperature: float = 0) -> None:
+        client.chat.completions.create(model=model, temperature=temperature, max_tokens=16,
+                                       messages=[{"role": "user", "content": text}])
+
+    rows = [("upstream direct", timed(lambda i: ask(direct, f"question {i}"), n))]
+    rows.append(("gateway, cache miss", timed(lambda i: ask(via, f"miss question {i} "
+                                                                 f"about topic {i * 7}"), n)))
+    ask(via, "What is the capital of France?")
+    rows.append(("gateway, exact hit", timed(lambda i: ask(via, "What is the capital of "
+                                                                "France?"), n)))
+    exact = next(s for s in gw.stages if s.name == "exact_cache")
+
+    def semantic_hit(i: int) -> None:
+        exact.store._items.clear()  # a paraphrase asked twice would otherwise be an exact hit
+        ask(via, "What's the capital city of France?")
+
+    rows.append(("gateway, semantic hit", timed(semantic_hit, n)))
+    for v in timer.samples.values():
+        v.clear()  # stage times are reported for the miss path only (every stage runs)
+    timed(lambda i: ask(via, f"stage timing question {i} on subject {i * 13}"), n)
+    miss_stages = {k: list(v) for k, v in timer.samples.items()}
+    print(f"{n} sequential requests per row, upstream answer delay "
+          f"{args.upstream_delay_ms if upstream else 'real'} ms")
+    print(f"{'path':<24} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
+    for name, samples in rows:
+        print(f"{name:<24} {pct(samples, 0.5) * 1e3:8.2f} {pct(samples, 0.99) * 1e3:8.2f} "
+              f"{statistics.mean(samples) * 1e3:8.2f}")
+    print("\ntime in each stage itself on a cache miss (excludes the stages after it)")
+    print(f"{'stage':<24} {'p50 ms':>8} {'p99 ms':>8}")
+    for stage, samples in miss_stages.items():
+        if samples:
+            print(f"{stage:<24} {pct(samples, 0.5) * 1e3:8.3f} {pct(samples, 0.99) * 1e3:8.3f}")
+    gateway.stop()
+    if upstream:
+        upstream.stop()
+
+
+if __name__ == "__main__":
+    main()
