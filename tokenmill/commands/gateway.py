@@ -1,4 +1,4 @@
-"""`tokenmill gateway --config FILE` runs the gateway; `tokenmill gateway keys create` makes a key."""
+"""`tokenmill gateway --config FILE` runs the gateway; `... gateway keys create` makes a key."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import argparse
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "gateway", help="OpenAI-compatible gateway: keys, quotas, guardrails, caches, RAG, routing.",
+        "gateway",
+        help="OpenAI-compatible gateway: keys, quotas, guardrails, caches, RAG, routing.",
         description="Run the gateway in front of one or more OpenAI-compatible servers.")
     parser.add_argument("--config", help="Gateway config file (.yaml or .toml).")
     parser.add_argument("--host", default=None, help="Override server.host of the config.")

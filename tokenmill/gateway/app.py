@@ -1,6 +1,7 @@
 """The gateway's FastAPI app: HTTP in and out, and the stage pipelines composed once here.
 
-    chat / completions:  auth → ratelimit → guardrails → exact_cache → semantic_cache → rag → upstream
+    chat / completions:  auth → ratelimit → guardrails → exact_cache → semantic_cache → rag
+                         → upstream
     embeddings:          auth → ratelimit → local embedding model
     models:              auth → union of the replicas' models the tenant may use
 

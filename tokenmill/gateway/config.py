@@ -43,8 +43,11 @@ class ServerSection:
 @dataclass(frozen=True)
 class UpstreamSection:
     name: str = field(metadata={"help": "Replica name used in logs and metrics."})
-    url: str = field(metadata={"help": "Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000."})
-    models: list[str] = field(default_factory=list, metadata={"help": "Models this replica serves; empty: learned from its /v1/models."})
+    url: str = field(
+        metadata={"help": "Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000."})
+    models: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Models this replica serves; empty: learned from its /v1/models."})
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,13 @@ class RoutingSection:
 @dataclass(frozen=True)
 class TenantSection:
     name: str = field(metadata={"help": "Tenant name (appears in metrics and logs)."})
-    api_key_hashes: list[str] = field(default_factory=list, metadata={"help": "sha256 hashes of the tenant's keys ('sha256:<hex>'), from `tokenmill gateway keys create`."})
-    models: list[str] = field(default_factory=lambda: ["*"], metadata={"help": "Models the tenant may use (glob patterns; '*' = all)."})
+    api_key_hashes: list[str] = field(
+        default_factory=list,
+        metadata={"help": "sha256 hashes of the tenant's keys ('sha256:<hex>'), from "
+                  "`tokenmill gateway keys create`."})
+    models: list[str] = field(
+        default_factory=lambda: ["*"],
+        metadata={"help": "Models the tenant may use (glob patterns; '*' = all)."})
     priority: int = _help("Higher is more important; forwarded to replicas as a header.",
                           default=0)
     requests_per_minute: int = _help("Token-bucket limit on requests; 0 = unlimited.", default=0)
@@ -92,10 +100,18 @@ class RuleSection:
 
 @dataclass(frozen=True)
 class GuardrailsSection:
-    input_rules: list[RuleSection] = field(default_factory=list, metadata={"help": "Prompt-injection / jailbreak patterns; a match blocks the request."})
-    deny_list: list[str] = field(default_factory=list, metadata={"help": "Words or phrases that block a request (whole words)."})
-    pii: list[RuleSection] = field(default_factory=list, metadata={"help": "PII detectors; the tenant's pii_policy decides the action."})
-    output_rules: list[RuleSection] = field(default_factory=list, metadata={"help": "Patterns that stop a response (finish_reason content_filter)."})
+    input_rules: list[RuleSection] = field(
+        default_factory=list,
+        metadata={"help": "Prompt-injection / jailbreak patterns; a match blocks the request."})
+    deny_list: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Words or phrases that block a request (whole words)."})
+    pii: list[RuleSection] = field(
+        default_factory=list,
+        metadata={"help": "PII detectors; the tenant's pii_policy decides the action."})
+    output_rules: list[RuleSection] = field(
+        default_factory=list,
+        metadata={"help": "Patterns that stop a response (finish_reason content_filter)."})
     output_window_chars: int = _help("Rolling window of streamed text the output rules scan.",
                                      default=256)
     output_holdback_chars: int = _help(
@@ -132,7 +148,8 @@ class EmbeddingsSection:
 @dataclass(frozen=True)
 class GatewayConfig:
     upstreams: list[UpstreamSection] = field(metadata={"help": "The replicas behind the gateway."})
-    tenants: list[TenantSection] = field(metadata={"help": "Tenants and their keys, models and quotas."})
+    tenants: list[TenantSection] = field(
+        metadata={"help": "Tenants and their keys, models and quotas."})
     server: ServerSection = field(default_factory=ServerSection)
     routing: RoutingSection = field(default_factory=RoutingSection)
     guardrails: GuardrailsSection = field(default_factory=GuardrailsSection)

@@ -42,7 +42,8 @@ class SentenceTransformerEmbedder:
         if not Path(path).is_dir():
             raise ConfigError(f"embeddings.model_path={path!r} is not a folder",
                               param="embeddings.model_path")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder must never turn into a download
+        # A local folder must never turn into a download.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(path, device=device, local_files_only=True)
