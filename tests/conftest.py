@@ -47,3 +47,19 @@ def hf_builtin_model(builtin_source):
         builtin_source.path.parent, gguf_file=builtin_source.path.name, dtype=torch.float32
     )
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def llm(builtin_source):
+    """The built-in model behind the whole engine, with a modest KV pool (256 MiB)."""
+    from tokenmill.config import CacheConfig, EngineConfig
+    from tokenmill.engine.llm import LLM
+
+    return LLM(config=EngineConfig(cache=CacheConfig(kv_cache_memory=2**28)))
+
+
+@pytest.fixture
+def assert_no_leaked_blocks(llm):
+    """Use in any test that runs the shared engine: afterwards every KV block must be free."""
+    yield llm
+    llm.engine.scheduler.check_no_leaks()

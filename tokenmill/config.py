@@ -110,8 +110,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one ``--flag`` per field of a config dataclass (help text and default from the field)."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in ENGINE_SECTIONS:
-            continue
+        if cls is EngineConfig and f.name in ENGINE_SECTIONS:
+            continue  # the sections' own fields are added one by one
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         help_text = f.metadata.get("help", "")

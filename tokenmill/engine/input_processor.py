@@ -1,0 +1,63 @@
+"""Frontend side of a request's arrival: text or token ids in, validated engine ``Request``s out.
+
+A request with ``n > 1`` becomes n child requests with the same prompt; they share the prompt's KV
+blocks through the prefix cache. A seeded request gives child i the seed ``seed + i`` so the
+samples differ from each other yet reproduce run after run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from tokenmill.engine.request import Request
+from tokenmill.errors import InvalidRequestError
+from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.sampling_params import SamplingParams
+
+
+def child_request_id(parent_id: str, index: int) -> str:
+    return f"{parent_id}#{index}"
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
+            raise InvalidRequestError("the prompt must be a string or a list of token ids",
+                                      param="prompt")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                param="prompt")
+        return None, list(prompt)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    **template_kwargs: Any) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt,
+                                                  **template_kwargs)
+
+    def make_requests(self, request_id: str, prompt_token_ids: list[int],
+                      params: SamplingParams, cache_salt: str | None = None,
+                      arrival_time: float | None = None) -> list[Request]:
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty; give at least one token",
+                                      param="prompt")
+        arrival = time.time() if arrival_time is None else arrival_time
+        children = []
+        for index in range(params.n):
+            seed = None if params.seed is None else params.seed + index
+            child_params = dataclasses.replace(params, n=1, seed=seed)
+            children.append(Request(
+                child_request_id(request_id, index), prompt_token_ids, child_params,
+                eos_token_id=self.tokenizer.eos_token_id, arrival_time=arrival,
+                cache_salt=cache_salt,
+            ))
+        return children

@@ -1,0 +1,70 @@
+"""The paged KV cache pool: how many blocks fit the memory budget, and the per-layer tensors.
+
+Each layer gets one tensor ``[2, num_blocks * block_size, kv_heads, head_dim]``: K then V, indexed by
+slot (``block_id * block_size + offset``). Allocated with ``torch.empty``: on a CPU the pages are
+only touched (and counted as resident) as blocks get used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from tokenmill.config import CacheConfig
+from tokenmill.errors import ConfigError
+from tokenmill.models.arch_config import ArchConfig
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def num_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+    def describe(self, request_len: int = 2048) -> str:
+        fit = self.num_tokens // request_len
+        return (f"KV cache: {self.num_blocks} blocks x {self.block_size} tokens = "
+                f"{self.num_tokens} tokens, {self.num_bytes / 2**20:.1f} MiB; "
+                f"{fit} requests of {request_len} tokens fit at once")
+
+
+def free_device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    return psutil.virtual_memory().available
+
+
+def plan_kv_cache(arch: ArchConfig, cache: CacheConfig, dtype: torch.dtype,
+                  device: torch.device) -> KVCacheSpec:
+    element_size = torch.empty((), dtype=dtype).element_size()
+    bytes_per_block = (arch.num_hidden_layers * 2 * cache.block_size * arch.num_key_value_heads
+                       * arch.head_dim * element_size)
+    if cache.kv_cache_memory > 1:
+        budget = int(cache.kv_cache_memory)
+    else:
+        budget = int(free_device_memory(device) * cache.kv_cache_memory)
+    num_blocks = budget // bytes_per_block
+    if num_blocks < 1:
+        raise ConfigError(
+            f"kv_cache_memory={cache.kv_cache_memory} gives {budget} bytes, less than one KV block "
+            f"({bytes_per_block} bytes); raise kv_cache_memory", param="kv_cache_memory")
+    # A pool smaller than one full-context request is legal: such requests are refused at
+    # admission with the numbers, shorter ones run.
+    return KVCacheSpec(num_blocks, cache.block_size, bytes_per_block)
+
+
+def allocate_kv_cache(arch: ArchConfig, spec: KVCacheSpec, dtype: torch.dtype,
+                      device: torch.device) -> list[torch.Tensor]:
+    shape = (2, spec.num_tokens, arch.num_key_value_heads, arch.head_dim)
+    return [torch.empty(shape, dtype=dtype, device=device) for _ in range(arch.num_hidden_layers)]
