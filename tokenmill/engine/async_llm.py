@@ -1,0 +1,294 @@
+"""``AsyncLLM``: the engine for servers. The engine core runs in its own thread; asyncio callers
+submit requests and read per-step outputs without ever blocking a decode step.
+
+Threads and what they own:
+* the engine thread owns the ``EngineCore`` (scheduler, KV blocks, the model): it drains a command
+  inbox (add / abort / stop), runs ``step()`` while there is work, and posts raw core outputs to the
+  event loop. torch releases the GIL inside its kernels, so HTTP work proceeds during a step.
+* the event loop owns text: tokenizing, the output processor (detokenizer, stop strings, n-sample
+  gathering) and one queue per request that its HTTP handler reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.engine_core import EngineCore
+from tokenmill.engine.input_processor import InputProcessor
+from tokenmill.engine.output_processor import OutputProcessor
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.request import Request
+from tokenmill.engine.scheduler_output import EngineCoreOutput
+from tokenmill.engine.stats import SchedulerStats
+from tokenmill.errors import EngineDeadError, EngineNotReadyError, TokenmillError
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+OutputListener = Callable[[list[RequestOutput], float], None]
+
+
+@dataclass
+class _Add:
+    request_id: str
+    children: list[Request]
+    admitted: asyncio.Future
+
+
+@dataclass
+class _Finish:
+    child_ids: list[str]
+    stopped: bool = False  # True: a stop string ended them; False: aborted
+
+
+@dataclass
+class RequestStream:
+    """What ``add_request`` returns: iterate it for the request's outputs (one per engine step)."""
+
+    request_id: str
+    num_prompt_tokens: int
+    _queue: asyncio.Queue = field(repr=False)
+    _engine: AsyncLLM = field(repr=False)
+    _finished: bool = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        if item.finished:
+            self._finished = True
+        return item
+
+    async def aclose(self) -> None:
+        """Stop reading: an unfinished request is aborted and its KV blocks freed."""
+        if not self._finished:
+            self._finished = True
+            await self._engine.abort(self.request_id)
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.core = EngineCore(config)
+        self.tokenizer = self.core.source.tokenizer
+        self.model_name = config.model.served_model_name or self.core.source.name
+        self.max_model_len = self.core.max_model_len
+        self.input_processor = InputProcessor(self.tokenizer, self.core.source.arch.vocab_size)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.output_listeners: list[OutputListener] = []
+        self._inbox: queue.SimpleQueue[_Add | _Finish | None] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stats: SchedulerStats = self.core.get_stats()
+        self._accepting = True
+        self._dead: BaseException | None = None
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._engine_loop, name="tokenmill-engine",
+                                        daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def is_running(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._streams)
+
+    def get_stats(self) -> SchedulerStats:
+        """A snapshot taken after the latest step (never blocks on the engine)."""
+        return self._stats
+
+    async def add_request(self, prompt: str | list[int], params: SamplingParams,
+                          request_id: str | None = None, cache_salt: str | None = None,
+                          arrival_time: float | None = None) -> RequestStream:
+        """Validate and admit a request; raises (400 / 429 / 503 errors) before anything streams."""
+        self._check_alive()
+        if not self._accepting:
+            raise EngineNotReadyError("the server is shutting down and takes no new requests")
+        loop = self._bind_loop()
+        request_id = request_id or f"req-{next(self._ids)}"
+        text, prompt_ids = self.input_processor.tokenize_prompt(prompt)
+        children = self.input_processor.make_requests(request_id, prompt_ids, params, cache_salt,
+                                                      arrival_time)
+        admitted = loop.create_future()
+        stream_queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream_queue
+        self.output_processor.add_request(request_id, text, children)
+        self._inbox.put(_Add(request_id, children, admitted))
+        try:
+            await admitted
+        except BaseException:
+            self._forget(request_id)
+            raise
+        return RequestStream(request_id, len(prompt_ids), stream_queue, self)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None, cache_salt: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        stream = await self.add_request(prompt, params, request_id, cache_salt)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            await stream.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        if request_id not in self._streams:
+            return
+        child_ids = self.output_processor.child_ids(request_id)
+        self._forget(request_id)
+        self._inbox.put(_Finish(child_ids))
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Take no new requests, let running ones finish within ``timeout`` s, abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline and self.is_running:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._streams):
+            queue_ = self._streams.get(request_id)
+            await self.abort(request_id)
+            if queue_ is not None:
+                queue_.put_nowait(EngineNotReadyError("the server shut down before this request "
+                                                      "finished"))
+        self._inbox.put(None)
+        await asyncio.to_thread(self._thread.join, 10)
+
+    # ----------------------------------------------------------------- event-loop side
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("AsyncLLM is bound to another event loop")
+        return loop
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped after an internal error: {self._dead!r}")
+
+    def _forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self.output_processor.abort(request_id)
+
+    def _on_core_outputs(self, core_outputs: list[EngineCoreOutput]) -> None:
+        now = time.time()
+        processed = self.output_processor.process(core_outputs)
+        if processed.stopped_request_ids:
+            self._inbox.put(_Finish(processed.stopped_request_ids, stopped=True))
+        for output in processed.request_outputs:
+            stream_queue = self._streams.get(output.request_id)
+            if stream_queue is not None:
+                stream_queue.put_nowait(output)
+            if output.finished:
+                self._streams.pop(output.request_id, None)
+        for listener in self.output_listeners:
+            try:
+                listener(processed.request_outputs, now)
+            except Exception:  # a metrics bug must never take requests down
+                logger.exception("output listener failed")
+
+    def _on_engine_dead(self, error: BaseException) -> None:
+        self._dead = error
+        dead = EngineDeadError(f"the engine stopped after an internal error: {error!r}")
+        for stream_queue in self._streams.values():
+            stream_queue.put_nowait(dead)
+        self._streams.clear()
+
+    # ----------------------------------------------------------------- engine thread
+    def _engine_loop(self) -> None:
+        try:
+            while True:
+                # Block for commands only when idle; otherwise take what arrived and step.
+                block = not self.core.has_unfinished_requests()
+                if not self._apply_commands(block):
+                    return
+                self._stats = self.core.get_stats()  # aborts change it even without a step
+                if not self.core.has_unfinished_requests():
+                    continue
+                outputs = self.core.step()
+                self._stats = self.core.get_stats()
+                if outputs and self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._on_core_outputs, outputs)
+        except BaseException as error:  # noqa: BLE001 - reported to every waiting request
+            logger.exception("engine loop died")
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._on_engine_dead, error)
+            else:
+                self._dead = error
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply queued commands; False when asked to stop."""
+        try:
+            command = self._inbox.get() if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if command is None:
+                return False
+            if isinstance(command, _Add):
+                self._admit(command)
+            elif command.stopped:
+                self.core.stop_requests(command.child_ids)
+            else:
+                self.core.abort_requests(command.child_ids)
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _admit(self, command: _Add) -> None:
+        added: list[str] = []
+        error: BaseException | None = None
+        try:
+            for child in command.children:
+                self.core.add_request(child)
+                added.append(child.request_id)
+        except TokenmillError as exc:
+            error = exc
+            if added:
+                self.core.abort_requests(added)
+        loop = self._loop
+        assert loop is not None
+        loop.call_soon_threadsafe(_resolve, command.admitted, error)
+
+
+def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def engine_info(engine: AsyncLLM) -> dict[str, Any]:
+    """What the start-up banner and /v1/models report about the running engine."""
+    spec = engine.core.runner.kv_spec
+    return {
+        "model": engine.model_name,
+        "path": str(engine.core.source.path),
+        "dtype": engine.config.model.dtype,
+        "device": engine.config.model.device,
+        "max_model_len": engine.max_model_len,
+        "kv_blocks": spec.num_blocks,
+        "kv_tokens": spec.num_tokens,
+        "kv_bytes": spec.num_bytes,
+    }
