@@ -1,10 +1,12 @@
 """Attention over a paged KV cache.
 
-Each layer's cache is one tensor ``[2, num_slots, kv_heads, head_dim]`` (K then V), where a slot is
-``block_id * block_size + offset``. New tokens' K/V are written through ``slot_mapping`` *before*
-attention reads, so a request may read KV written by another request in the same step (how prefix
-sharing works for requests admitted together). Reads gather each sequence's slots through its block
-table, then use ``scaled_dot_product_attention`` (grouped-query heads broadcast by ``enable_gqa``).
+Each layer's cache is one tensor ``[2, num_blocks, block_size, kv_heads, head_dim]`` (K then V); a
+slot is ``block_id * block_size + offset``. New tokens' K/V are written through ``slot_mapping``
+*before* attention reads, so a request may read KV written by another request in the same step (how
+prefix sharing works for requests admitted together). Reads gather whole blocks through the block
+table with ``index_select`` (contiguous block_size rows at a time, several times faster than a
+per-slot gather on CPU), then use ``scaled_dot_product_attention`` (grouped-query heads broadcast by
+``enable_gqa``).
 
 Sequences are split in two groups, each handled with the fewest Python iterations:
 * decodes (one new token each) are gathered into one padded batch and attended in one call;
@@ -24,7 +26,7 @@ class PrefillSpan:
     query_start: int  # first row of this sequence in the flattened token batch
     query_len: int
     context_len: int  # tokens attended to = already computed + query_len
-    slot_ids: torch.Tensor | None  # [context_len] cache slots of positions 0..context_len-1
+    block_ids: torch.Tensor | None  # [ceil(context_len / block_size)] the sequence's block table
     # [query_len, context_len] bool (True = attend). None = plain causal, valid only when
     # context_len == query_len (SDPA's is_causal aligns the triangle top-left).
     mask: torch.Tensor | None
@@ -33,8 +35,8 @@ class PrefillSpan:
 @dataclass
 class DecodeBatch:
     token_rows: torch.Tensor  # [B] rows of the decode tokens in the flattened batch
-    slot_ids: torch.Tensor  # [B, max_len] cache slots (padding points at slot 0, masked out)
-    mask: torch.Tensor  # [B, 1, 1, max_len] bool
+    block_table: torch.Tensor  # [B, max_blocks] (padding points at block 0, masked out)
+    mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] bool
 
 
 @dataclass
@@ -49,15 +51,18 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     ) -> torch.Tensor:
     """``query`` [T, heads, d], ``key``/``value`` [T, kv_heads, d] -> output [T, heads, d]."""
     if kv_cache is not None:
-        kv_cache[0].index_copy_(0, meta.slot_mapping, key)
-        kv_cache[1].index_copy_(0, meta.slot_mapping, value)
+        _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+        slots = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+        slots[0].index_copy_(0, meta.slot_mapping, key)
+        slots[1].index_copy_(0, meta.slot_mapping, value)
     output = torch.empty_like(query)
     for span in meta.prefills:
         rows = slice(span.query_start, span.query_start + span.query_len)
         if kv_cache is None:
             k, v = key[rows], value[rows]
         else:
-            k, v = kv_cache[0][span.slot_ids], kv_cache[1][span.slot_ids]
+            k, v = _gather(kv_cache, span.block_ids)
+            k, v = k[: span.context_len], v[: span.context_len]
         out = F.scaled_dot_product_attention(
             query[rows].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
             attn_mask=span.mask, is_causal=span.mask is None, scale=scale, enable_gqa=True,
@@ -66,12 +71,23 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if meta.decode is not None:
         batch = meta.decode
         q = query[batch.token_rows].unsqueeze(2)  # [B, heads, 1, d]
-        k = kv_cache[0][batch.slot_ids].transpose(1, 2)  # [B, kv_heads, L, d]
-        v = kv_cache[1][batch.slot_ids].transpose(1, 2)
+        rows_, max_blocks = batch.block_table.shape
+        k, v = _gather(kv_cache, batch.block_table.flatten())
+        k = k.view(rows_, -1, *k.shape[1:]).transpose(1, 2)  # [B, kv_heads, L, d]
+        v = v.view(rows_, -1, *v.shape[1:]).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=scale,
                                              enable_gqa=True)
         output[batch.token_rows] = out.squeeze(2)
     return output
+
+
+def _gather(kv_cache: torch.Tensor, block_ids: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the given blocks, ``[len(block_ids) * block_size, kv_heads, d]`` each."""
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    k = kv_cache[0].index_select(0, block_ids).view(-1, kv_heads, head_dim)
+    v = kv_cache[1].index_select(0, block_ids).view(-1, kv_heads, head_dim)
+    return k, v
 
 
 def attention_mask(query_positions: torch.Tensor, context_len: int,

@@ -32,12 +32,11 @@ class InputBatchBuilder:
         self.block_size = block_size
         self.device = device
         self.sliding_window = sliding_window
-        self._offsets = torch.arange(block_size)
 
-    def slots(self, block_ids: list[int], num_positions: int) -> torch.Tensor:
-        """Cache slots of positions ``0 .. num_positions-1`` of a request."""
-        blocks = torch.tensor(block_ids, dtype=torch.long)
-        return (blocks[:, None] * self.block_size + self._offsets[None, :]).flatten()[:num_positions]
+    def slots(self, blocks: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Cache slots of positions ``start .. end-1`` of a request with block table ``blocks``."""
+        positions = torch.arange(start, end)
+        return blocks[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def build(self, output: SchedulerOutput) -> ModelInputs:
         token_ids: list[int] = []
@@ -45,7 +44,8 @@ class InputBatchBuilder:
         slot_mapping: list[torch.Tensor] = []
         prefills: list[PrefillSpan] = []
         decode_rows: list[int] = []
-        decode_slots: list[torch.Tensor] = []
+        decode_tables: list[torch.Tensor] = []
+        decode_lens: list[int] = []
         sample_rows: list[int] = []
         sample_requests: list[Request] = []
         row = 0
@@ -57,24 +57,26 @@ class InputBatchBuilder:
             token_ids.extend(request.all_token_ids[start:end])
             request_positions = torch.arange(start, end)
             positions.append(request_positions)
-            context_slots = self.slots(request.block_ids, end)
-            slot_mapping.append(context_slots[start:end])
+            num_blocks = -(-end // self.block_size)
+            blocks = torch.tensor(output.block_ids[rid][:num_blocks], dtype=torch.long)
+            slot_mapping.append(self.slots(blocks, start, end))
             if num_new == 1 and start > 0:
                 decode_rows.append(row)
-                decode_slots.append(context_slots)
+                decode_tables.append(blocks)
+                decode_lens.append(end)
             else:
                 mask = None
                 if start > 0 or (self.sliding_window is not None and end > self.sliding_window):
                     mask = attention_mask(request_positions, end, self.sliding_window)
                     mask = mask.to(self.device)
-                prefills.append(PrefillSpan(row, num_new, end, context_slots.to(self.device),
-                                            mask))
+                prefills.append(PrefillSpan(row, num_new, end, blocks.to(self.device), mask))
             row += num_new
             if end == request.num_tokens:
                 sample_rows.append(row - 1)
                 sample_requests.append(request)
 
-        decode = self._decode_batch(decode_rows, decode_slots) if decode_rows else None
+        decode = (self._decode_batch(decode_rows, decode_tables, decode_lens)
+                  if decode_rows else None)
         attention = AttentionMetadata(
             slot_mapping=torch.cat(slot_mapping).to(self.device), prefills=prefills, decode=decode)
         return ModelInputs(
@@ -86,19 +88,20 @@ class InputBatchBuilder:
             sampling=_sampling_batch(sample_requests),
         )
 
-    def _decode_batch(self, rows: list[int], slots: list[torch.Tensor]) -> DecodeBatch:
-        lengths = torch.tensor([len(s) for s in slots])
-        max_len = int(lengths.max())
-        padded = torch.zeros(len(slots), max_len, dtype=torch.long)
-        for index, request_slots in enumerate(slots):
-            padded[index, : len(request_slots)] = request_slots
-        key_positions = torch.arange(max_len)[None, :]
+    def _decode_batch(self, rows: list[int], tables: list[torch.Tensor], lengths_: list[int]
+                      ) -> DecodeBatch:
+        lengths = torch.tensor(lengths_)
+        max_blocks = max(len(t) for t in tables)
+        padded = torch.zeros(len(tables), max_blocks, dtype=torch.long)
+        for index, table in enumerate(tables):
+            padded[index, : len(table)] = table
+        key_positions = torch.arange(max_blocks * self.block_size)[None, :]
         mask = key_positions < lengths[:, None]
         if self.sliding_window is not None:
             mask &= key_positions > (lengths[:, None] - 1 - self.sliding_window)
         return DecodeBatch(
             token_rows=torch.tensor(rows, dtype=torch.long, device=self.device),
-            slot_ids=padded.to(self.device),
+            block_table=padded.to(self.device),
             mask=mask[:, None, None, :].to(self.device),
         )
 

@@ -1,7 +1,7 @@
 """The paged KV cache pool: how many blocks fit the memory budget, and the per-layer tensors.
 
-Each layer gets one tensor ``[2, num_blocks * block_size, kv_heads, head_dim]``: K then V, indexed by
-slot (``block_id * block_size + offset``). Allocated with ``torch.empty``: on a CPU the pages are
+Each layer gets one tensor ``[2, num_blocks, block_size, kv_heads, head_dim]``: K then V; a token's
+slot is ``block_id * block_size + offset``. Allocated with ``torch.empty``: on a CPU the pages are
 only touched (and counted as resident) as blocks get used.
 """
 
@@ -66,5 +66,5 @@ def plan_kv_cache(arch: ArchConfig, cache: CacheConfig, dtype: torch.dtype,
 
 def allocate_kv_cache(arch: ArchConfig, spec: KVCacheSpec, dtype: torch.dtype,
                       device: torch.device) -> list[torch.Tensor]:
-    shape = (2, spec.num_tokens, arch.num_key_value_heads, arch.head_dim)
+    shape = (2, spec.num_blocks, spec.block_size, arch.num_key_value_heads, arch.head_dim)
     return [torch.empty(shape, dtype=dtype, device=device) for _ in range(arch.num_hidden_layers)]
