@@ -15,6 +15,7 @@ from tokenmill.errors import TokenmillError
 
 # Order here is the order in `tokenmill --help`.
 COMMAND_MODULES = (
+    "tokenmill.commands.serve",
     "tokenmill.commands.generate",
     "tokenmill.commands.bench",
     "tokenmill.commands.plan",

@@ -1,0 +1,128 @@
+"""`tokenmill serve`: the OpenAI-compatible server (FastAPI + uvicorn) on the engine.
+
+SIGTERM (or Ctrl+C) drains: new requests get 503 and the listening socket closes, running requests
+get ``--shutdown-timeout`` seconds to finish, the rest are aborted, then the process exits with 0.
+A second Ctrl+C forces the exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from tokenmill.config import add_engine_arguments
+
+    parser = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (completions, chat, metrics).",
+        description="Serve a model over the OpenAI API: /v1/completions, /v1/chat/completions, "
+                    "/v1/models, /tokenize, /detokenize, /health, /metrics.")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+    parser.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="Seconds running requests get to finish after SIGTERM.")
+    parser.add_argument("--price-per-hour", type=float, default=None,
+                        help="Dollars per hour this machine costs; adds the live cost metrics "
+                             "(tokenmill:cost_dollars_total, cost per 1M tokens).")
+    parser.add_argument("--cost-window-seconds", type=float, default=60.0,
+                        help="Window of the cost-per-million-tokens gauges.")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--access-log", action="store_true",
+                        help="Also log every HTTP request (uvicorn's access log).")
+    add_engine_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def _make_server(config: Any, app: Any) -> Any:
+    import asyncio
+    import contextlib
+    import signal
+    import threading
+
+    import uvicorn
+
+    from tokenmill.server.app import begin_drain
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, but a signal first drains the engine, and is not re-raised after
+        the graceful exit (uvicorn re-raises it, which would end the process with 143)."""
+
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets: Any = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+                return
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(begin_drain, app)
+            self.should_exit = True
+
+    return DrainingServer(config)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    import uvicorn
+
+    from tokenmill.bench.cost import resolve_price
+    from tokenmill.config import engine_config_from_args
+    from tokenmill.errors import ConfigError, TokenmillError
+    from tokenmill.server.app import create_app
+    from tokenmill.server.state import ServerSettings
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.shutdown_timeout < 0:
+        raise ConfigError(f"--shutdown-timeout={args.shutdown_timeout} must be >= 0",
+                          param="shutdown_timeout")
+    if args.cost_window_seconds <= 0:
+        raise ConfigError(f"--cost-window-seconds={args.cost_window_seconds} must be > 0",
+                          param="cost_window_seconds")
+    resolve_price(args.price_per_hour, None)  # a bad price fails before the model loads
+    settings = ServerSettings(engine=engine_config_from_args(args), host=args.host,
+                              port=args.port, shutdown_timeout=args.shutdown_timeout,
+                              price_per_hour=args.price_per_hour,
+                              cost_window_seconds=args.cost_window_seconds)
+    app = create_app(settings)
+    # The drain itself enforces --shutdown-timeout; uvicorn's own limit is only a backstop.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
+                            access_log=args.access_log,
+                            timeout_graceful_shutdown=args.shutdown_timeout + 10)
+    server = _make_server(config, app)
+
+    def stop_after_load_failure(exc: BaseException) -> None:
+        server.should_exit = True
+
+    app.state.on_load_failure = stop_after_load_failure
+    server.run()
+    error = app.state.server.load_error
+    if error is None and not server.started:
+        raise ConfigError(f"could not listen on {args.host}:{args.port} (see the log above)",
+                          param="port")
+    if isinstance(error, TokenmillError):
+        raise error
+    if error is not None:
+        raise SystemExit(f"tokenmill: error: the model failed to load: {error!r}")
+    return 0

@@ -1,0 +1,108 @@
+"""The server's FastAPI app: OpenAI endpoints, /health, /metrics, and the engine's life cycle.
+
+Life cycle: the socket opens at once and the model loads in a worker thread (``/health`` and every
+endpoint answer 503 meanwhile); once loaded, the engine core runs in its own thread (see
+``AsyncLLM``). ``begin_drain`` (called on SIGTERM) refuses new requests with 503 and gives running
+ones ``shutdown_timeout`` seconds to finish before aborting them; the lifespan's end stops the
+engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from tokenmill.engine.async_llm import AsyncLLM, engine_info
+from tokenmill.errors import TokenmillError
+from tokenmill.server.cost_metrics import CostTracker
+from tokenmill.server.error_handlers import error_response, install_error_handlers
+from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.openai import chat, completions, models, tokenize
+from tokenmill.server.request_logger import banner, log_finished_requests
+from tokenmill.server.state import ServerSettings, ServerState, server_state
+
+logger = logging.getLogger("tokenmill.server")
+
+EngineFactory = Callable[[Any], AsyncLLM]
+
+
+async def _load_engine(app: FastAPI, factory: EngineFactory) -> None:
+    state: ServerState = app.state.server
+    settings = state.settings
+    try:
+        engine = await asyncio.to_thread(factory, settings.engine)
+    except BaseException as exc:  # noqa: BLE001 - reported, and the server told to stop
+        state.load_error = exc
+        message = exc.message if isinstance(exc, TokenmillError) else repr(exc)
+        logger.error("the model failed to load: %s", message)
+        on_failure = getattr(app.state, "on_load_failure", None)
+        if on_failure is not None:
+            on_failure(exc)
+        return
+    cost = None
+    if settings.price_per_hour is not None:
+        cost = CostTracker(settings.price_per_hour, settings.cost_window_seconds)
+    state.metrics.bind(engine, cost)
+    engine.output_listeners.extend([state.metrics.on_step, log_finished_requests])
+    info = engine_info(engine)
+    state.kv_pool_tokens = info["kv_tokens"]
+    state.engine = engine
+    logger.info(banner(info, settings.address, settings.engine.resolved_num_threads()))
+
+
+def begin_drain(app: FastAPI) -> asyncio.Task[None]:
+    """Stop taking requests; let running ones finish within the shutdown timeout. Idempotent."""
+    state: ServerState = app.state.server
+    task = getattr(app.state, "drain_task", None)
+    if task is None:
+        state.draining = True
+        timeout = state.settings.shutdown_timeout
+        logger.info("shutting down: no new requests; running ones get %.0f s to finish", timeout)
+        task = asyncio.get_running_loop().create_task(_drain(state, timeout))
+        app.state.drain_task = task
+    return task
+
+
+async def _drain(state: ServerState, timeout: float) -> None:
+    if state.engine is not None:
+        await state.engine.shutdown(timeout)
+
+
+def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLLM) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        load = asyncio.create_task(_load_engine(app, engine_factory))
+        try:
+            yield
+        finally:
+            if not load.done():
+                load.cancel()
+            await begin_drain(app)
+
+    app = FastAPI(title="tokenmill", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.server = ServerState(settings, ServerMetrics())
+    install_error_handlers(app)
+    for module in (completions, chat, models, tokenize):
+        app.include_router(module.router)
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        state = server_state(request)
+        try:
+            engine = state.require_engine()
+        except TokenmillError as exc:
+            return error_response(exc)
+        return JSONResponse({"status": "ok", "model": engine.model_name})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

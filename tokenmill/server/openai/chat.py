@@ -1,0 +1,155 @@
+"""``POST /v1/chat/completions``: messages through the model's chat template, then the engine.
+
+The rendered template already holds the special tokens, so it is encoded without adding any (as
+``LLM.chat`` does) and handed to the engine as token ids. Streams send, per choice, a first delta
+with the role, then content deltas, then one with the ``finish_reason``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.errors import TokenmillError
+from tokenmill.server.openai.logprobs import TokenTexts, chat_logprobs
+from tokenmill.server.openai.protocol import ChatCompletionRequest
+from tokenmill.server.openai.serving import (
+    RequestGroup,
+    build_sampling_params,
+    default_max_tokens,
+    new_request_id,
+    usage,
+)
+from tokenmill.server.sse import (
+    DONE,
+    ClientDisconnected,
+    cancel_on_disconnect,
+    error_payload,
+    event,
+    sse_response,
+)
+from tokenmill.server.state import ServerState, server_state
+
+router = APIRouter()
+
+
+def render_messages(state: ServerState, body: ChatCompletionRequest) -> tuple[str, list[int]]:
+    engine = state.require_engine()
+    messages = [m.for_template() for m in body.messages]
+    text = engine.input_processor.render_chat(messages, body.add_generation_prompt)
+    return text, engine.tokenizer.encode(text, add_special_tokens=False)
+
+
+class _Chat:
+    def __init__(self, state: ServerState, body: ChatCompletionRequest):
+        self.state = state
+        self.body = body
+        self.engine = state.require_engine()
+        self.request_id = new_request_id("chatcmpl")
+        self.created = int(time.time())
+        self.texts = TokenTexts(self.engine.tokenizer)
+        _, self.prompt_ids = render_messages(state, body)
+        self.num_top = body.top_logprobs or 0
+
+    async def start(self) -> RequestGroup:
+        field, max_tokens = self.body.requested_max_tokens
+        if max_tokens is None:
+            max_tokens = default_max_tokens(self.engine, self.state.kv_pool_tokens,
+                                            len(self.prompt_ids))
+        params = build_sampling_params(
+            self.body, max_tokens=max_tokens,
+            logprobs=self.num_top if self.body.logprobs else None,
+            renames={"max_tokens": field, "logprobs": "top_logprobs"})
+        return await RequestGroup.start(self.engine, self.state.metrics, self.request_id,
+                                        [self.prompt_ids], [params], self.body.cache_salt)
+
+    def envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.request_id, "object": obj, "created": self.created,
+                "model": self.engine.model_name, "system_fingerprint": None,
+                "choices": choices}
+
+    def logprobs(self, entries: list | None) -> dict[str, Any] | None:
+        if entries is None or not self.body.logprobs:
+            return None
+        return chat_logprobs(entries, self.texts, self.num_top)
+
+    def response(self, final: RequestOutput) -> dict[str, Any]:
+        choices = [{"index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self.logprobs(c.logprobs),
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                   for c in final.outputs]
+        body = self.envelope("chat.completion", choices)
+        body["usage"] = usage([len(self.prompt_ids)], [final])
+        return body
+
+    def chunk(self, completion: CompletionOutput, delta: dict[str, Any]) -> dict[str, Any]:
+        return {"index": completion.index, "delta": delta,
+                "logprobs": self.logprobs(completion.delta_logprobs),
+                "finish_reason": completion.finish_reason,
+                "stop_reason": completion.stop_reason}
+
+    async def events(self, group: RequestGroup) -> AsyncIterator[str]:
+        started: set[int] = set()
+        done: set[int] = set()
+        latest: RequestOutput | None = None
+        try:
+            async for _, output in group.outputs():
+                latest = output
+                # The role goes first, in its own chunk: naive clients read choices[0] only, so
+                # one chunk never holds two entries for the same choice.
+                roles = [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                          "logprobs": None, "finish_reason": None}
+                         for c in output.outputs if c.index not in started]
+                if roles:
+                    started.update(r["index"] for r in roles)
+                    yield event(self.envelope("chat.completion.chunk", roles))
+                choices = []
+                for completion in output.outputs:
+                    if completion.index in done:
+                        continue
+                    if not (completion.delta_text or completion.finished
+                            or completion.delta_logprobs):
+                        continue
+                    delta = {"content": completion.delta_text} if completion.delta_text else {}
+                    choices.append(self.chunk(completion, delta))
+                    if completion.finished:
+                        done.add(completion.index)
+                if choices:
+                    yield event(self.envelope("chat.completion.chunk", choices))
+            if self.body.include_usage_in_stream and latest is not None:
+                final = self.envelope("chat.completion.chunk", [])
+                final["usage"] = usage([len(self.prompt_ids)], [latest])
+                yield event(final)
+            yield DONE
+        except TokenmillError as exc:
+            yield event(error_payload(exc))
+        finally:
+            await group.aclose()
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    state = server_state(request)
+    state.check_model(body.model)
+    chat = _Chat(state, body)
+    group = await chat.start()
+    if body.stream:
+        return sse_response(chat.events(group))
+
+    async def collect() -> RequestOutput:
+        try:
+            return (await group.final_outputs())[0]
+        finally:
+            await group.aclose()
+
+    try:
+        final = await cancel_on_disconnect(request, collect())
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(chat.response(final))

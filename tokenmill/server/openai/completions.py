@@ -1,0 +1,161 @@
+"""``POST /v1/completions``: text or token-id prompts, one engine request per prompt.
+
+Choice indices follow OpenAI: prompt ``p``'s ``i``-th sample is choice ``p * n + i``. Everything is
+validated and admitted before the response starts, so a bad request gets its status code; an error
+after that (shutdown) arrives as an ``error`` event in the stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.errors import TokenmillError
+from tokenmill.server.openai.logprobs import TokenTexts, completion_logprobs
+from tokenmill.server.openai.protocol import CompletionRequest
+from tokenmill.server.openai.serving import (
+    RequestGroup,
+    build_sampling_params,
+    default_max_tokens,
+    new_request_id,
+    usage,
+)
+from tokenmill.server.sse import (
+    DONE,
+    ClientDisconnected,
+    cancel_on_disconnect,
+    error_payload,
+    event,
+    sse_response,
+)
+from tokenmill.server.state import ServerState, server_state
+
+router = APIRouter()
+
+
+class _Completion:
+    """One /v1/completions call: its prompts, admitted requests, and how to render choices."""
+
+    def __init__(self, state: ServerState, body: CompletionRequest):
+        self.state = state
+        self.body = body
+        self.engine = state.require_engine()
+        self.request_id = new_request_id("cmpl")
+        self.created = int(time.time())
+        self.texts = TokenTexts(self.engine.tokenizer)
+        self.prompt_ids: list[list[int]] = []
+        self.prompt_texts: list[str | None] = []
+        for prompt in body.prompts():
+            if isinstance(prompt, str):
+                # The same encoding the engine applies to a text prompt.
+                self.prompt_ids.append(self.engine.tokenizer.encode(prompt))
+                self.prompt_texts.append(prompt)
+            else:
+                self.prompt_ids.append(list(prompt))
+                self.prompt_texts.append(None)
+        self.text_offsets: dict[int, int] = {}
+
+    async def start(self) -> RequestGroup:
+        body = self.body
+        params = []
+        for ids in self.prompt_ids:
+            max_tokens = body.max_tokens
+            if max_tokens is None:
+                max_tokens = default_max_tokens(self.engine, self.state.kv_pool_tokens, len(ids))
+            params.append(build_sampling_params(body, max_tokens=max_tokens,
+                                                logprobs=body.logprobs))
+        return await RequestGroup.start(self.engine, self.state.metrics, self.request_id,
+                                        self.prompt_ids, params, body.cache_salt)
+
+    def prompt_text(self, prompt_index: int) -> str:
+        text = self.prompt_texts[prompt_index]
+        if text is None:
+            text = self.engine.tokenizer.decode(self.prompt_ids[prompt_index])
+            self.prompt_texts[prompt_index] = text
+        return text
+
+    def envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.request_id, "object": "text_completion", "created": self.created,
+                "model": self.engine.model_name, "choices": choices}
+
+    def choice(self, prompt_index: int, completion: CompletionOutput, text: str,
+               logprobs: list | None, first: bool) -> dict[str, Any]:
+        index = prompt_index * self.body.n + completion.index
+        if self.body.echo and first:
+            text = self.prompt_text(prompt_index) + text
+        rendered_logprobs = None
+        if logprobs is not None:
+            rendered_logprobs, self.text_offsets[index] = completion_logprobs(
+                logprobs, self.texts, self.text_offsets.get(index, 0))
+        return {"index": index, "text": text, "logprobs": rendered_logprobs,
+                "finish_reason": completion.finish_reason,
+                "stop_reason": completion.stop_reason}
+
+    def response(self, finals: list[RequestOutput]) -> dict[str, Any]:
+        choices = [self.choice(p, c, c.text, c.logprobs, True)
+                   for p, output in enumerate(finals) for c in output.outputs]
+        choices.sort(key=lambda c: c["index"])
+        body = self.envelope(choices)
+        body["usage"] = usage([len(ids) for ids in self.prompt_ids], finals)
+        return body
+
+    async def events(self, group: RequestGroup) -> AsyncIterator[str]:
+        started: set[int] = set()
+        done: set[int] = set()
+        latest: dict[int, RequestOutput] = {}
+        try:
+            async for prompt_index, output in group.outputs():
+                latest[prompt_index] = output
+                choices = []
+                for completion in output.outputs:
+                    index = prompt_index * self.body.n + completion.index
+                    if index in done:
+                        continue
+                    has_news = (completion.delta_text or completion.finished
+                                or completion.delta_logprobs)
+                    if not has_news:
+                        continue
+                    choices.append(self.choice(prompt_index, completion, completion.delta_text,
+                                               completion.delta_logprobs, index not in started))
+                    started.add(index)
+                    if completion.finished:
+                        done.add(index)
+                if choices:
+                    yield event(self.envelope(choices))
+            if self.body.include_usage_in_stream:
+                final = self.envelope([])
+                final["usage"] = usage([len(ids) for ids in self.prompt_ids],
+                                       [latest[i] for i in sorted(latest)])
+                yield event(final)
+            yield DONE
+        except TokenmillError as exc:
+            yield event(error_payload(exc))
+        finally:
+            await group.aclose()
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    state = server_state(request)
+    state.check_model(body.model)
+    completion = _Completion(state, body)
+    group = await completion.start()
+    if body.stream:
+        return sse_response(completion.events(group))
+
+    async def collect() -> list[RequestOutput]:
+        try:
+            return await group.final_outputs()
+        finally:
+            await group.aclose()
+
+    try:
+        finals = await cancel_on_disconnect(request, collect())
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(completion.response(finals))

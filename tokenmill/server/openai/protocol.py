@@ -1,0 +1,239 @@
+"""Request bodies of the OpenAI-compatible endpoints, as pydantic models.
+
+Models are strict (``"0.5"`` is not a number, ``true`` is not an integer) and forbid unknown fields,
+as OpenAI does, so a typo such as ``max_token`` is a 400 naming it rather than silently ignored.
+Beyond OpenAI's fields they accept the engine's extras (vLLM's names): ``top_k``, ``min_p``,
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
+``include_stop_str_in_output``, ``skip_special_tokens`` and ``cache_salt``. A few OpenAI fields
+that change nothing here (``user``, ``metadata``, ``store``, ...) are accepted and ignored; ones we
+cannot honour (``suffix``, ``tools``, a JSON ``response_format``, ``best_of`` > n) are refused.
+
+Ranges are checked by ``SamplingParams`` (one source of truth); these models check shapes only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tokenmill.errors import InvalidRequestError
+
+# Union-typed fields (prompt, stop, content) are validated by hand: pydantic's union errors name
+# every member type, which reads worse than one sentence saying what is allowed. Checks across
+# fields raise InvalidRequestError directly (pydantic lets non-ValueErrors through) so the error
+# names the offending field rather than the whole body.
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's name; accepted, usage is sent at the end only
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+def _check_stop(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    raise ValueError("must be a string or a list of strings")
+
+
+def _check_token_id_list(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+class SamplingFields(_Strict):
+    """Fields both endpoints share; ``to_sampling_kwargs`` maps them onto ``SamplingParams``."""
+
+    model: str
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Any = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # engine extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    cache_salt: str | None = Field(default=None, min_length=1)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop_field(cls, value: Any) -> Any:
+        return _check_stop(value)
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed when stream is true",
+                                      param="stream_options")
+        return self
+
+    @property
+    def include_usage_in_stream(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def to_sampling_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "n": self.n, "seed": self.seed, "stop": self.stop,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty, "logit_bias": self.logit_bias,
+            "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos,
+            "stop_token_ids": self.stop_token_ids or [],
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "skip_special_tokens": self.skip_special_tokens,
+        }
+        # Unset fields keep SamplingParams' defaults (temperature 1, top_p 1, as OpenAI's).
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                kwargs[name] = value
+        return kwargs
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Any
+    max_tokens: int | None = 16  # OpenAI's documented default for /v1/completions
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, value: Any) -> Any:
+        allowed = ("must be a non-empty string, a list of strings, a list of token ids or a "
+                   "list of token-id lists")
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValueError(allowed)
+        if all(isinstance(p, str) for p in value):
+            return value
+        if _check_token_id_list(value) or all(_check_token_id_list(p) and p for p in value):
+            return value
+        raise ValueError(allowed)
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> CompletionRequest:
+        if self.suffix:
+            raise InvalidRequestError("suffix is not supported (insertion needs a "
+                                      "fill-in-the-middle model)", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("best_of is not supported unless it equals n",
+                                      param="best_of")
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError("echo together with logprobs is not supported: the "
+                                      "engine does not compute log probabilities of prompt "
+                                      "tokens", param="echo")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and isinstance(prompt[0], int):
+            return [prompt]
+        return list(prompt)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Any = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _check_content(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            return [TextPart.model_validate(part) for part in value]
+        raise ValueError("must be a string or a list of text parts")
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, str]:
+        # The chat template knows system/user/assistant; OpenAI's "developer" is the new "system".
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.text()}
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs set to true",
+                                      param="top_logprobs")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> tuple[str, int | None]:
+        """The field the client used for the output length (for error messages) and its value."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequestError("give exactly one of prompt or messages",
+                                      param="prompt")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,143 @@
+"""What chat and completions share: building SamplingParams from a body, admitting one engine
+request per prompt, reading their outputs (merged, or the final ones), and usage."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tokenmill.engine.async_llm import AsyncLLM, RequestStream
+from tokenmill.engine.outputs import RequestOutput
+from tokenmill.errors import InvalidSamplingParamsError
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.openai.protocol import SamplingFields
+from tokenmill.server.request_logger import log_aborted_request
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def default_max_tokens(engine: AsyncLLM, kv_pool_tokens: int, num_prompt_tokens: int
+                       ) -> int | None:
+    """Up to the end of the context (as vLLM does), but never more than the KV pool can hold.
+
+    None when the prompt leaves no room at all: the engine then refuses it with both numbers.
+    """
+    room = min(engine.max_model_len, kv_pool_tokens or engine.max_model_len) - num_prompt_tokens
+    return room if room >= 1 else None
+
+
+def build_sampling_params(body: SamplingFields, *, max_tokens: int | None,
+                          logprobs: int | None, renames: dict[str, str] | None = None
+                          ) -> SamplingParams:
+    """SamplingParams validates every range; its errors are re-labelled with the body's names."""
+    kwargs = body.to_sampling_kwargs()
+    kwargs.update(max_tokens=max_tokens, logprobs=logprobs)
+    try:
+        return SamplingParams(**kwargs)
+    except InvalidSamplingParamsError as exc:
+        name = (renames or {}).get(exc.param or "", exc.param)
+        if name != exc.param and exc.param:
+            message = exc.message.replace(exc.param, name, 1)
+            raise InvalidSamplingParamsError(message, param=name) from None
+        raise
+
+
+class RequestGroup:
+    """The engine requests behind one HTTP request (one per prompt), admitted together.
+
+    Closing the group aborts whatever has not finished, which frees its KV blocks at once.
+    """
+
+    def __init__(self, streams: list[RequestStream], metrics: ServerMetrics):
+        self.streams = streams
+        self.metrics = metrics
+        self._unfinished = {s.request_id for s in streams}
+
+    @classmethod
+    async def start(cls, engine: AsyncLLM, metrics: ServerMetrics, base_id: str,
+                    prompts: list[list[int]], params: list[SamplingParams],
+                    cache_salt: str | None) -> RequestGroup:
+        # Admit concurrently: the engine thread takes its whole inbox between two steps, so n
+        # prompts cost one step boundary, not n.
+        ids = [base_id if len(prompts) == 1 else f"{base_id}-{i}" for i in range(len(prompts))]
+        results = await asyncio.gather(
+            *(engine.add_request(p, sp, rid, cache_salt)
+              for p, sp, rid in zip(prompts, params, ids, strict=True)),
+            return_exceptions=True)
+        streams = [r for r in results if isinstance(r, RequestStream)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for stream in streams:
+                await stream.aclose()
+            raise errors[0]
+        return cls(streams, metrics)
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) as each engine step produces them, across all prompts."""
+        if len(self.streams) == 1:
+            async for output in self.streams[0]:
+                self._seen(output)
+                yield 0, output
+            return
+        merged: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            try:
+                async for output in stream:
+                    merged.put_nowait((index, output))
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader
+                merged.put_nowait(exc)
+            finally:
+                merged.put_nowait(None)
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await merged.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    self._seen(item[1])
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def final_outputs(self) -> list[RequestOutput]:
+        """The finished output of each prompt, in prompt order."""
+        finals: list[RequestOutput | None] = [None] * len(self.streams)
+        async for index, output in self.outputs():
+            if output.finished:
+                finals[index] = output
+        assert all(f is not None for f in finals)
+        return finals  # type: ignore[return-value]
+
+    async def aclose(self) -> None:
+        for stream in self.streams:
+            if stream.request_id in self._unfinished:
+                self.metrics.record_abort(stream.request_id)
+                log_aborted_request(stream.request_id, "closed before it finished (client "
+                                    "disconnected or server shutting down)")
+            await stream.aclose()
+
+    def _seen(self, output: RequestOutput) -> None:
+        if output.finished:
+            self._unfinished.discard(output.request_id)
+
+
+def usage(prompt_lengths: list[int], outputs: list[RequestOutput]) -> dict[str, Any]:
+    """Prompt tokens count once per prompt; completion tokens add up over every choice."""
+    num_prompt = sum(prompt_lengths)
+    num_completion = sum(o.num_generated_tokens for o in outputs)
+    num_cached = sum(o.num_cached_tokens for o in outputs)
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion,
+            "total_tokens": num_prompt + num_completion,
+            "prompt_tokens_details": {"cached_tokens": num_cached}}

@@ -1,0 +1,84 @@
+"""What one server process holds: its settings, the engine once loaded, metrics, and its phase.
+
+The engine loads in the background after the socket is open, so ``/health`` can say 503 while the
+model loads; every endpoint that needs the engine goes through ``require_engine``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+from tokenmill.config import EngineConfig
+from tokenmill.errors import EngineDeadError, EngineNotReadyError, UnknownModelError
+
+if TYPE_CHECKING:
+    from tokenmill.engine.async_llm import AsyncLLM
+    from tokenmill.server.metrics import ServerMetrics
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 8000
+    shutdown_timeout: float = 30.0
+    """Seconds running requests get to finish after SIGTERM before they are aborted."""
+    price_per_hour: float | None = None
+    """Dollars per hour of the machine; turns on the cost metrics."""
+    cost_window_seconds: float = 60.0
+    """Window of the live cost-per-million-tokens gauges."""
+
+    @property
+    def address(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class ServerState:
+    def __init__(self, settings: ServerSettings, metrics: ServerMetrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.engine: AsyncLLM | None = None
+        self.load_error: BaseException | None = None
+        self.draining = False
+        self.started_at = int(time.time())
+        self.kv_pool_tokens = 0
+
+    @property
+    def phase(self) -> str:
+        if self.load_error is not None:
+            return "failed"
+        if self.engine is None:
+            return "loading"
+        if not self.engine.is_running:
+            return "dead"
+        return "draining" if self.draining else "ready"
+
+    def require_engine(self) -> AsyncLLM:
+        """The running engine, or the error that says why requests cannot be served now."""
+        phase = self.phase
+        if phase == "loading":
+            raise EngineNotReadyError("the model is still loading; retry in a few seconds")
+        if phase == "failed":
+            raise EngineNotReadyError(f"the model failed to load: {self.load_error}")
+        if phase == "dead":
+            raise EngineDeadError("the engine stopped after an internal error; restart the "
+                                  "server")
+        if phase == "draining":
+            raise EngineNotReadyError("the server is shutting down and takes no new requests")
+        assert self.engine is not None
+        return self.engine
+
+    def check_model(self, name: str | None) -> None:
+        engine = self.require_engine()
+        if name is not None and name != engine.model_name:
+            raise UnknownModelError(f"model {name!r} is not served here; this server serves "
+                                    f"{engine.model_name!r}", param="model",
+                                    code="model_not_found")
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
