@@ -51,10 +51,14 @@ class InputProcessor:
             raise InvalidRequestError("the prompt is empty; give at least one token",
                                       param="prompt")
         arrival = time.time() if arrival_time is None else arrival_time
+        # Models with several end tokens (Llama 3: <|end_of_text|>, <|eot_id|>) stop on any of them.
+        stop_ids = list(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids += [t for t in self.tokenizer.eos_token_ids[1:] if t not in stop_ids]
         children = []
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
-            child_params = dataclasses.replace(params, n=1, seed=seed)
+            child_params = dataclasses.replace(params, n=1, seed=seed, stop_token_ids=stop_ids)
             children.append(Request(
                 child_request_id(request_id, index), prompt_token_ids, child_params,
                 eos_token_id=self.tokenizer.eos_token_id, arrival_time=arrival,
