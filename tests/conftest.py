@@ -63,3 +63,14 @@ def assert_no_leaked_blocks(llm):
     """Use in any test that runs the shared engine: afterwards every KV block must be free."""
     yield llm
     llm.engine.scheduler.check_no_leaks()
+
+
+@pytest.fixture(scope="session")
+def tokenmill_server():
+    """One real `tokenmill serve` process for the whole session (server and gateway tests)."""
+    from tests.server_fixture import ServerProcess
+
+    server = ServerProcess("--price-per-hour", "3.6", "--cost-window-seconds", "600")
+    server.wait_ready()
+    yield server
+    server.stop()

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
-from tokenmill.errors import TokenmillError
+from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.server.openai.logprobs import TokenTexts, chat_logprobs
 from tokenmill.server.openai.protocol import ChatCompletionRequest
 from tokenmill.server.openai.serving import (
@@ -23,6 +23,7 @@ from tokenmill.server.openai.serving import (
     build_sampling_params,
     default_max_tokens,
     new_request_id,
+    relabelled,
     usage,
 )
 from tokenmill.server.sse import (
@@ -61,12 +62,15 @@ class _Chat:
         if max_tokens is None:
             max_tokens = default_max_tokens(self.engine, self.state.kv_pool_tokens,
                                             len(self.prompt_ids))
+        renames = {"max_tokens": field, "logprobs": "top_logprobs"}
         params = build_sampling_params(
             self.body, max_tokens=max_tokens,
-            logprobs=self.num_top if self.body.logprobs else None,
-            renames={"max_tokens": field, "logprobs": "top_logprobs"})
-        return await RequestGroup.start(self.engine, self.state.metrics, self.request_id,
-                                        [self.prompt_ids], [params], self.body.cache_salt)
+            logprobs=self.num_top if self.body.logprobs else None, renames=renames)
+        try:
+            return await RequestGroup.start(self.engine, self.state.metrics, self.request_id,
+                                            [self.prompt_ids], [params], self.body.cache_salt)
+        except InvalidRequestError as exc:  # e.g. "prompt plus max_tokens over the context"
+            raise relabelled(exc, renames) from None
 
     def envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.request_id, "object": obj, "created": self.created,

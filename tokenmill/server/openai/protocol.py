@@ -174,7 +174,15 @@ class ChatMessage(_Strict):
         if value is None or isinstance(value, str):
             return value
         if isinstance(value, list):
-            return [TextPart.model_validate(part) for part in value]
+            parts = []
+            for i, part in enumerate(value):
+                if not (isinstance(part, dict) and part.get("type") == "text"
+                        and isinstance(part.get("text"), str) and set(part) <= {"type", "text"}):
+                    raise ValueError(f"part {i} must be a text part {{\"type\": \"text\", "
+                                     "\"text\": ...}; image, audio and file parts are not "
+                                     "supported")
+                parts.append(TextPart(type="text", text=part["text"]))
+            return parts
         raise ValueError("must be a string or a list of text parts")
 
     def text(self) -> str:

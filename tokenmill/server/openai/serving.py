@@ -10,7 +10,7 @@ from typing import Any
 
 from tokenmill.engine.async_llm import AsyncLLM, RequestStream
 from tokenmill.engine.outputs import RequestOutput
-from tokenmill.errors import InvalidSamplingParamsError
+from tokenmill.errors import InvalidRequestError, InvalidSamplingParamsError
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai.protocol import SamplingFields
@@ -40,11 +40,15 @@ def build_sampling_params(body: SamplingFields, *, max_tokens: int | None,
     try:
         return SamplingParams(**kwargs)
     except InvalidSamplingParamsError as exc:
-        name = (renames or {}).get(exc.param or "", exc.param)
-        if name != exc.param and exc.param:
-            message = exc.message.replace(exc.param, name, 1)
-            raise InvalidSamplingParamsError(message, param=name) from None
-        raise
+        raise relabelled(exc, renames or {}) from None
+
+
+def relabelled(exc: InvalidRequestError, renames: dict[str, str]) -> InvalidRequestError:
+    """The same error, naming the field as the client spelled it (max_completion_tokens...)."""
+    name = renames.get(exc.param or "")
+    if name is None or exc.param is None:
+        return exc
+    return type(exc)(exc.message.replace(exc.param, name, 1), param=name, code=exc.code)
 
 
 class RequestGroup:
