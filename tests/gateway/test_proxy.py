@@ -120,11 +120,15 @@ def test_upstream_4xx_passes_through_and_health_and_metrics(upstreams, start_gat
     assert 'tokenmill_gateway_upstream_latency_seconds_count{replica="r0"}' in metrics
 
 
-@pytest.mark.skipif(not os.environ.get("TOKENMILL_GATEWAY_UPSTREAM_URL"),
-                    reason="set TOKENMILL_GATEWAY_UPSTREAM_URL to a running OpenAI-compatible "
-                           "server (e.g. tokenmill serve)")
-def test_against_external_upstream(start_gateway):
-    url = os.environ["TOKENMILL_GATEWAY_UPSTREAM_URL"]
+@pytest.fixture
+def real_upstream_url(request) -> str:
+    """TOKENMILL_GATEWAY_UPSTREAM_URL if set, else the session's real `tokenmill serve`."""
+    url = os.environ.get("TOKENMILL_GATEWAY_UPSTREAM_URL")
+    return url or request.getfixturevalue("tokenmill_server").url
+
+
+def test_against_real_upstream(start_gateway, real_upstream_url):
+    url = real_upstream_url
     config = base_config([url])
     config["tenants"][1]["models"] = ["*"]
     gw = start_gateway(config)
