@@ -49,7 +49,7 @@ def transformers_speed(args: argparse.Namespace) -> tuple[float, float]:
                                                  dtype=getattr(torch, args.dtype)).eval()
     load_seconds = time.perf_counter() - started
     ids = torch.tensor([tokenizer.encode(PROMPT)])
-    kwargs = dict(do_sample=False, pad_token_id=2, eos_token_id=None)
+    kwargs = {"do_sample": False, "pad_token_id": 2, "eos_token_id": None}
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, **kwargs)
         first = time.perf_counter()

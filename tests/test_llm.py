@@ -18,8 +18,8 @@ CANDIDATES = [
     "A, B, C, D, E, F,",
     "<|im_start|>user\nList the planets of the solar system.<|im_end|>\n<|im_start|>assistant\n",
     "<|im_start|>user\nWhat is 12 times 12?<|im_end|>\n<|im_start|>assistant\n",
-    "<|im_start|>user\nWrite a Python function that adds two numbers.<|im_end|>\n"
-    "<|im_start|>assistant\n",
+    ("<|im_start|>user\nWrite a Python function that adds two numbers.<|im_end|>\n"
+     "<|im_start|>assistant\n"),
 ]
 
 

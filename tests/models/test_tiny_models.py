@@ -10,8 +10,9 @@ from tokenmill.layers.attention import causal_metadata
 from tokenmill.loader.model_source import open_model_source
 from tokenmill.models.registry import build_model
 
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, vocab_size=49152)
+COMMON = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+          "vocab_size": 49152}
 
 
 def _configs():

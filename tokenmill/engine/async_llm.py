@@ -227,7 +227,7 @@ class AsyncLLM:
                 self._stats = self.core.get_stats()
                 if outputs and self._loop is not None:
                     self._loop.call_soon_threadsafe(self._on_core_outputs, outputs)
-        except BaseException as error:  # noqa: BLE001 - reported to every waiting request
+        except BaseException as error:  # reported to every waiting request
             logger.exception("engine loop died")
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._on_engine_dead, error)

@@ -71,7 +71,7 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if meta.decode is not None:
         batch = meta.decode
         q = query[batch.token_rows].unsqueeze(2)  # [B, heads, 1, d]
-        rows_, max_blocks = batch.block_table.shape
+        rows_ = batch.block_table.shape[0]
         k, v = _gather(kv_cache, batch.block_table.flatten())
         k = k.view(rows_, -1, *k.shape[1:]).transpose(1, 2)  # [B, kv_heads, L, d]
         v = v.view(rows_, -1, *v.shape[1:]).transpose(1, 2)
@@ -84,7 +84,7 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def _gather(kv_cache: torch.Tensor, block_ids: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of the given blocks, ``[len(block_ids) * block_size, kv_heads, d]`` each."""
-    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    kv_heads, head_dim = kv_cache.shape[3:]
     k = kv_cache[0].index_select(0, block_ids).view(-1, kv_heads, head_dim)
     v = kv_cache[1].index_select(0, block_ids).view(-1, kv_heads, head_dim)
     return k, v

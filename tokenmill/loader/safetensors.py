@@ -99,7 +99,7 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 - safe_open is not a dict
                     yield name, handle.get_tensor(name)
         except (OSError, RuntimeError, ValueError) as exc:
             # safetensors raises SafetensorError (a subclass of Exception) on bad headers

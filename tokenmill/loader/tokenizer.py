@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors
-from tokenizers import AddedToken
 
 from tokenmill.errors import CorruptModelFileError, ModelNotFoundError, UnsupportedModelError
 from tokenmill.loader.chat_template import render_chat_template
@@ -143,8 +142,8 @@ def tokenizer_from_folder(folder: Path, eos_token_ids: tuple[int, ...] = ()) -> 
 
 def load_tokenizer(model_path: str | Path | None = None) -> Tokenizer:
     """The tokenizer of a GGUF file or HF folder; ``None`` is the built-in model's."""
-    from tokenmill.loader.model_source import resolve_model_path
     from tokenmill.loader.gguf import open_gguf
+    from tokenmill.loader.model_source import resolve_model_path
 
     path = resolve_model_path(model_path)
     if path.is_dir():
