@@ -86,20 +86,29 @@ def test_health_is_503_while_the_model_loads(small_server):
 
 def test_full_waiting_queue_gives_429_with_retry_after(small_server):
     url = small_server.url
-    running = [Stream(url, LONG), Stream(url, LONG)]
-    for stream in running:
-        assert stream.first_event.wait(60) and stream.status == 200
-    queued = Stream(url, LONG)  # max_num_seqs=2: this one waits
-    wait_for(lambda: waiting(url) == 1, what="the third request to wait")
-    refused = httpx.post(url + "/v1/completions", json={**LONG, "stream": False})
-    assert refused.status_code == 429
-    assert int(refused.headers["retry-after"]) >= 1
-    error = refused.json()["error"]
-    assert error["type"] == "rate_limit_error" and "max_waiting_requests=1" in error["message"]
-    for stream in [*running, queued]:
-        stream.cancel()
-    for stream in [*running, queued]:
-        stream.join()
+    # One at a time: two arrivals within one engine step would both be waiting at once, and
+    # with max_waiting_requests=1 the second would (rightly) be refused.
+    running: list[Stream] = []
+    queued: Stream | None = None
+    try:
+        for _ in range(2):
+            running.append(stream := Stream(url, LONG))
+            assert stream.first_event.wait(60), "no first token"
+            assert stream.status == 200, (stream.status, stream.error, stream.events)
+        queued = Stream(url, LONG)  # max_num_seqs=2: this one waits
+        wait_for(lambda: waiting(url) == 1, what="the third request to wait")
+        refused = httpx.post(url + "/v1/completions", json={**LONG, "stream": False})
+        assert refused.status_code == 429, refused.text
+        assert int(refused.headers["retry-after"]) >= 1
+        error = refused.json()["error"]
+        assert error["type"] == "rate_limit_error"
+        assert "max_waiting_requests=1" in error["message"]
+    finally:
+        streams = [*running, *([queued] if queued else [])]
+        for stream in streams:
+            stream.cancel()
+        for stream in streams:
+            stream.join()
     wait_for(lambda: waiting(url) == 0, what="the queue to empty")
     ok = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi",
                                                    "max_tokens": 2}, timeout=60)
@@ -108,9 +117,10 @@ def test_full_waiting_queue_gives_429_with_retry_after(small_server):
 
 def test_sigterm_lets_running_requests_finish_then_exits_cleanly(small_server):
     url = small_server.url
-    short = Stream(url, {**LONG, "max_tokens": 24})
+    short = Stream(url, {**LONG, "max_tokens": 40})
+    assert short.first_event.wait(60)
     endless = Stream(url, LONG)  # 1000 tokens: far longer than the 10 s shutdown timeout
-    assert short.first_event.wait(60) and endless.first_event.wait(60)
+    assert endless.first_event.wait(60)
     small_server.terminate()
     # From now on new requests are refused (503 while draining, or the socket is closed).
     try:
@@ -125,6 +135,7 @@ def test_sigterm_lets_running_requests_finish_then_exits_cleanly(small_server):
               if isinstance(e, dict) and e.get("choices")]
     assert finish[-1] == "length"
     endless.join()
+    assert endless.status == 200, (endless.status, endless.error)
     assert "[DONE]" not in endless.events  # cut off after the timeout...
     last = endless.events[-1]
     assert isinstance(last, dict) and "shut down" in last["error"]["message"]  # ...and told why
