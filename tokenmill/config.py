@@ -15,6 +15,7 @@ from typing import Any, get_type_hints
 from tokenmill.errors import ConfigError
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "native", "torch")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -40,11 +41,18 @@ class ModelConfig:
         default=None,
     )
     seed: int = _help("Seed for sampling when a request brings no seed of its own.", default=0)
+    attention_backend: str = _help(
+        "Decode attention: auto (native CPU kernel when it builds, else torch), native, torch.",
+        default="auto",
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not supported; choose one of "
                               f"{', '.join(SUPPORTED_DTYPES)}", param="dtype")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend={self.attention_backend!r} is not one of "
+                              f"{', '.join(ATTENTION_BACKENDS)}", param="attention_backend")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len={self.max_model_len} must be at least 1",
                               param="max_model_len")

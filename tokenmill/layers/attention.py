@@ -16,6 +16,7 @@ Sequences are split in two groups, each handled with the fewest Python iteration
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ class PrefillSpan:
 class DecodeBatch:
     token_rows: torch.Tensor  # [B] rows of the decode tokens in the flattened batch
     block_table: torch.Tensor  # [B, max_blocks] (padding points at block 0, masked out)
+    seq_lens: torch.Tensor  # [B] tokens each query attends to (itself included)
     mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] bool
 
 
@@ -44,6 +46,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None  # [num_tokens] where each new token's K/V is written
     prefills: list[PrefillSpan] = field(default_factory=list)
     decode: DecodeBatch | None = None
+    # The native kernel module (tokenmill.layers.kernels) when decodes may use it, else None.
+    decode_kernel: Any = None
+    sliding_window: int | None = None
 
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -68,7 +73,13 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             attn_mask=span.mask, is_causal=span.mask is None, scale=scale, enable_gqa=True,
         )
         output[rows] = out.transpose(0, 1)
-    if meta.decode is not None:
+    if meta.decode is not None and meta.decode_kernel is not None:
+        batch = meta.decode
+        out = meta.decode_kernel.paged_decode_attention(
+            query[batch.token_rows].contiguous(), kv_cache[0], kv_cache[1], batch.block_table,
+            batch.seq_lens, scale, meta.sliding_window or 0)
+        output[batch.token_rows] = out
+    elif meta.decode is not None:
         batch = meta.decode
         q = query[batch.token_rows].unsqueeze(2)  # [B, heads, 1, d]
         rows_ = batch.block_table.shape[0]

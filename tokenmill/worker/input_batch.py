@@ -8,6 +8,7 @@ contributes a row to sampling (a partial prefill chunk does not).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,10 +29,12 @@ class ModelInputs:
 
 
 class InputBatchBuilder:
-    def __init__(self, block_size: int, device: torch.device, sliding_window: int | None):
+    def __init__(self, block_size: int, device: torch.device, sliding_window: int | None,
+                 decode_kernel: Any = None):
         self.block_size = block_size
         self.device = device
         self.sliding_window = sliding_window
+        self.decode_kernel = decode_kernel
 
     def slots(self, blocks: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Cache slots of positions ``start .. end-1`` of a request with block table ``blocks``."""
@@ -78,7 +81,8 @@ class InputBatchBuilder:
         decode = (self._decode_batch(decode_rows, decode_tables, decode_lens)
                   if decode_rows else None)
         attention = AttentionMetadata(
-            slot_mapping=torch.cat(slot_mapping).to(self.device), prefills=prefills, decode=decode)
+            slot_mapping=torch.cat(slot_mapping).to(self.device), prefills=prefills, decode=decode,
+            decode_kernel=self.decode_kernel, sliding_window=self.sliding_window)
         return ModelInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.long, device=self.device),
             positions=torch.cat(positions).to(self.device),
@@ -102,6 +106,7 @@ class InputBatchBuilder:
         return DecodeBatch(
             token_rows=torch.tensor(rows, dtype=torch.long, device=self.device),
             block_table=padded.to(self.device),
+            seq_lens=lengths.to(self.device),
             mask=mask[:, None, None, :].to(self.device),
         )
 

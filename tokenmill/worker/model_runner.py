@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.scheduler_output import RunnerOutput, SchedulerOutput
+from tokenmill.errors import ConfigError
+from tokenmill.layers.kernels import paged_attention_module
 from tokenmill.layers.sampler import Sampler
 from tokenmill.loader.model_source import ModelSource
 from tokenmill.models.registry import build_model
@@ -27,8 +30,19 @@ class ModelRunner:
                                                   self.device)
         self.kv_caches = allocate_kv_cache(source.arch, self.kv_spec, self.dtype, self.device)
         self.inputs = InputBatchBuilder(config.cache.block_size, self.device,
-                                        source.arch.sliding_window)
+                                        source.arch.sliding_window, self._decode_kernel())
         self.sampler = Sampler(self.device, seed=config.model.seed)
+
+    def _decode_kernel(self) -> Any:
+        """The native paged-attention kernel when the config and the device allow it."""
+        backend = self.config.model.attention_backend
+        if backend == "torch" or self.device.type != "cpu":
+            return None
+        module = paged_attention_module()
+        if module is None and backend == "native":
+            raise ConfigError("attention_backend='native' but the kernel could not be built "
+                              "(see the warning above)", param="attention_backend")
+        return module
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
