@@ -155,8 +155,9 @@ def run_transformers(workload: Workload, batch_size: int) -> float:
 def report(name: str, workload: Workload, seconds: float) -> float:
     output_rate = workload.num_output_tokens / seconds
     total_rate = (workload.num_prompt_tokens + workload.num_output_tokens) / seconds
+    # Other processes on a small machine can halve these figures; the load average says so.
     print(f"{name:>13}: {seconds:7.1f}s  output {output_rate:7.1f} tok/s  "
-          f"total {total_rate:7.1f} tok/s")
+          f"total {total_rate:7.1f} tok/s  (1-min load average now {os.getloadavg()[0]:.2f})")
     return output_rate
 
 
