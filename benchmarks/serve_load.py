@@ -94,14 +94,17 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/serve_load"))
+    parser.add_argument("--dtype", default="float32", help="the launched server's --dtype")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
     with contextlib.ExitStack() as stack:
-        url = args.base_url or stack.enter_context(launched_server(args.threads, 2**29))
+        url = args.base_url or stack.enter_context(launched_server(args.threads, 2**29,
+                                                                        "--dtype", args.dtype))
         results = run_levels(url, levels, args.num_requests, args.input_len, args.output_len,
                              args.output_dir)
-    print(f"\ntokenmill serve ({'external' if args.base_url else f'{args.threads} threads'}), "
+    print(f"\ntokenmill serve ({'external' if args.base_url else f'{args.threads} threads'}, "
+          f"{args.dtype}), "
           f"{args.input_len}-token prompts, {args.output_len} output tokens, "
           f"{args.num_requests} requests per level; full report in {args.output_dir}/")
     print(f"{'clients':>8} {'out tok/s':>10} {'TTFT p50':>10} {'TTFT p99':>10} "
