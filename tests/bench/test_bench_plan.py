@@ -159,3 +159,27 @@ def test_plan_cli_bad_input_is_one_line(run_cli) -> None:
     assert err.strip().splitlines() == ["tokenmill: error: --price-per-hour=-2.0 must be >= 0"]
     code, _, err = run_cli("plan", "--model", "Llama-3-8B", "--dtype", "int3")
     assert code == 1 and "int3" in err and "int4" in err
+
+
+def test_cpu_decode_step_adds_memory_and_compute_time():
+    """On a CPU profile the step is memory time + compute time; on a GPU, the larger of them."""
+    from tokenmill.bench.catalog import find_model
+    from tokenmill.bench.hardware import HardwareSpec
+    from tokenmill.bench.plan import PlanInputs, decode_step
+
+    arch = find_model("SmolLM2-135M")
+    cpu = HardwareSpec("cpu", "a CPU", 24e9, 10e9, {"fp32": 100e9}, "test",
+                       extra={"device": "cpu"})
+    gpu = HardwareSpec("gpu", "a GPU", 24e9, 10e9, {"fp32": 100e9}, "test",
+                       extra={"device": "cuda"})
+    batch, context = 16, 256
+    times = {}
+    for hw in (cpu, gpu):
+        inputs = PlanInputs(arch=arch, hardware=hw, weight_dtype="fp32", kv_dtype="fp32")
+        times[hw.key], _ = decode_step(inputs, batch, context)
+    kv_bytes = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 4
+    memory = (arch.decode_weight_bytes_read("fp32", batch) + batch * context * kv_bytes) / 10e9
+    compute = batch * (2.0 * arch.num_active_params
+                       + arch.attention_flops_per_token(context)) / 100e9
+    assert times["cpu"] == pytest.approx(memory + compute, rel=1e-9)
+    assert times["gpu"] == pytest.approx(max(memory, compute), rel=1e-9)

@@ -4,7 +4,8 @@ Everything here is closed-form arithmetic on ``ModelArch`` and ``HardwareSpec`` 
 
 * memory: weights are split evenly over the tensor-parallel (TP) ranks; KV heads are split too,
   but a rank holds at least one (ranks beyond the KV-head count replicate, as vLLM does);
-* decode is bound by bytes read per step ÷ bandwidth, or by FLOPs ÷ peak when the batch is large;
+* decode is bound by bytes read per step ÷ bandwidth, or by FLOPs ÷ peak when the batch is large
+  (on a CPU, whose cores both move the bytes and do the math, the two times add up instead);
 * prefill of one prompt is compute bound (FLOPs ÷ peak), never faster than reading the weights once.
 
 The estimates are ceilings: no kernel reaches the datasheet peak, TP communication is ignored.
@@ -116,7 +117,10 @@ def decode_step(inp: PlanInputs, batch_size: int, context_len: int) -> tuple[flo
     peak, _ = hw.flops_for(inp.weight_dtype)
     memory_time = bytes_read / hw.bandwidth_bytes_per_s
     compute_time = flops / peak
-    return max(memory_time, compute_time), ("memory" if memory_time >= compute_time else "compute")
+    bound = "memory" if memory_time >= compute_time else "compute"
+    if hw.overlaps_memory_and_compute:
+        return max(memory_time, compute_time), bound
+    return memory_time + compute_time, bound
 
 
 def prefill_seconds(inp: PlanInputs, prompt_len: int) -> float:
