@@ -1,0 +1,34 @@
+"""`tokenmill bench` against the real `tokenmill serve` (the suite's session server)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+INPUT_LEN, OUTPUT_LEN, NUM_REQUESTS = 32, 8, 4
+
+
+def test_bench_measures_the_real_server(tokenmill_server, run_cli, tmp_path) -> None:
+    code, _stdout, stderr = run_cli(
+        "bench", "--base-url", tokenmill_server.url, "--output-dir", str(tmp_path), "--quiet",
+        "--concurrency", "1,2", "--num-requests", str(NUM_REQUESTS),
+        "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN), "--ignore-eos",
+        "--price-per-hour", "3.6")
+    assert code == 0, stderr
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["complete"]
+    for level in record["levels"]:
+        summary = level["summary"]
+        assert summary["num_ok"] == NUM_REQUESTS, summary["first_error"]
+        # counts come from the server's own usage: the prompt length the workload aimed for
+        # (the built-in tokenizer is the server's) and exactly max_tokens with ignore_eos
+        assert summary["usage_reported"]
+        assert summary["output_tokens"] == NUM_REQUESTS * OUTPUT_LEN
+        assert summary["input_tokens"] == NUM_REQUESTS * INPUT_LEN
+        assert 0 < summary["ttft_ms"]["p50"] <= summary["e2e_ms"]["p50"]
+        assert summary["tpot_ms"]["p50"] > 0
+        expected = 3.6 / 3600 / summary["output_tokens_per_s"] * 1e6
+        assert level["cost"]["dollars_per_million_output_tokens"] == pytest.approx(expected,
+                                                                                   rel=0.01)
+    assert (tmp_path / "report.md").is_file()
