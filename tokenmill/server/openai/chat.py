@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
 from tokenmill.errors import InvalidRequestError, TokenmillError
@@ -24,15 +23,13 @@ from tokenmill.server.openai.serving import (
     default_max_tokens,
     new_request_id,
     relabelled,
+    respond,
     usage,
 )
 from tokenmill.server.sse import (
     DONE,
-    ClientDisconnected,
-    cancel_on_disconnect,
     error_payload,
     event,
-    sse_response,
 )
 from tokenmill.server.state import ServerState, server_state
 
@@ -143,17 +140,5 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state.check_model(body.model)
     chat = _Chat(state, body)
     group = await chat.start()
-    if body.stream:
-        return sse_response(chat.events(group))
-
-    async def collect() -> RequestOutput:
-        try:
-            return (await group.final_outputs())[0]
-        finally:
-            await group.aclose()
-
-    try:
-        final = await cancel_on_disconnect(request, collect())
-    except ClientDisconnected:
-        return Response(status_code=499)
-    return JSONResponse(chat.response(final))
+    return await respond(request, group, body.stream, lambda: chat.events(group),
+                         lambda finals: chat.response(finals[0]))

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
 from tokenmill.errors import TokenmillError
@@ -23,15 +22,13 @@ from tokenmill.server.openai.serving import (
     build_sampling_params,
     default_max_tokens,
     new_request_id,
+    respond,
     usage,
 )
 from tokenmill.server.sse import (
     DONE,
-    ClientDisconnected,
-    cancel_on_disconnect,
     error_payload,
     event,
-    sse_response,
 )
 from tokenmill.server.state import ServerState, server_state
 
@@ -145,17 +142,5 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state.check_model(body.model)
     completion = _Completion(state, body)
     group = await completion.start()
-    if body.stream:
-        return sse_response(completion.events(group))
-
-    async def collect() -> list[RequestOutput]:
-        try:
-            return await group.final_outputs()
-        finally:
-            await group.aclose()
-
-    try:
-        finals = await cancel_on_disconnect(request, collect())
-    except ClientDisconnected:
-        return Response(status_code=499)
-    return JSONResponse(completion.response(finals))
+    return await respond(request, group, body.stream, lambda: completion.events(group),
+                         completion.response)

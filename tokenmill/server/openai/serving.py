@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 
 from tokenmill.engine.async_llm import AsyncLLM, RequestStream
 from tokenmill.engine.outputs import RequestOutput
@@ -15,6 +18,7 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai.protocol import SamplingFields
 from tokenmill.server.request_logger import log_aborted_request
+from tokenmill.server.sse import ClientDisconnected, cancel_on_disconnect, sse_response
 
 
 def new_request_id(prefix: str) -> str:
@@ -145,3 +149,24 @@ def usage(prompt_lengths: list[int], outputs: list[RequestOutput]) -> dict[str, 
     return {"prompt_tokens": num_prompt, "completion_tokens": num_completion,
             "total_tokens": num_prompt + num_completion,
             "prompt_tokens_details": {"cached_tokens": num_cached}}
+
+
+async def respond(request: Request, group: RequestGroup, stream: bool,
+                  events: Callable[[], AsyncIterator[str]],
+                  body: Callable[[list[RequestOutput]], dict[str, Any]]) -> Response:
+    """Stream ``events()`` as SSE, or wait for every final output and answer ``body(finals)`` as
+    JSON. Either way a client that goes away aborts the group and frees its KV blocks."""
+    if stream:
+        return sse_response(events())
+
+    async def collect() -> list[RequestOutput]:
+        try:
+            return await group.final_outputs()
+        finally:
+            await group.aclose()
+
+    try:
+        finals = await cancel_on_disconnect(request, collect())
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(body(finals))
