@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
-from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.errors import InvalidRequestError
 from tokenmill.server.openai.logprobs import TokenTexts, chat_logprobs
 from tokenmill.server.openai.protocol import ChatCompletionRequest
 from tokenmill.server.openai.serving import (
@@ -24,12 +24,8 @@ from tokenmill.server.openai.serving import (
     new_request_id,
     relabelled,
     respond,
+    sse_events,
     usage,
-)
-from tokenmill.server.sse import (
-    DONE,
-    error_payload,
-    event,
 )
 from tokenmill.server.state import ServerState, server_state
 
@@ -95,43 +91,45 @@ class _Chat:
                 "finish_reason": completion.finish_reason,
                 "stop_reason": completion.stop_reason}
 
-    async def events(self, group: RequestGroup) -> AsyncIterator[str]:
+    def events(self, group: RequestGroup) -> AsyncIterator[str]:
+        latest: list[RequestOutput] = []
+
+        def usage_chunk() -> dict[str, Any] | None:
+            if not (self.body.include_usage_in_stream and latest):
+                return None
+            final = self.envelope("chat.completion.chunk", [])
+            final["usage"] = usage([len(self.prompt_ids)], latest[-1:])
+            return final
+
+        return sse_events(group, self._chunks(group, latest), usage_chunk)
+
+    async def _chunks(self, group: RequestGroup, latest: list[RequestOutput]
+                      ) -> AsyncIterator[dict[str, Any]]:
         started: set[int] = set()
         done: set[int] = set()
-        latest: RequestOutput | None = None
-        try:
-            async for _, output in group.outputs():
-                latest = output
-                # The role goes first, in its own chunk: naive clients read choices[0] only, so
-                # one chunk never holds two entries for the same choice.
-                roles = [{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                          "logprobs": None, "finish_reason": None}
-                         for c in output.outputs if c.index not in started]
-                if roles:
-                    started.update(r["index"] for r in roles)
-                    yield event(self.envelope("chat.completion.chunk", roles))
-                choices = []
-                for completion in output.outputs:
-                    if completion.index in done:
-                        continue
-                    if not (completion.delta_text or completion.finished
-                            or completion.delta_logprobs):
-                        continue
-                    delta = {"content": completion.delta_text} if completion.delta_text else {}
-                    choices.append(self.chunk(completion, delta))
-                    if completion.finished:
-                        done.add(completion.index)
-                if choices:
-                    yield event(self.envelope("chat.completion.chunk", choices))
-            if self.body.include_usage_in_stream and latest is not None:
-                final = self.envelope("chat.completion.chunk", [])
-                final["usage"] = usage([len(self.prompt_ids)], [latest])
-                yield event(final)
-            yield DONE
-        except TokenmillError as exc:
-            yield event(error_payload(exc))
-        finally:
-            await group.aclose()
+        async for _, output in group.outputs():
+            latest[:] = [output]
+            # The role goes first, in its own chunk: naive clients read choices[0] only, so
+            # one chunk never holds two entries for the same choice.
+            roles = [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None}
+                     for c in output.outputs if c.index not in started]
+            if roles:
+                started.update(r["index"] for r in roles)
+                yield self.envelope("chat.completion.chunk", roles)
+            choices = []
+            for completion in output.outputs:
+                if completion.index in done:
+                    continue
+                if not (completion.delta_text or completion.finished
+                        or completion.delta_logprobs):
+                    continue
+                delta = {"content": completion.delta_text} if completion.delta_text else {}
+                choices.append(self.chunk(completion, delta))
+                if completion.finished:
+                    done.add(completion.index)
+            if choices:
+                yield self.envelope("chat.completion.chunk", choices)
 
 
 @router.post("/v1/chat/completions")

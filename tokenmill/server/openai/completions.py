@@ -14,7 +14,6 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
-from tokenmill.errors import TokenmillError
 from tokenmill.server.openai.logprobs import TokenTexts, completion_logprobs
 from tokenmill.server.openai.protocol import CompletionRequest
 from tokenmill.server.openai.serving import (
@@ -23,12 +22,8 @@ from tokenmill.server.openai.serving import (
     default_max_tokens,
     new_request_id,
     respond,
+    sse_events,
     usage,
-)
-from tokenmill.server.sse import (
-    DONE,
-    error_payload,
-    event,
 )
 from tokenmill.server.state import ServerState, server_state
 
@@ -101,39 +96,41 @@ class _Completion:
         body["usage"] = usage([len(ids) for ids in self.prompt_ids], finals)
         return body
 
-    async def events(self, group: RequestGroup) -> AsyncIterator[str]:
+    def events(self, group: RequestGroup) -> AsyncIterator[str]:
+        latest: dict[int, RequestOutput] = {}
+
+        def usage_chunk() -> dict[str, Any] | None:
+            if not self.body.include_usage_in_stream:
+                return None
+            final = self.envelope([])
+            final["usage"] = usage([len(ids) for ids in self.prompt_ids],
+                                   [latest[i] for i in sorted(latest)])
+            return final
+
+        return sse_events(group, self._chunks(group, latest), usage_chunk)
+
+    async def _chunks(self, group: RequestGroup, latest: dict[int, RequestOutput]
+                      ) -> AsyncIterator[dict[str, Any]]:
         started: set[int] = set()
         done: set[int] = set()
-        latest: dict[int, RequestOutput] = {}
-        try:
-            async for prompt_index, output in group.outputs():
-                latest[prompt_index] = output
-                choices = []
-                for completion in output.outputs:
-                    index = prompt_index * self.body.n + completion.index
-                    if index in done:
-                        continue
-                    has_news = (completion.delta_text or completion.finished
-                                or completion.delta_logprobs)
-                    if not has_news:
-                        continue
-                    choices.append(self.choice(prompt_index, completion, completion.delta_text,
-                                               completion.delta_logprobs, index not in started))
-                    started.add(index)
-                    if completion.finished:
-                        done.add(index)
-                if choices:
-                    yield event(self.envelope(choices))
-            if self.body.include_usage_in_stream:
-                final = self.envelope([])
-                final["usage"] = usage([len(ids) for ids in self.prompt_ids],
-                                       [latest[i] for i in sorted(latest)])
-                yield event(final)
-            yield DONE
-        except TokenmillError as exc:
-            yield event(error_payload(exc))
-        finally:
-            await group.aclose()
+        async for prompt_index, output in group.outputs():
+            latest[prompt_index] = output
+            choices = []
+            for completion in output.outputs:
+                index = prompt_index * self.body.n + completion.index
+                if index in done:
+                    continue
+                has_news = (completion.delta_text or completion.finished
+                            or completion.delta_logprobs)
+                if not has_news:
+                    continue
+                choices.append(self.choice(prompt_index, completion, completion.delta_text,
+                                           completion.delta_logprobs, index not in started))
+                started.add(index)
+                if completion.finished:
+                    done.add(index)
+            if choices:
+                yield self.envelope(choices)
 
 
 @router.post("/v1/completions")

@@ -13,12 +13,19 @@ from fastapi.responses import JSONResponse, Response
 
 from tokenmill.engine.async_llm import AsyncLLM, RequestStream
 from tokenmill.engine.outputs import RequestOutput
-from tokenmill.errors import InvalidRequestError, InvalidSamplingParamsError
+from tokenmill.errors import InvalidRequestError, InvalidSamplingParamsError, TokenmillError
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai.protocol import SamplingFields
 from tokenmill.server.request_logger import log_aborted_request
-from tokenmill.server.sse import ClientDisconnected, cancel_on_disconnect, sse_response
+from tokenmill.server.sse import (
+    DONE,
+    ClientDisconnected,
+    cancel_on_disconnect,
+    error_payload,
+    event,
+    sse_response,
+)
 
 
 def new_request_id(prefix: str) -> str:
@@ -170,3 +177,22 @@ async def respond(request: Request, group: RequestGroup, stream: bool,
     except ClientDisconnected:
         return Response(status_code=499)
     return JSONResponse(body(finals))
+
+
+async def sse_events(group: RequestGroup, chunks: AsyncIterator[dict[str, Any]],
+                     usage_chunk: Callable[[], dict[str, Any] | None]) -> AsyncIterator[str]:
+    """The SSE framing completions and chat share: each chunk as an event, then the usage chunk
+    (when the request asked for one), then ``[DONE]``. An engine error after the status line went
+    out becomes one error event; the group is closed (aborting what is unfinished) however the
+    stream ends, including a client that goes away."""
+    try:
+        async for chunk in chunks:
+            yield event(chunk)
+        final = usage_chunk()
+        if final is not None:
+            yield event(final)
+        yield DONE
+    except TokenmillError as exc:
+        yield event(error_payload(exc))
+    finally:
+        await group.aclose()
