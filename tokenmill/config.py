@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 
 from tokenmill.errors import ConfigError
 
-SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "native", "torch")
 
 
@@ -29,8 +29,11 @@ class ModelConfig:
         "Default: the built-in SmolLM2-135M-Instruct.",
         default=None,
     )
-    dtype: str = _help("Compute dtype of weights and activations: float32, bfloat16 or float16.",
-                       default="float32")
+    dtype: str = _help(
+        "Compute dtype of activations (and of unquantized weights): auto (bfloat16 on a CPU with "
+        "bf16 instructions or a GPU that has it, float32 otherwise), float32, bfloat16, float16.",
+        default="auto",
+    )
     device: str = _help("torch device the model runs on, e.g. cpu, cuda, cuda:1.", default="cpu")
     max_model_len: int | None = _help(
         "Longest sequence (prompt + output) served; default: the model's own context length.",
@@ -41,10 +44,30 @@ class ModelConfig:
         default=None,
     )
     seed: int = _help("Seed for sampling when a request brings no seed of its own.", default=0)
+    quantization: str = _help(
+        "Weight format: auto (what the checkpoint holds: GGUF blocks, GPTQ/AWQ, FP8 or float), "
+        "none (dequantize to the compute dtype), int8 (per-channel), int4 (group-wise), fp8.",
+        default="auto",
+    )
+    quantization_group_size: int = _help(
+        "Inputs per scale for --quantization int4: 32, 64 or 128.", default=32
+    )
     attention_backend: str = _help(
         "Decode attention: auto (native CPU kernel when it builds, else torch), native, torch.",
         default="auto",
     )
+
+    def resolved_dtype(self) -> str:
+        """The dtype ``auto`` stands for on this device."""
+        if self.dtype != "auto":
+            return self.dtype
+        if self.device.startswith("cuda"):
+            import torch
+
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        from tokenmill.cpu_features import has_bf16_compute
+
+        return "bfloat16" if has_bf16_compute() else "float32"
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
@@ -53,6 +76,15 @@ class ModelConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend={self.attention_backend!r} is not one of "
                               f"{', '.join(ATTENTION_BACKENDS)}", param="attention_backend")
+        from tokenmill.quant.registry import GROUP_SIZES, QUANTIZATION_METHODS
+
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ConfigError(f"quantization={self.quantization!r} is not one of "
+                              f"{', '.join(QUANTIZATION_METHODS)}", param="quantization")
+        if self.quantization_group_size not in GROUP_SIZES:
+            raise ConfigError(f"quantization_group_size={self.quantization_group_size} is not one "
+                              f"of {', '.join(map(str, GROUP_SIZES))}",
+                              param="quantization_group_size")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len={self.max_model_len} must be at least 1",
                               param="max_model_len")

@@ -285,7 +285,8 @@ def engine_info(engine: AsyncLLM) -> dict[str, Any]:
     return {
         "model": engine.model_name,
         "path": str(engine.core.source.path),
-        "dtype": engine.config.model.dtype,
+        "dtype": engine.config.model.resolved_dtype(),
+        "weights": engine.core.runner.describe_weights(),
         "device": engine.config.model.device,
         "max_model_len": engine.max_model_len,
         "kv_blocks": spec.num_blocks,

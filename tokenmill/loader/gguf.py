@@ -11,7 +11,9 @@ undone here because they are facts of the format, not of the model:
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,10 @@ import torch
 
 from tokenmill.errors import CorruptModelFileError, ModelNotFoundError, UnsupportedModelError
 from tokenmill.models.arch_config import ArchConfig, RopeScaling
+from tokenmill.quant.gguf import NATIVE_BLOCK_TYPES, block_weight
+from tokenmill.quant.weight import QuantizedWeight
+
+logger = logging.getLogger(__name__)
 
 # GGUF architecture name -> tokenmill registry key. Mistral files are written as "llama".
 SUPPORTED_GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
@@ -119,14 +125,23 @@ def _rope_scaling(arch_key: Any) -> RopeScaling:
     raise UnsupportedModelError(f"rope scaling {kind!r} in GGUF metadata is not supported")
 
 
-def iter_gguf_tensors(reader: Any, arch: ArchConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, float32 tensor)`` for every tensor, dequantized and un-permuted."""
+def iter_gguf_tensors(reader: Any, arch: ArchConfig, path: Path
+                      ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """Yield ``(hf_name, tensor)`` for every tensor, un-permuted: Q8_0/Q4_0/Q4_1 matrices as
+    ``QuantizedWeight`` (their blocks kept bit for bit), everything else dequantized to float32."""
     from gguf.quants import dequantize
 
+    dequantized_types: set[str] = set()
     for tensor in reader.tensors:
         name = _hf_name(tensor.name, path)
         if name is None:
             continue  # e.g. rope_freqs: recomputed from the metadata
+        type_name = tensor.tensor_type.name
+        if type_name in NATIVE_BLOCK_TYPES and len(tensor.shape) == 2:
+            yield name, _native_weight(tensor, name, arch, path)
+            continue
+        if type_name not in ("F32", "F16", "BF16"):
+            dequantized_types.add(type_name)
         try:
             array = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:
@@ -143,6 +158,31 @@ def iter_gguf_tensors(reader: Any, arch: ArchConfig, path: Path) -> Iterator[tup
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
             array = _unpermute_rotary(array, arch.num_key_value_heads)
         yield name, torch.from_numpy(array)
+    if dequantized_types:
+        logger.info("%s: tensors of type %s are dequantized at load (tokenmill keeps %s as they "
+                    "are)", path.name, ", ".join(sorted(dequantized_types)),
+                    ", ".join(NATIVE_BLOCK_TYPES))
+
+
+def _native_weight(tensor: Any, name: str, arch: ArchConfig, path: Path) -> QuantizedWeight:
+    cols, rows = (int(n) for n in tensor.shape)  # GGUF lists the fastest-moving dimension first
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the read-only memory map
+            weight = block_weight(tensor.tensor_type.name, tensor.data, rows, cols)
+    except (ValueError, RuntimeError) as exc:
+        raise CorruptModelFileError(f"{path}: tensor {tensor.name} is unreadable: {exc}") from exc
+    if name.endswith("q_proj.weight"):
+        weight = weight.select_rows(_unpermute_rows(rows, arch.num_attention_heads))
+    elif name.endswith("k_proj.weight"):
+        weight = weight.select_rows(_unpermute_rows(rows, arch.num_key_value_heads))
+    return weight
+
+
+def _unpermute_rows(rows: int, num_heads: int) -> torch.Tensor:
+    """The row order ``_unpermute_rotary`` produces, as indices: a gather, so blocks stay intact."""
+    order = _unpermute_rotary(np.arange(rows), num_heads)
+    return torch.from_numpy(np.ascontiguousarray(order))
 
 
 def _hf_name(gguf_name: str, path: Path) -> str | None:

@@ -14,10 +14,12 @@ from torch import nn
 from tokenmill.errors import CorruptModelFileError
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
+from tokenmill.layers.embedding import VocabEmbedding
 from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch_config import ArchConfig
+from tokenmill.quant.registry import QuantMethod, get_quant_method
 
 # checkpoint sub-module -> (fused module, shard name)
 _FUSED_SHARDS = {
@@ -94,8 +96,7 @@ class LlamaForCausalLM(nn.Module):
         self.arch = arch
         rotary = RotaryEmbedding(arch.head_dim, max_positions or arch.max_position_embeddings,
                                  arch.rope_theta, arch.rope_scaling, dtype, device)
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, dtype=dtype,
-                                         device=device)
+        self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size, dtype, device)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(arch, rotary, dtype, device) for _ in range(arch.num_hidden_layers)
         )
@@ -116,11 +117,14 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden, weight).float()
+        head = self.embed_tokens.tie_head() if self.lm_head is None else self.lm_head
+        return head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (Hugging Face names) into the fused parameters."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     method: QuantMethod | None = None) -> None:
+        """Take checkpoint tensors (Hugging Face names) into the fused layers, then prepare every
+        linear layer with the quantization ``method`` (default: keep what the checkpoint holds)."""
+        method = method or get_quant_method("auto")
         modules = dict(self.named_modules())
         params = dict(self.named_parameters())
         loaded: set[str] = set()
@@ -130,12 +134,31 @@ class LlamaForCausalLM(nn.Module):
             local = name.removeprefix("model.")
             if local == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the head reads the embedding matrix
+            if local == "embed_tokens.weight":
+                try:
+                    # a quantized embedding stays so only when the head is tied to it and the
+                    # method keeps checkpoint formats; otherwise lookups want a dense table
+                    self.embed_tokens.load(tensor, keep_quantized=method.name == "auto"
+                                           and self.lm_head is None)
+                except ValueError as exc:
+                    raise CorruptModelFileError(f"tensor {name}: {exc}") from exc
+                loaded.add(local)
+                continue
             target = self._fused_target(local)
             if target is not None:
                 module_name, shard, kind = target
-                module = modules[module_name]
-                module.load_shard(shard, kind, tensor)
+                try:
+                    modules[module_name].load_shard(shard, kind, tensor)
+                except ValueError as exc:
+                    raise CorruptModelFileError(f"tensor {name}: {exc}") from exc
                 loaded.add(f"{module_name}.{shard}.{kind}")
+                continue
+            if local == "lm_head.weight":
+                try:
+                    self.lm_head.load_shard("", "weight", tensor)
+                except ValueError as exc:
+                    raise CorruptModelFileError(f"tensor {name}: {exc}") from exc
+                loaded.add("lm_head..weight")
                 continue
             if local not in params:
                 raise CorruptModelFileError(f"unexpected tensor {name} for a {self.arch.architecture} "
@@ -149,6 +172,26 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise CorruptModelFileError(f"the checkpoint lacks {len(missing)} tensors, e.g. "
                                         f"{sorted(missing)[:3]}")
+        for module_name, module in self.named_modules():
+            if isinstance(module, MergedLinear):
+                # the LM head stays as the checkpoint holds it (vLLM's convention, and its
+                # accuracy matters most), except that "none" dequantizes it too
+                head_method = (method if module_name != "lm_head" or method.name == "none"
+                               else get_quant_method("auto"))
+                module.finalize(module_name, head_method)
+
+    def weight_report(self) -> dict[str, int]:
+        """Bytes of weights by format ("gguf:Q4_1", "float32", ...): the start-up banner's line."""
+        report: dict[str, int] = {}
+        for module in self.modules():
+            if isinstance(module, MergedLinear):
+                key = module.op.describe()
+                report[key] = report.get(key, 0) + module.op.nbytes()
+        embed = self.embed_tokens
+        key = (embed.quantized.source if embed.quantized is not None
+               else str(embed.dtype).removeprefix("torch."))
+        report[key] = report.get(key, 0) + embed.nbytes()
+        return report
 
     def _fused_target(self, local: str) -> tuple[str, str, str] | None:
         prefix, _, kind = local.rpartition(".")
@@ -164,10 +207,11 @@ class LlamaForCausalLM(nn.Module):
         names: set[str] = set()
         fused_params: set[str] = set()
         for module_name, module in self.named_modules():
-            if isinstance(module, MergedLinear) and module_name.startswith("layers."):
+            if isinstance(module, MergedLinear):
                 kinds = ["weight"] + (["bias"] if module.bias is not None else [])
                 for shard in module.shard_offsets:
                     names.update(f"{module_name}.{shard}.{kind}" for kind in kinds)
                 fused_params.update(f"{module_name}.{kind}" for kind in kinds)
         names.update(n for n, _ in self.named_parameters() if n not in fused_params)
+        names.add("embed_tokens.weight")
         return names

@@ -17,12 +17,18 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 
 
 def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device | str,
-                max_positions: int | None = None) -> nn.Module:
+                max_positions: int | None = None, quantization: str = "auto",
+                quantization_group_size: int = 32) -> nn.Module:
+    """The model for ``source`` with its weights loaded; ``quantization`` names the method that
+    prepares each linear layer (tokenmill.quant.registry)."""
+    from tokenmill.quant.registry import get_quant_method
+
+    method = get_quant_method(quantization, quantization_group_size)
     model_class = MODEL_REGISTRY.get(source.arch.architecture)
     if model_class is None:
         raise UnsupportedModelError(f"{source.path}: no model for architecture "
                                     f"{source.arch.architecture!r}")
     model = model_class(source.arch, dtype=dtype, device=device, max_positions=max_positions)
     with torch.inference_mode():
-        model.load_weights(source.iter_tensors())
+        model.load_weights(source.iter_tensors(), method)
     return model.eval()

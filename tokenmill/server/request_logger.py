@@ -36,7 +36,8 @@ def log_aborted_request(request_id: str, reason: str) -> None:
 
 def banner(info: dict[str, Any], address: str, num_threads: int) -> str:
     mib = info["kv_bytes"] / 2**20
-    return (f"tokenmill serve: model {info['model']} ({info['path']}), dtype {info['dtype']} on "
+    return (f"tokenmill serve: model {info['model']} ({info['path']}), weights "
+            f"{info['weights']}, activations {info['dtype']} on "
             f"{info['device']} with {num_threads} threads, context {info['max_model_len']} "
             f"tokens, KV pool {info['kv_blocks']} blocks = {info['kv_tokens']} tokens "
             f"({mib:.0f} MiB); listening on {address}")

@@ -24,8 +24,10 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, source: ModelSource, max_model_len: int):
         self.config = config
         self.device = torch.device(config.model.device)
-        self.dtype = getattr(torch, config.model.dtype)
-        self.model = build_model(source, self.dtype, self.device, max_positions=max_model_len)
+        self.dtype = getattr(torch, config.model.resolved_dtype())
+        self.model = build_model(source, self.dtype, self.device, max_positions=max_model_len,
+                                 quantization=config.model.quantization,
+                                 quantization_group_size=config.model.quantization_group_size)
         self.kv_spec: KVCacheSpec = plan_kv_cache(source.arch, config.cache, self.dtype,
                                                   self.device)
         self.kv_caches = allocate_kv_cache(source.arch, self.kv_spec, self.dtype, self.device)
@@ -43,6 +45,17 @@ class ModelRunner:
             raise ConfigError("attention_backend='native' but the kernel could not be built "
                               "(see the warning above)", param="attention_backend")
         return module
+
+    def describe_weights(self) -> str:
+        """E.g. "gguf:Q4_1 80 MiB + gguf:Q8_0 30 MiB (kernel avx512_vnni)": for the banner."""
+        report = self.model.weight_report()
+        parts = " + ".join(f"{kind} {size / 2**20:.0f} MiB"
+                           for kind, size in sorted(report.items(), key=lambda kv: -kv[1]))
+        if any(kind.startswith(("gguf:", "int", "gptq", "awq")) for kind in report):
+            from tokenmill.layers.kernels.quant_matmul import kernel_isa
+
+            parts += f" (quantized kernel: {kernel_isa()})"
+        return parts
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
