@@ -147,10 +147,7 @@ class QuantizedOp(LinearOp):
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         if self.packed is not None:
-            # Multiplying the identity gives W.T back exactly: a one-hot row quantizes to code 127
-            # with scale 1/127, so every product is one weight times 1.0. Tools and tests only.
-            eye = torch.eye(self.packed.in_features, dtype=torch.float32)
-            return self.kernels.quant_linear(eye, self.packed).T.to(dtype).contiguous()
+            return self.kernels.unpack(self.packed).dequantize(dtype)
         return self.weight.dequantize(dtype)
 
     def nbytes(self) -> int:
@@ -184,7 +181,7 @@ def make_linear_op(weight: Any, dtype: torch.dtype, device: torch.device) -> Lin
         return DenseOp(weight.to(device=device, dtype=dtype))
     if isinstance(weight, QuantizedWeight):
         return QuantizedOp(weight, device)
-    return DuckTypedOp(weight.to(device) if hasattr(weight, "to") else weight)
+    return DuckTypedOp(weight.to(device, dtype) if hasattr(weight, "to") else weight)
 
 
 def _to_device(weight: QuantizedWeight, device: torch.device) -> QuantizedWeight:

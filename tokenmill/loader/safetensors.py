@@ -11,6 +11,7 @@ import torch
 
 from tokenmill.errors import CorruptModelFileError, ModelNotFoundError, UnsupportedModelError
 from tokenmill.models.arch_config import ArchConfig, RopeScaling
+from tokenmill.quant.checkpoint import checkpoint_format, wrap_checkpoint_tensors
 
 # Hugging Face `architectures` entry -> tokenmill registry key.
 SUPPORTED_HF_ARCHITECTURES = {
@@ -35,6 +36,8 @@ def read_hf_config(folder: Path) -> ArchConfig:
             f"{config_file}: architectures {names} are not supported; tokenmill runs "
             f"{', '.join(SUPPORTED_HF_ARCHITECTURES)}"
         )
+    # a quantization tokenmill cannot read fails here, before any memory goes to the model
+    checkpoint_format(read_quantization_config(folder), config_file)
     try:
         hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
@@ -65,6 +68,22 @@ def read_hf_config(folder: Path) -> ArchConfig:
         raise CorruptModelFileError(f"{config_file} lacks the field {exc.args[0]!r}") from exc
 
 
+def read_quantization_config(folder: Path) -> dict[str, Any] | None:
+    """``quantization_config`` from config.json, else AutoGPTQ's / AutoAWQ's side file."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("quantization_config"):
+        return config["quantization_config"]
+    for side_file, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
+        if (folder / side_file).is_file():
+            try:
+                side = json.loads((folder / side_file).read_text())
+            except json.JSONDecodeError as exc:
+                raise CorruptModelFileError(f"{folder / side_file} is not valid JSON: "
+                                            f"{exc}") from exc
+            return {"quant_method": method, **side}
+    return None
+
+
 def _rope_scaling(scaling: dict[str, Any], config_file: Path) -> RopeScaling:
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if kind == "default":
@@ -90,12 +109,18 @@ def _sliding_window(config: dict[str, Any]) -> int | None:
     return int(window) if window else None
 
 
-def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
+def iter_safetensors(folder: Path) -> Iterator[tuple[str, Any]]:
+    """Every tensor of the folder; a quantized layer of a GPTQ/AWQ/FP8 checkpoint comes as one
+    ``(<prefix>.weight, QuantizedWeight | Fp8Weight)`` entry (tokenmill.quant.checkpoint)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelNotFoundError(f"{folder} has no *.safetensors weight files")
+    yield from wrap_checkpoint_tensors(_iter_files(files), read_quantization_config(folder), folder)
+
+
+def _iter_files(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:

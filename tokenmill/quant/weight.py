@@ -109,8 +109,9 @@ class QuantizedWeight:
     def can_concat(self, other: QuantizedWeight) -> bool:
         return (self.bits == other.bits and self.group_size == other.group_size
                 and (self.mins is None) == (other.mins is None)
-                and self.input_perm is None and other.input_perm is None
-                and self.in_features == other.in_features)
+                and self.in_features == other.in_features
+                # GPTQ's desc_act gives layers that read the same input the same order
+                and _same_perm(self.input_perm, other.input_perm))
 
     def select_rows(self, rows: torch.Tensor) -> QuantizedWeight:
         return QuantizedWeight(self.bits, self.group_size, self.qweight[rows], self.scales[rows],
@@ -139,4 +140,11 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     first = parts[0]
     mins = None if first.mins is None else torch.cat([p.mins for p in parts])
     return QuantizedWeight(first.bits, first.group_size, torch.cat([p.qweight for p in parts]),
-                           torch.cat([p.scales for p in parts]), mins, None, first.source)
+                           torch.cat([p.scales for p in parts]), mins, first.input_perm,
+                           first.source)
+
+
+def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(a, b)
