@@ -1,0 +1,140 @@
+"""The native quantized matmul reproduces ``reference_matmul`` on every path this machine can run.
+
+Tolerances, as ‖y − ref‖ / ‖ref‖ over the whole output:
+* int8-activation path (M < DENSE_MIN_ROWS, AVX-512 VNNI and AVX2): 2e-2 — x is rounded to int8 per
+  32-element block (about 5e-3 typical); a bf16 output adds its own rounding (about 3e-3). The tail
+  is set by all-positive weights (4-bit codes without mins) at M = 1..3: every output then shares
+  the error of sum(x), so it does not average out over N; a scan of random inputs peaked at 2.0e-2
+  there, the fixed seeds below peak at 1.3e-2;
+* dense path (M >= DENSE_MIN_ROWS): 1e-2 — weights and x rounded to bf16 where the CPU has bf16 dot
+  products, fp32 (1e-5) otherwise;
+* reference path: the reference itself (float32 1e-6, bf16 output rounding 8e-3).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tokenmill.layers.kernels import quant_matmul as qm
+from tokenmill.quant.weight import QuantizedWeight, reference_matmul
+
+ROWS = (1, 3, 8, 17, 64, 512)
+# (K, N, group_size, with input_perm): K, N off the multiples of 64; group == K included
+SHAPES = [(96, 37, 32, False), (160, 1000, 32, True), (256, 40, 64, False), (384, 70, 128, True),
+          (192, 33, 192, False), (576, 64, 64, True)]
+AVAILABLE = [isa for isa in qm.ISAS if qm._supported(isa)]
+
+
+@pytest.fixture(params=AVAILABLE)
+def isa(request):
+    qm.set_isa(request.param)
+    yield request.param
+    qm.set_isa(None)
+
+
+def make_weight(n: int, k: int, bits: int, group_size: int, mins: str | None, perm: bool,
+                seed: int = 0) -> QuantizedWeight:
+    gen = torch.Generator().manual_seed(seed)
+    groups = k // group_size
+    if bits == 4:
+        qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    else:
+        qweight = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    scales = ((torch.rand(n, groups, generator=gen) + 0.5) * (0.02 if bits == 4 else 0.002)).half()
+    min_values = None
+    if mins == "random":
+        min_values = (torch.randn(n, groups, generator=gen) * 0.05).half()
+    elif mins == "q4_0":  # GGUF Q4_0: signed codes q - 8
+        min_values = (-8 * scales.float()).half()
+    input_perm = torch.randperm(k, generator=gen) if perm else None
+    return QuantizedWeight(bits, group_size, qweight, scales, min_values, input_perm, "test")
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def tolerance(isa: str, rows: int, dtype: torch.dtype) -> float:
+    if isa == "reference":
+        return 1e-6 if dtype == torch.float32 else 8e-3
+    return 2e-2 if rows < qm.DENSE_MIN_ROWS else 1e-2
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mins", [None, "random"])
+@pytest.mark.parametrize(("k", "n", "group_size", "perm"), SHAPES)
+def test_matches_reference(isa, bits, mins, k, n, group_size, perm):
+    weight = make_weight(n, k, bits, group_size, mins, perm)
+    packed = qm.pack(weight)
+    assert (packed.out_features, packed.in_features, packed.bits) == (n, k, bits)
+    gen = torch.Generator().manual_seed(1)
+    for rows in ROWS:
+        x32 = torch.randn(rows, k, generator=gen)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = x32.to(dtype)
+            y = qm.quant_linear(x, packed)
+            assert y.dtype == dtype and y.shape == (rows, n)
+            error = relative_error(y, reference_matmul(x, weight))
+            assert error < tolerance(isa, rows, dtype), (rows, dtype, error)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_signed_4bit_codes_and_bias(isa, rows):
+    weight = make_weight(300, 256, 4, 32, "q4_0", False, seed=3)
+    bias = torch.randn(300)
+    packed = qm.pack(weight)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, 256).to(dtype)
+        ref = reference_matmul(x, weight) + bias
+        error = relative_error(qm.quant_linear(x, packed, bias.to(dtype)), ref)
+        assert error < tolerance(isa, rows, dtype), (dtype, error)
+
+
+@pytest.mark.parametrize("rows", [2, 64])
+def test_strided_input_and_leading_dims(isa, rows):
+    weight = make_weight(50, 128, 8, 32, "random", True, seed=4)
+    packed = qm.pack(weight)
+    wide = torch.randn(rows, 256)
+    x = wide[:, ::2]  # non-contiguous
+    error = relative_error(qm.quant_linear(x, packed), reference_matmul(x, weight))
+    assert error < tolerance(isa, rows, torch.float32)
+    batched = torch.randn(2, rows, 128)
+    y = qm.quant_linear(batched, packed)
+    assert y.shape == (2, rows, 50)
+    ref = reference_matmul(batched.reshape(-1, 128), weight).view(2, rows, 50)
+    assert relative_error(y, ref) < tolerance(isa, 2 * rows, torch.float32)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mins", [None, "random"])
+def test_pack_is_lossless(isa, bits, mins):
+    weight = make_weight(45, 192, bits, 64, mins, True, seed=5)
+    restored = qm.unpack(qm.pack(weight))
+    assert torch.equal(restored.qweight, weight.qweight)
+    assert torch.equal(restored.scales, weight.scales)
+    assert (restored.mins is None) == (mins is None)
+    if mins is not None:
+        assert torch.equal(restored.mins, weight.mins)
+    assert torch.equal(restored.input_perm, weight.input_perm)
+
+
+def test_isa_selection(monkeypatch):
+    forced = os.environ.get(qm.ISA_ENV)
+    assert qm.kernel_isa() in qm.ISAS
+    with pytest.raises(ValueError, match="unknown"):
+        qm.set_isa("sse2")
+    try:
+        monkeypatch.setenv(qm.ISA_ENV, "reference")
+        assert qm.set_isa(None) == "reference"
+        assert qm.pack(make_weight(16, 64, 4, 32, None, False)).reference is not None
+        monkeypatch.setenv(qm.ISA_ENV, "avx9000")
+        with pytest.raises(ValueError, match=qm.ISA_ENV):
+            qm.set_isa(None)
+    finally:
+        monkeypatch.delenv(qm.ISA_ENV)
+        qm.set_isa(None)
+    if forced is None and qm.quant_matmul_module() is not None:
+        assert qm.kernel_isa() != "reference"  # this machine has at least AVX2

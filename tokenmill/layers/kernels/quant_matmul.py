@@ -1,0 +1,277 @@
+"""Weight-only quantized matmul on the CPU: ``y = x @ W.T`` for a ``QuantizedWeight``.
+
+``pack`` repacks a ``QuantizedWeight`` once at load into the native kernel's tile layout
+(``quant_matmul.cpp`` describes it); ``quant_linear`` multiplies by it. Two native paths:
+
+* rows < ``DENSE_MIN_ROWS`` (decode): activations are quantized to int8 per 32-element block and
+  the packed weights are streamed once through integer dot products (AVX-512 VNNI or AVX2);
+* rows >= ``DENSE_MIN_ROWS`` (prefill): compute-bound, so column chunks are dequantized to bf16
+  (fp32 without AVX512-BF16/AMX) and multiplied with torch's GEMM (oneDNN, AMX where present).
+
+The ISA is decided once from the CPU (``kernel_isa``, for the start-up banner); the environment
+variable ``TOKENMILL_QUANT_ISA`` (avx512_vnni | avx2 | reference) or ``set_isa`` forces a path,
+e.g. to test the AVX2 kernel on an AVX-512 machine. When the extension cannot be built the
+``reference`` path (dequantize, then a float32 matmul) serves every call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill.quant.weight import BLOCK, QuantizedWeight, dequantize
+
+logger = logging.getLogger(__name__)
+
+ISA_ENV = "TOKENMILL_QUANT_ISA"
+ISAS = ("avx512_vnni", "avx2", "reference")
+_ISA_CODES = {"avx2": 1, "avx512_vnni": 2}
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+_ISA_NEEDS = {"avx512_vnni": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni", "fma",
+                              "f16c"},
+              "avx2": {"avx2", "fma", "f16c"}}
+TILE_N = 16  # output columns per tile: one AVX-512 register of int32 lanes
+# From this many rows on, dequantize + torch's GEMM beats the int8 kernel (which is compute-bound
+# from a few rows on). Measured on a Xeon with AMX, one core, 576 x 3072: 32 rows 450 vs 590 us,
+# 48 rows about even, 64 rows 920 vs 730 us (benchmarks/quant_matmul_micro.py --paths).
+DENSE_MIN_ROWS = 48
+# Columns dequantized per GEMM call on the dense path: the chunk stays in L2 for the GEMM.
+DENSE_CHUNK_BYTES = 1 << 20
+
+_lock = threading.Lock()
+_module: Any = None
+_failed = False
+_isa: str | None = None
+_features: frozenset[str] = frozenset()
+
+
+def quant_matmul_module() -> Any | None:
+    """The compiled extension, or None when it cannot be built here (then: reference path)."""
+    global _module, _failed, _features
+    with _lock:
+        if _module is not None or _failed:
+            return _module
+        try:
+            from torch.utils.cpp_extension import load
+
+            source = Path(__file__).with_name("quant_matmul.cpp")
+            # No -march=native: the AVX-512 and AVX2 kernels carry their own target attributes,
+            # so one build runs (and can be forced to either path) on any x86-64 machine.
+            # -fopenmp only makes at::parallel_for use torch's own OpenMP pool.
+            _module = load(name="tokenmill_quant_matmul", sources=[str(source)],
+                           extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
+                           extra_ldflags=["-fopenmp"], verbose=False)
+            _features = frozenset(_module.cpu_features())
+        except Exception as exc:  # no compiler, no ninja, not x86-64 ...: fall back
+            _failed = True
+            _module = None
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            logger.warning("native quantized matmul unavailable (%s); using the PyTorch path",
+                           first_line)
+            logger.debug("quantized matmul build failure", exc_info=exc)
+        return _module
+
+
+def _supported(isa: str) -> bool:
+    if isa == "reference":
+        return True
+    return quant_matmul_module() is not None and _ISA_NEEDS[isa] <= _features
+
+
+def _detect_isa() -> str:
+    requested = os.environ.get(ISA_ENV, "").strip().lower()
+    if requested:
+        if requested not in ISAS:
+            raise ValueError(f"{ISA_ENV}={requested!r}: expected one of {', '.join(ISAS)}")
+        if _supported(requested):
+            return requested
+        logger.warning("%s=%s is not supported on this machine; detecting instead", ISA_ENV,
+                       requested)
+    for isa in ISAS:
+        if _supported(isa):
+            return isa
+    return "reference"
+
+
+def kernel_isa() -> str:
+    """The path quantized linears take here: "avx512_vnni" | "avx2" | "reference"."""
+    global _isa
+    if _isa is None:
+        _isa = _detect_isa()
+        logger.info("quantized matmul kernel: %s", _isa)
+    return _isa
+
+
+def set_isa(name: str | None) -> str:
+    """Force a path (None: decide again from the environment and the CPU); returns the path taken.
+
+    Raises ValueError for an unknown name or a path this CPU cannot run."""
+    global _isa
+    if name is None:
+        _isa = None
+        return kernel_isa()
+    if name not in ISAS:
+        raise ValueError(f"unknown quantized matmul ISA {name!r}: expected one of {', '.join(ISAS)}")
+    if not _supported(name):
+        raise ValueError(f"quantized matmul ISA {name!r} is not supported on this machine")
+    _isa = name
+    return name
+
+
+def _dense_dtype(isa: str) -> torch.dtype:
+    # bf16 GEMM only pays where the CPU has bf16 dot products; elsewhere fp32 is faster.
+    if isa == "avx512_vnni" and _features & {"avx512bf16", "amx-bf16"}:
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class PackedLinear:
+    """One ``QuantizedWeight`` in the native kernel's layout (see quant_matmul.cpp).
+
+    ``data`` is a flat uint8 buffer of ``num_tiles`` records of ``tile_stride`` bytes; for the
+    reference path (no native kernel) it is empty and ``reference`` holds the weight itself."""
+
+    out_features: int
+    in_features: int
+    bits: int
+    group_size: int
+    has_min: bool
+    data: torch.Tensor
+    tile_stride: int
+    scales_offset: int
+    mins_offset: int
+    input_perm: torch.Tensor | None
+    source: str = ""
+    reference: QuantizedWeight | None = None
+
+    @property
+    def num_tiles(self) -> int:
+        return -(-self.out_features // TILE_N)
+
+    def nbytes(self) -> int:
+        if self.reference is not None:
+            return self.reference.nbytes()
+        return self.data.numel()
+
+    @property
+    def args(self) -> tuple:
+        """The layout as the extension's functions take it (built once: decode calls are µs)."""
+        cached = self.__dict__.get("_args")
+        if cached is None:
+            cached = (self.data, self.out_features, self.in_features, self.bits, self.group_size,
+                      self.has_min, self.tile_stride, self.scales_offset, self.mins_offset,
+                      self.input_perm)
+            object.__setattr__(self, "_args", cached)
+        return cached
+
+
+def _tile_major(groups: torch.Tensor, num_tiles: int) -> torch.Tensor:
+    """[N_padded, G] float16 -> [num_tiles, G * 16 * 2] bytes, ordered (tile, group, column)."""
+    g = groups.shape[1]
+    return (groups.view(num_tiles, TILE_N, g).transpose(1, 2).contiguous()
+            .view(torch.uint8).reshape(num_tiles, g * TILE_N * 2))
+
+
+def pack(weight: QuantizedWeight) -> PackedLinear:
+    """Repack ``weight`` (losslessly) for the path ``kernel_isa()`` picked."""
+    weight.validate(weight.source or "quantized weight")
+    n, k = weight.shape
+    perm = None if weight.input_perm is None else weight.input_perm.to(torch.int64).contiguous()
+    if kernel_isa() == "reference":
+        return PackedLinear(n, k, weight.bits, weight.group_size, weight.mins is not None,
+                            torch.empty(0, dtype=torch.uint8), 0, 0, 0, perm, weight.source,
+                            reference=weight)
+    num_tiles = -(-n // TILE_N)
+    pad = num_tiles * TILE_N - n
+    blocks = k // BLOCK
+    codes = weight.codes()
+    if weight.bits == 8:
+        codes = codes + 128  # unsigned for the u8 side of dpbusd; the kernel subtracts 128*sum(x)
+    codes = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, pad))
+    codes = codes.view(num_tiles, TILE_N, blocks, BLOCK)
+    if weight.bits == 4:
+        # byte (j, c, i) of a block: k = 4j+i in the low nibble, k = 16+4j+i in the high one
+        low = codes[..., :16].reshape(num_tiles, TILE_N, blocks, 4, 4)
+        high = codes[..., 16:].reshape(num_tiles, TILE_N, blocks, 4, 4)
+        codes = low | (high << 4)
+    else:
+        codes = codes.reshape(num_tiles, TILE_N, blocks, 8, 4)
+    pieces = [codes.permute(0, 2, 3, 1, 4).reshape(num_tiles, -1)]  # (tile, block, j, column, i)
+    scales_offset = pieces[0].shape[1]
+    pieces.append(_tile_major(torch.nn.functional.pad(weight.scales.to(torch.float16),
+                                                      (0, 0, 0, pad)), num_tiles))
+    mins_offset = scales_offset + pieces[1].shape[1]
+    if weight.mins is not None:
+        pieces.append(_tile_major(torch.nn.functional.pad(weight.mins.to(torch.float16),
+                                                          (0, 0, 0, pad)), num_tiles))
+    used = sum(piece.shape[1] for piece in pieces)
+    tile_stride = -(-used // 64) * 64  # each tile starts on a cache line
+    pieces.append(torch.zeros(num_tiles, tile_stride - used, dtype=torch.uint8))
+    data = torch.cat(pieces, dim=1).reshape(-1)
+    return PackedLinear(n, k, weight.bits, weight.group_size, weight.mins is not None, data,
+                        tile_stride, scales_offset, mins_offset, perm, weight.source)
+
+
+def unpack(packed: PackedLinear) -> QuantizedWeight:
+    """The ``QuantizedWeight`` that ``packed`` was built from (the repack is lossless)."""
+    if packed.reference is not None:
+        return packed.reference
+    n, k, t = packed.out_features, packed.in_features, packed.num_tiles
+    blocks, groups = k // BLOCK, k // packed.group_size
+    records = packed.data.view(t, packed.tile_stride)
+    codes = records[:, :packed.scales_offset]
+    if packed.bits == 4:
+        codes = codes.reshape(t, blocks, 4, TILE_N, 4).permute(0, 3, 1, 2, 4)
+        codes = torch.cat((codes & 0x0F, codes >> 4), dim=-2)  # [t, c, b, (half j), i]
+        codes = codes.reshape(t * TILE_N, k)[:n]
+        qweight = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    else:
+        codes = codes.reshape(t, blocks, 8, TILE_N, 4).permute(0, 3, 1, 2, 4)
+        qweight = (codes.reshape(t * TILE_N, k)[:n].to(torch.int16) - 128).to(torch.int8)
+
+    def groups_of(offset: int) -> torch.Tensor:
+        part = records[:, offset:offset + groups * TILE_N * 2].contiguous().view(torch.float16)
+        return part.view(t, groups, TILE_N).transpose(1, 2).reshape(t * TILE_N, groups)[:n]
+
+    scales = groups_of(packed.scales_offset).contiguous()
+    mins = groups_of(packed.mins_offset).contiguous() if packed.has_min else None
+    return QuantizedWeight(packed.bits, packed.group_size, qweight, scales, mins,
+                           packed.input_perm, packed.source)
+
+
+def reference_linear(x: torch.Tensor, packed: PackedLinear,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize, then a float32 matmul (``reference_matmul``), cast to ``x.dtype``."""
+    y = x.float() @ dequantize(unpack(packed), torch.float32).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def quant_linear(x: torch.Tensor, packed: PackedLinear,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for ``x`` [..., K] float32 or bfloat16; the result has x's dtype."""
+    if x.dim() != 2:
+        y = quant_linear(x.reshape(-1, x.shape[-1]), packed, bias)
+        return y.view(*x.shape[:-1], packed.out_features)
+    if x.shape[1] != packed.in_features:
+        raise ValueError(f"quant_linear: x has {x.shape[1]} features, the weight takes "
+                         f"{packed.in_features}")
+    isa = _isa or kernel_isa()
+    if isa == "reference" or packed.reference is not None or x.dtype not in _NATIVE_DTYPES:
+        return reference_linear(x, packed, bias)
+    if x.shape[0] >= DENSE_MIN_ROWS:
+        dtype = _dense_dtype(isa)
+        elt = 2 if dtype == torch.bfloat16 else 4
+        chunk = max(TILE_N, DENSE_CHUNK_BYTES // (packed.in_features * elt) // TILE_N * TILE_N)
+        return _module.dense_linear(x, *packed.args, bias, dtype, chunk, _ISA_CODES[isa])
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    return _module.int8_linear(x, *packed.args, bias, _ISA_CODES[isa])
