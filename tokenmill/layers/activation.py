@@ -6,10 +6,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.layers.kernels.fused_ops import usable
+
 
 class SiluAndMul(nn.Module):
-    """``silu(gate) * up`` where the input is ``[..., 2 * d]`` = gate then up."""
+    """``silu(gate) * up`` where the input is ``[..., 2 * d]`` = gate then up.
+
+    One native call on the CPU (``kernels/fused_ops``); ``forward_reference`` is the PyTorch path.
+    """
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        ops = usable(gate_up)
+        if ops is not None:
+            return ops.silu_and_mul(gate_up)
+        return self.forward_reference(gate_up)
+
+    @staticmethod
+    def forward_reference(gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up

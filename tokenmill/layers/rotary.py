@@ -1,4 +1,8 @@
-"""Rotary position embeddings (rotate-half form), with the linear and llama3 scaling variants."""
+"""Rotary position embeddings (rotate-half form), with the linear and llama3 scaling variants.
+
+On the CPU the rotation is one native call (``kernels/fused_ops``) that rotates query and key in
+place, instead of a dozen small torch ops; ``forward_reference`` is the PyTorch path (new tensors).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from tokenmill.layers.kernels.fused_ops import usable
 from tokenmill.models.arch_config import RopeScaling
 
 
@@ -43,7 +48,19 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``query`` [T, heads, d], ``key`` [T, kv_heads, d]; rotated by each token's position."""
+        """``query`` [T, heads, d], ``key`` [T, kv_heads, d]; rotated by each token's position.
+
+        Use the returned tensors: the native path rotates the inputs in place and returns them
+        (their last dimension must be contiguous), the reference path returns new ones."""
+        ops = usable(query)
+        if (ops is not None and query.dtype == self.cos.dtype and query.stride(-1) == 1
+                and key.stride(-1) == 1):
+            ops.rotary_embedding(positions, query, key, self.cos, self.sin)
+            return query, key
+        return self.forward_reference(positions, query, key)
+
+    def forward_reference(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(query, cos, sin), _rotate(key, cos, sin)

@@ -47,15 +47,13 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(q_size, arch.hidden_size, False, dtype, device)
         self.rotary = rotary
         self.scale = self.head_dim ** -0.5
-        self.split_sizes = [q_size, kv_size, kv_size]
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor | None) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        # one view into heads, then split the heads: fewer small ops than split-then-view
+        qkv = self.qkv_proj(hidden).view(num_tokens, -1, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         q, k = self.rotary(positions, q, k)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, -1))
@@ -84,9 +82,19 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(arch, dtype, device)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: torch.Tensor | None) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta, kv_cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+                kv_cache: torch.Tensor | None, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is carried as ``(hidden, residual)`` (vLLM's convention):
+        ``hidden`` is the previous layer's MLP output (the embeddings, with ``residual`` None,
+        for the first layer) and is not yet added, so each add fuses with the norm after it.
+        Returns this layer's MLP output and the stream; ``residual`` is updated in place."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta, kv_cache)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -112,9 +120,13 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden]`` for a flattened batch of sequences."""
         hidden = self.embed_tokens(input_ids)
+        residual = None
         for index, layer in enumerate(self.layers):
-            hidden = layer(positions, hidden, meta, None if kv_caches is None else kv_caches[index])
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, meta,
+                                     None if kv_caches is None else kv_caches[index], residual)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.embed_tokens.tie_head() if self.lm_head is None else self.lm_head
