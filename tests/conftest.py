@@ -52,11 +52,16 @@ def hf_builtin_model(builtin_source):
 
 @pytest.fixture(scope="session")
 def llm(builtin_source):
-    """The built-in model behind the whole engine, with a modest KV pool (256 MiB)."""
-    from tokenmill.config import CacheConfig, EngineConfig
+    """The built-in model behind the whole engine, with a modest KV pool (256 MiB).
+
+    It runs on the file's GGUF blocks (the default ``quantization="auto"``) with float32
+    activations, pinned so that every machine computes the same thing whatever its bf16 support
+    (``dtype="auto"`` picks bfloat16 on CPUs that have it; tests of that default name it)."""
+    from tokenmill.config import CacheConfig, EngineConfig, ModelConfig
     from tokenmill.engine.llm import LLM
 
-    return LLM(config=EngineConfig(cache=CacheConfig(kv_cache_memory=2**28)))
+    return LLM(config=EngineConfig(model=ModelConfig(dtype="float32"),
+                                   cache=CacheConfig(kv_cache_memory=2**28)))
 
 
 @pytest.fixture

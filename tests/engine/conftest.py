@@ -59,6 +59,9 @@ def make_llm() -> Callable[..., Any]:
 
     def make(**kwargs: Any) -> LLM:
         kwargs.setdefault("kv_cache_memory", DEFAULT_KV_BYTES)
+        # float32 activations on the GGUF blocks unless a test asks otherwise: the same numbers
+        # on every machine, whatever dtype="auto" would pick there
+        kwargs.setdefault("dtype", "float32")
         key = tuple(sorted(kwargs.items()))
         if key not in _engines:
             _engines[key] = LLM(**kwargs)

@@ -60,6 +60,12 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         slots = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
         slots[0].index_copy_(0, meta.slot_mapping, key)
         slots[1].index_copy_(0, meta.slot_mapping, value)
+    if meta.decode is not None and meta.decode_kernel is not None and not meta.prefills:
+        # a decode-only step (rows 0..B-1 in order): no gather into a batch, no scatter back
+        batch = meta.decode
+        return meta.decode_kernel.paged_decode_attention(
+            query.contiguous(), kv_cache[0], kv_cache[1], batch.block_table, batch.seq_lens,
+            scale, meta.sliding_window or 0)
     output = torch.empty_like(query)
     for span in meta.prefills:
         rows = slice(span.query_start, span.query_start + span.query_len)
