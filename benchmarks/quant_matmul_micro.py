@@ -6,6 +6,10 @@ weight bytes / memory bandwidth), next to the machine's load average: on a share
 figures are indicative only.
 
     .venv/bin/python benchmarks/quant_matmul_micro.py [--rows 1 4 16 64 512] [--threads 2]
+    .venv/bin/python benchmarks/quant_matmul_micro.py --exact --rows 1 4 16 --threads 1 2
+
+``--exact`` compares, for float32 activations, the exact kernel (no activation quantization) with
+the int8-activation kernel and the dense fp32 path, best of ``--rounds`` runs.
 """
 
 from __future__ import annotations
@@ -72,30 +76,66 @@ def torch_int4_pack(n: int, k: int, group_size: int) -> tuple[torch.Tensor, torc
 
 
 def run_ours(x: torch.Tensor, packed: qm.PackedLinear, path: str) -> Callable[[], object]:
-    def call() -> object:
-        saved = qm.DENSE_MIN_ROWS
-        qm.DENSE_MIN_ROWS = {"int8": 1 << 30, "dense": 0}.get(path, saved)
-        try:
-            return qm.quant_linear(x, packed)
-        finally:
-            qm.DENSE_MIN_ROWS = saved
-    return call
+    """``path`` "auto" is what the engine calls; "exact" / "int8" / "dense" force one native path."""
+    if path == "auto":
+        return partial(qm.quant_linear, x, packed)
+    return partial(qm.native_linear, x, packed, None, path)
+
+
+def best_of(fn: Callable[[], object], budget_s: float, rounds: int) -> float:
+    """Best microseconds per call over ``rounds`` measurements (other processes share the cores)."""
+    return min(time_call(fn, budget_s)[0] for _ in range(rounds))
+
+
+def compare_exact(args: argparse.Namespace) -> None:
+    """float32 x: the exact kernel against the int8-activation kernel (and the dense fp32 path),
+    best of ``--rounds``, per thread count; with the load average before and after each row."""
+    isa = qm.kernel_isa()
+    print(f"cpu: {platform.processor() or platform.machine()}  torch {torch.__version__}  "
+          f"kernel isa: {isa}  fp32 dense from M >= {qm.DENSE_MIN_ROWS_FP32}")
+    header = (f"{'thr':>3} {'shape':>8} {'K':>5} {'N':>6} {'M':>4} {'weight':>12} {'exact us':>9} "
+              f"{'int8 us':>9} {'dense us':>9} {'exact/int8':>10}  load avg")
+    print(header)
+    print("-" * len(header))
+    with torch.inference_mode():
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for name in args.shapes:
+                k, n = SHAPES[name]
+                weights = {"q4 g32 +min": qm.pack(random_weight(n, k, 4, 32, True)),
+                           "q8 g32": qm.pack(random_weight(n, k, 8, 32, False))}
+                for label, packed in weights.items():
+                    for m in args.rows:
+                        x = torch.randn(m, k)
+                        load = os.getloadavg()[0]
+                        times = {path: best_of(run_ours(x, packed, path), args.budget, args.rounds)
+                                 for path in ("exact", "int8", "dense")}
+                        print(f"{threads:>3} {name:>8} {k:>5} {n:>6} {m:>4} {label:>12} "
+                              f"{times['exact']:>9.1f} {times['int8']:>9.1f} "
+                              f"{times['dense']:>9.1f} {times['exact'] / times['int8']:>10.2f}  "
+                              f"{load:.2f}-{os.getloadavg()[0]:.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64, 512])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("TOKENMILL_NUM_THREADS",
-                                                                          "2")))
+    parser.add_argument("--threads", type=int, nargs="+",
+                        default=[int(os.environ.get("TOKENMILL_NUM_THREADS", "2"))])
     parser.add_argument("--budget", type=float, default=0.15, help="seconds per measurement")
     parser.add_argument("--paths", action="store_true",
                         help="also time our int8 and dense paths separately (threshold tuning)")
+    parser.add_argument("--exact", action="store_true",
+                        help="float32 x: exact kernel vs int8 kernel vs dense fp32 (per --threads)")
+    parser.add_argument("--rounds", type=int, default=3, help="--exact: best of this many")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.exact:
+        compare_exact(args)
+        return
+    torch.set_num_threads(args.threads[0])
     torch.manual_seed(0)
     isa = qm.kernel_isa()
-    print(f"cpu: {platform.processor() or platform.machine()}  threads: {args.threads}  "
+    print(f"cpu: {platform.processor() or platform.machine()}  threads: {args.threads[0]}  "
           f"torch {torch.__version__}  kernel isa: {isa}  dense path from M >= {qm.DENSE_MIN_ROWS}"
           f"  features: {' '.join(sorted(qm._features))}")
     header = (f"{'shape':>8} {'M':>4} {'variant':>22} {'best us':>10} {'median us':>10} "

@@ -1,13 +1,15 @@
 """The native quantized matmul reproduces ``reference_matmul`` on every path this machine can run.
 
 Tolerances, as ‖y − ref‖ / ‖ref‖ over the whole output:
-* int8-activation path (M < DENSE_MIN_ROWS, AVX-512 VNNI and AVX2): 2e-2 — x is rounded to int8 per
+* float32 x on a native path (the exact kernel below DENSE_MIN_ROWS_FP32, the dense float32 GEMM from
+  there on): 1e-5 — nothing is rounded but float sums (seen: at most 1.1e-6);
+* bf16 x, int8-activation path (M < DENSE_MIN_ROWS, AVX-512 VNNI and AVX2): 2e-2 — x is rounded to int8 per
   32-element block (about 5e-3 typical); a bf16 output adds its own rounding (about 3e-3). The tail
   is set by all-positive weights (4-bit codes without mins) at M = 1..3: every output then shares
   the error of sum(x), so it does not average out over N; a scan of random inputs peaked at 2.0e-2
   there, the fixed seeds below peak at 1.3e-2;
-* dense path (M >= DENSE_MIN_ROWS): 1e-2 — weights and x rounded to bf16 where the CPU has bf16 dot
-  products, fp32 (1e-5) otherwise;
+* bf16 x, dense path (M >= DENSE_MIN_ROWS): 1e-2 — weights rounded to bf16 where the CPU has bf16
+  dot products;
 * reference path: the reference itself (float32 1e-6, bf16 output rounding 8e-3).
 """
 
@@ -21,11 +23,13 @@ import torch
 from tokenmill.layers.kernels import quant_matmul as qm
 from tokenmill.quant.weight import QuantizedWeight, reference_matmul
 
-ROWS = (1, 3, 8, 17, 64, 512)
+ROWS = (1, 3, 8, 17, 47, 64, 512)
+EXACT = 1e-5  # float32 x on a native path
 # (K, N, group_size, with input_perm): K, N off the multiples of 64; group == K included
 SHAPES = [(96, 37, 32, False), (160, 1000, 32, True), (256, 40, 64, False), (384, 70, 128, True),
           (192, 33, 192, False), (576, 64, 64, True)]
 AVAILABLE = [isa for isa in qm.ISAS if qm._supported(isa)]
+NATIVE = [isa for isa in AVAILABLE if isa != "reference"]
 
 
 @pytest.fixture(params=AVAILABLE)
@@ -60,6 +64,8 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 def tolerance(isa: str, rows: int, dtype: torch.dtype) -> float:
     if isa == "reference":
         return 1e-6 if dtype == torch.float32 else 8e-3
+    if dtype == torch.float32:
+        return EXACT
     return 2e-2 if rows < qm.DENSE_MIN_ROWS else 1e-2
 
 
@@ -79,6 +85,29 @@ def test_matches_reference(isa, bits, mins, k, n, group_size, perm):
             assert y.dtype == dtype and y.shape == (rows, n)
             error = relative_error(y, reference_matmul(x, weight))
             assert error < tolerance(isa, rows, dtype), (rows, dtype, error)
+
+
+@pytest.mark.parametrize("isa_name", NATIVE)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mins", [None, "random", "q4_0"])
+def test_exact_kernel_at_every_row_count(isa_name, bits, mins):
+    """The exact kernel itself (forced past DENSE_MIN_ROWS_FP32): every register-block size, row
+    chunks of 64, an odd N and a group spanning K, with input_perm and bias."""
+    qm.set_isa(isa_name)
+    try:
+        gen = torch.Generator().manual_seed(6)
+        for k, n, group_size, perm in ((224, 45, 32, True), (192, 33, 192, False)):
+            weight = make_weight(n, k, bits, group_size, mins, perm, seed=7)
+            packed = qm.pack(weight)
+            bias = torch.randn(n, generator=gen)
+            for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 47, 64, 130):
+                x = torch.randn(rows, k, generator=gen)
+                y = qm.native_linear(x, packed, bias, "exact")
+                assert y.dtype == torch.float32 and y.shape == (rows, n)
+                error = relative_error(y, reference_matmul(x, weight) + bias)
+                assert error < EXACT, (k, rows, error)
+    finally:
+        qm.set_isa(None)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 64])

@@ -40,6 +40,20 @@
 // the weight's scales change every block) measured only 1.1-1.25x over this kernel: the per-block
 // tile store + rescale serializes. Not kept; a fused AMX-bf16 dequantizing kernel is the next step.
 //
+// Exact mode (float32 x, `exact_linear`): quantizing x to int8 costs accuracy that float32 callers
+// do not accept (the output must be what the dequantized weights give, up to float summation
+// order), so for float32 x the same tiles are expanded in registers to float32 codes (vpshufb +
+// cvtdq2ps, one vector of 16 columns per k) and FMA'd with x broadcast:
+//
+//   y[m,n] = sum_g  s_w[n,g] * sum_{k in g} q_w[n,k] * x[m,k]  +  min_w[n,g] * X[m,g],
+//   X[m,g] = sum_{k in g} x[m,k]   (float32, once per row, shared by all columns)
+//
+// Each tile's codes are expanded once for up to 16 (AVX-512) / 4 (AVX2) rows of x, which are
+// gathered per row group as [K][rows] so all broadcasts come from one pointer. The expansion costs
+// ~2.4 vector ops per k per tile against one FMA per row, so at M = 1 the kernel is ALU-bound at
+// about 1.7x the int8 kernel's time (one core); from ~24 rows on the float32 GEMM of the dense
+// path is faster (quant_matmul.py: DENSE_MIN_ROWS_FP32), and it too keeps x in float32.
+//
 // ISA: one build serves every x86-64 machine; the AVX-512 VNNI and AVX2 kernels are compiled with
 // function-level target pragmas and chosen at run time (Python passes the ISA it decided on).
 #include <torch/extension.h>
@@ -59,6 +73,7 @@ namespace {
 
 constexpr int64_t kTileN = 16;
 constexpr int64_t kBlock = 32;
+constexpr int kMaxRows = 16;  // rows of x one tile call takes at most (the exact AVX-512 kernel)
 
 enum Isa : int64_t { kAvx2 = 1, kAvx512Vnni = 2 };
 
@@ -80,6 +95,25 @@ struct Activations {
   const float* gsum;       // [M, groups]  sum over the group's blocks of d * sum(q)
   int64_t m, k, blocks, groups;
 };
+
+// float32 x for the exact kernel, input_perm applied, interleaved per row group: the rows
+// m0..m0+mt-1 that one tile call takes (see row_group) are stored from x + m0*K as [K][mt], so
+// the kernel reads x[m0+r, k] at x[m0*K + k*mt + r]: one pointer, compile-time offsets.
+struct FloatActivations {
+  const float* x;     // [M * K]
+  const float* gsum;  // [M, groups]  sum of the group's x (only filled when the weight has mins)
+  int64_t m, k, groups;
+};
+
+// Rows of x processed per tile call are taken in chunks of kRowChunk (so that a large M still
+// spreads over threads when N has few tiles), each cut into groups of row_group(left) rows.
+constexpr int64_t kRowChunk = 64;
+
+// mt_max 16: groups of 16, then 12, then up to 8 (the sizes the exact AVX-512 kernel has)
+inline int row_group(int64_t left, int mt_max) {
+  if (mt_max <= 8 || left < 12) return int(std::min<int64_t>(std::min(mt_max, 8), left));
+  return left >= 16 ? 16 : 12;
+}
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
@@ -210,6 +244,113 @@ void tile_avx512(const Layout& w, const Activations& a, int64_t tile, int64_t m0
   for (int m = 0; m < MT; ++m) _mm512_storeu_ps(ybuf + m * kTileN, y[m]);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Exact (float32 activation) kernel, AVX-512: one tile (16 columns) x MT rows of x.
+//
+// No activation quantization: each 64-byte load of codes is expanded in registers to 16 float
+// lanes per k (one lane per column), and FMA'd with x[k] broadcast, for all MT rows at once:
+//
+//   y[m,n] = sum_g  s[n,g] * sum_{k in g} q[n,k] * x[m,k]  +  min[n,g] * X[m,g],  X = sum_{k in g} x
+//
+// Byte i of every 32-bit lane is moved to the bottom (4-bit: after splitting nibbles) or to the top
+// (8-bit) with one vpshufb, then converted with one cvtdq2ps. The 8-bit codes are flipped back to
+// signed bytes (u ^ 0x80 = q) first, so the top-byte lane is q * 2^24 exactly and the 2^-24 is
+// folded into the scale: the products are those of the dequantized weight, nothing is rounded
+// but the float sums.
+
+// vpshufb control moving byte i of each 32-bit lane to byte 0 (4-bit) or byte 3 (8-bit) of the
+// lane, zeroing the rest (index 0x80); indices count bytes within a 128-bit lane, so dword d of
+// the lane picks byte 4d + i. The same 16 bytes serve every 128-bit lane (AVX-512 and AVX2).
+template <int BITS>
+inline uint32_t byte_select(int i, int d) {
+  const uint32_t src = uint32_t(4 * d + i);
+  return BITS == 4 ? (0x80808000u | src) : (0x00808080u | (src << 24));
+}
+
+template <int BITS>
+inline __m512i byte_select_avx512(int i) {
+  return _mm512_set4_epi32(int32_t(byte_select<BITS>(i, 3)), int32_t(byte_select<BITS>(i, 2)),
+                           int32_t(byte_select<BITS>(i, 1)), int32_t(byte_select<BITS>(i, 0)));
+}
+
+template <int BITS, int MT, bool HAS_MIN>
+void exact_tile_avx512(const Layout& w, const FloatActivations& a, int64_t tile, int64_t m0,
+                       float* ybuf) {
+  // FMA latency is 4 cycles on 2 ports: with few rows, spread each row's sum over accumulators.
+  constexpr int NACC = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
+  const uint8_t* base = w.data + tile * w.tile_stride;
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(base + w.scales_offset);
+  const uint16_t* mins = reinterpret_cast<const uint16_t*>(base + w.mins_offset);
+  const int64_t bpg = w.group_size / kBlock;
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  const __m512i sel0 = byte_select_avx512<BITS>(0), sel1 = byte_select_avx512<BITS>(1);
+  const __m512i sel2 = byte_select_avx512<BITS>(2), sel3 = byte_select_avx512<BITS>(3);
+  const __m512 code_scale = _mm512_set1_ps(BITS == 4 ? 1.0f : 1.0f / 16777216.0f);
+  const float* xg = a.x + m0 * a.k;
+  // y lives in ybuf (L1), updated once per group: the registers go to the MT accumulators, so up
+  // to 16 rows share one expansion of the codes.
+  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(ybuf + m * kTileN, _mm512_setzero_ps());
+  for (int64_t g = 0; g < w.groups(); ++g) {
+    __m512 acc[MT][NACC];
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < NACC; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+      const uint8_t* wp = base + b * (BITS == 4 ? 256 : 512);
+      const int64_t k0 = b * kBlock;
+      if constexpr (BITS == 4) {
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m512i v = _mm512_loadu_si512(wp + 64 * j);
+          const __m512i lo = _mm512_and_si512(v, nibble);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+          const __m512i sel[4] = {sel0, sel1, sel2, sel3};
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) {
+            const __m512 wl = _mm512_cvtepi32_ps(_mm512_shuffle_epi8(lo, sel[i]));
+            const __m512 wh = _mm512_cvtepi32_ps(_mm512_shuffle_epi8(hi, sel[i]));
+            const int kk = 4 * j + i;
+            for (int m = 0; m < MT; ++m) {
+              __m512& acc_lo = acc[m][(2 * kk) % NACC];
+              acc_lo = _mm512_fmadd_ps(wl, _mm512_set1_ps(xg[(k0 + kk) * MT + m]), acc_lo);
+              __m512& acc_hi = acc[m][(2 * kk + 1) % NACC];
+              acc_hi = _mm512_fmadd_ps(wh, _mm512_set1_ps(xg[(k0 + 16 + kk) * MT + m]), acc_hi);
+            }
+          }
+        }
+      } else {
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(wp + 64 * j), flip);
+          const __m512i sel[4] = {sel0, sel1, sel2, sel3};
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) {
+            const __m512 wq = _mm512_cvtepi32_ps(_mm512_shuffle_epi8(v, sel[i]));  // q * 2^24
+            const int kk = 4 * j + i;
+            for (int m = 0; m < MT; ++m) {
+              __m512& acc_k = acc[m][kk % NACC];
+              acc_k = _mm512_fmadd_ps(wq, _mm512_set1_ps(xg[(k0 + kk) * MT + m]), acc_k);
+            }
+          }
+        }
+      }
+    }
+    const __m512 s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(scales + g * kTileN))), code_scale);
+    __m512 mn = _mm512_setzero_ps();
+    if constexpr (HAS_MIN)
+      mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins + g * kTileN)));
+    for (int m = 0; m < MT; ++m) {
+      __m512 total = acc[m][0];
+      for (int r = 1; r < NACC; ++r) total = _mm512_add_ps(total, acc[m][r]);
+      __m512 y = _mm512_fmadd_ps(total, s, _mm512_loadu_ps(ybuf + m * kTileN));
+      if constexpr (HAS_MIN)
+        y = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.gsum[(m0 + m) * a.groups + g]), y);
+      _mm512_storeu_ps(ybuf + m * kTileN, y);
+    }
+  }
+}
+
 // 16 floats -> one row segment of the dense matrix (bf16 rounded to nearest even).
 template <bool BF16>
 inline void store_row(void* dst, int64_t offset, __m512 v) {
@@ -333,6 +474,91 @@ void tile_avx2(const Layout& w, const Activations& a, int64_t tile, int64_t m0, 
   }
 }
 
+// Exact (float32 activation) kernel, AVX2: the AVX-512 one on two halves of 8 columns (vpshufb
+// works within 128-bit lanes, so the byte selection is the same).
+template <int BITS, int MT, bool HAS_MIN>
+void exact_tile_avx2(const Layout& w, const FloatActivations& a, int64_t tile, int64_t m0,
+                     float* ybuf) {
+  constexpr int NACC = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
+  const uint8_t* base = w.data + tile * w.tile_stride;
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(base + w.scales_offset);
+  const uint16_t* mins = reinterpret_cast<const uint16_t*>(base + w.mins_offset);
+  const int64_t bpg = w.group_size / kBlock;
+  const __m256i nibble = _mm256_set1_epi8(0x0f);
+  const __m256i flip = _mm256_set1_epi8(char(0x80));
+  __m256i sel[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m128i lane = _mm_setr_epi32(
+        int32_t(byte_select<BITS>(i, 0)), int32_t(byte_select<BITS>(i, 1)),
+        int32_t(byte_select<BITS>(i, 2)), int32_t(byte_select<BITS>(i, 3)));
+    sel[i] = _mm256_broadcastsi128_si256(lane);
+  }
+  const __m256 code_scale = _mm256_set1_ps(BITS == 4 ? 1.0f : 1.0f / 16777216.0f);
+  const float* xg = a.x + m0 * a.k;
+  for (int half = 0; half < 2; ++half) {
+    __m256 y[MT];
+    for (int m = 0; m < MT; ++m) y[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < w.groups(); ++g) {
+      __m256 acc[MT][NACC];
+      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < NACC; ++r) acc[m][r] = _mm256_setzero_ps();
+      for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+        const uint8_t* wp = base + b * (BITS == 4 ? 256 : 512) + 32 * half;
+        const int64_t k0 = b * kBlock;
+        if constexpr (BITS == 4) {
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 64 * j));
+            const __m256i lo = _mm256_and_si256(v, nibble);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) {
+              const __m256 wl = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(lo, sel[i]));
+              const __m256 wh = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(hi, sel[i]));
+              const int kk = 4 * j + i;
+              for (int m = 0; m < MT; ++m) {
+                __m256& acc_lo = acc[m][(2 * kk) % NACC];
+                acc_lo = _mm256_fmadd_ps(wl, _mm256_broadcast_ss(xg + (k0 + kk) * MT + m), acc_lo);
+                __m256& acc_hi = acc[m][(2 * kk + 1) % NACC];
+                acc_hi = _mm256_fmadd_ps(wh, _mm256_broadcast_ss(xg + (k0 + 16 + kk) * MT + m), acc_hi);
+              }
+            }
+          }
+        } else {
+#pragma GCC unroll 8
+          for (int j = 0; j < 8; ++j) {
+            const __m256i v = _mm256_xor_si256(
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 64 * j)), flip);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) {
+              const __m256 wq = _mm256_cvtepi32_ps(_mm256_shuffle_epi8(v, sel[i]));  // q * 2^24
+              const int kk = 4 * j + i;
+              for (int m = 0; m < MT; ++m) {
+                __m256& acc_k = acc[m][kk % NACC];
+                acc_k = _mm256_fmadd_ps(wq, _mm256_broadcast_ss(xg + (k0 + kk) * MT + m), acc_k);
+              }
+            }
+          }
+        }
+      }
+      const __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(scales + g * kTileN + 8 * half))), code_scale);
+      for (int m = 0; m < MT; ++m) {
+        __m256 total = acc[m][0];
+        for (int r = 1; r < NACC; ++r) total = _mm256_add_ps(total, acc[m][r]);
+        y[m] = _mm256_fmadd_ps(total, s, y[m]);
+      }
+      if constexpr (HAS_MIN) {
+        const __m256 mn = _mm256_cvtph_ps(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + g * kTileN + 8 * half)));
+        for (int m = 0; m < MT; ++m)
+          y[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(a.gsum[(m0 + m) * a.groups + g]), y[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) _mm256_storeu_ps(ybuf + m * kTileN + 8 * half, y[m]);
+  }
+}
+
 // Scalar dequantization of one block of one tile (the compiler vectorizes what it can); only
 // used by the dense path on machines without AVX-512, next to a much slower fp32 GEMM.
 template <int BITS, bool HAS_MIN, bool BF16>
@@ -412,6 +638,37 @@ TileFn pick_tile(const Layout& w, int64_t isa, int mt) {
   return w.has_min ? pick_tile<8, true>(isa, mt) : pick_tile<8, false>(isa, mt);
 }
 
+using ExactFn = void (*)(const Layout&, const FloatActivations&, int64_t, int64_t, float*);
+
+template <int BITS, bool HAS_MIN>
+ExactFn pick_exact(int64_t isa, int mt) {
+  if (isa == kAvx512Vnni) {
+    switch (mt) {
+      case 1: return exact_tile_avx512<BITS, 1, HAS_MIN>;
+      case 2: return exact_tile_avx512<BITS, 2, HAS_MIN>;
+      case 3: return exact_tile_avx512<BITS, 3, HAS_MIN>;
+      case 4: return exact_tile_avx512<BITS, 4, HAS_MIN>;
+      case 5: return exact_tile_avx512<BITS, 5, HAS_MIN>;
+      case 6: return exact_tile_avx512<BITS, 6, HAS_MIN>;
+      case 7: return exact_tile_avx512<BITS, 7, HAS_MIN>;
+      case 8: return exact_tile_avx512<BITS, 8, HAS_MIN>;
+      case 12: return exact_tile_avx512<BITS, 12, HAS_MIN>;
+      default: return exact_tile_avx512<BITS, 16, HAS_MIN>;
+    }
+  }
+  switch (mt) {
+    case 1: return exact_tile_avx2<BITS, 1, HAS_MIN>;
+    case 2: return exact_tile_avx2<BITS, 2, HAS_MIN>;
+    case 3: return exact_tile_avx2<BITS, 3, HAS_MIN>;
+    default: return exact_tile_avx2<BITS, 4, HAS_MIN>;
+  }
+}
+
+ExactFn pick_exact(const Layout& w, int64_t isa, int mt) {
+  if (w.bits == 4) return w.has_min ? pick_exact<4, true>(isa, mt) : pick_exact<4, false>(isa, mt);
+  return w.has_min ? pick_exact<8, true>(isa, mt) : pick_exact<8, false>(isa, mt);
+}
+
 using DequantFn = void (*)(const Layout&, int64_t, int64_t, const int64_t*, void*, int64_t,
                            int64_t);
 
@@ -463,9 +720,37 @@ const int64_t* perm_ptr(const std::optional<torch::Tensor>& perm, int64_t k) {
   return perm->data_ptr<int64_t>();
 }
 
+// Walk tiles x chunks of rows in parallel, calling run(tile, m0, rows, ybuf) for each row group
+// (row_group), then writing the tile's columns of those rows. A thread's range covers consecutive
+// chunks of one tile, so the tile stays in cache.
+template <typename Run>
+void for_tiles(const Layout& w, int64_t m, int mt_max, const float* bias, void* out,
+               bool out_bf16, const Run& run) {
+  const int64_t row_chunk = kRowChunk;
+  const int64_t num_chunks = (m + row_chunk - 1) / row_chunk;
+  const int64_t items = w.num_tiles() * num_chunks;
+  const int64_t bytes_per_item = w.tile_stride * std::min<int64_t>(m, row_chunk);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / bytes_per_item);
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float ybuf[kMaxRows * kTileN];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t tile = item / num_chunks, chunk = item % num_chunks;
+      const int64_t n0 = tile * kTileN, cols = std::min(kTileN, w.n - n0);
+      const int64_t m_end = std::min(m, (chunk + 1) * row_chunk);
+      for (int64_t m0 = chunk * row_chunk; m0 < m_end;) {
+        const int mt = row_group(m_end - m0, mt_max);
+        run(tile, m0, mt, ybuf);
+        write_rows(ybuf, kTileN, mt, m0, n0, cols, bias, out, out_bf16, w.n);
+        m0 += mt;
+      }
+    }
+  });
+}
+
 }  // namespace
 
-// x [M, K] float32/bfloat16 (any strides) -> [M, N] in x's dtype, through int8 activations.
+// x [M, K] float32/bfloat16 (any strides) -> [M, N] in x's dtype, through int8 activations
+// (quant_matmul.py uses it for bfloat16 x only; float32 x goes to exact_linear).
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& data, int64_t n, int64_t k,
                           int64_t bits, int64_t group_size, bool has_min, int64_t tile_stride,
                           int64_t scales_offset, int64_t mins_offset,
@@ -508,28 +793,76 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& data, int
     }
   });
 
-  void* out_ptr = out.data_ptr();
   const int mt_max = isa == kAvx512Vnni ? 8 : 4;
-  // Rows are taken in chunks of row_chunk so that a large M still spreads over threads when N has
-  // few tiles; a thread's range covers consecutive chunks of one tile, so the tile stays in cache.
-  const int64_t row_chunk = 64;
-  const int64_t num_chunks = (m + row_chunk - 1) / row_chunk;
-  const int64_t items = w.num_tiles() * num_chunks;
-  const int64_t bytes_per_item = w.tile_stride * std::min<int64_t>(m, row_chunk);
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / bytes_per_item);
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) float ybuf[8 * kTileN];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t tile = item / num_chunks, chunk = item % num_chunks;
-      const int64_t n0 = tile * kTileN, cols = std::min(kTileN, n - n0);
-      const int64_t m_end = std::min(m, (chunk + 1) * row_chunk);
-      for (int64_t m0 = chunk * row_chunk; m0 < m_end; m0 += mt_max) {
-        const int mt = int(std::min<int64_t>(mt_max, m_end - m0));
-        pick_tile(w, isa, mt)(w, a, tile, m0, ybuf);
-        write_rows(ybuf, kTileN, mt, m0, n0, cols, bias_ptr, out_ptr, out_bf16, n);
+  for_tiles(w, m, mt_max, bias_ptr, out.data_ptr(), out_bf16,
+            [&](int64_t tile, int64_t m0, int mt, float* ybuf) {
+              pick_tile(w, isa, mt)(w, a, tile, m0, ybuf);
+            });
+  return out;
+}
+
+// x [M, K] float32 (any strides) -> [M, N] float32, exactly (no activation quantization).
+torch::Tensor exact_linear(const torch::Tensor& x, const torch::Tensor& data, int64_t n, int64_t k,
+                           int64_t bits, int64_t group_size, bool has_min, int64_t tile_stride,
+                           int64_t scales_offset, int64_t mins_offset,
+                           const std::optional<torch::Tensor>& perm,
+                           const std::optional<torch::Tensor>& bias, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [M, ", k, "]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat, "x must be float32");
+  TORCH_CHECK(isa == kAvx2 || isa == kAvx512Vnni, "unknown isa");
+  const Layout w = make_layout(data, n, k, bits, group_size, has_min, tile_stride, scales_offset,
+                               mins_offset);
+  const int64_t m = x.size(0);
+  auto out = torch::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return out;
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == n,
+                "bias must be a contiguous float32 tensor of N entries");
+    bias_ptr = bias->data_ptr<float>();
+  }
+  const int64_t* perm_data = perm_ptr(perm, k);
+  const float* xs = x.data_ptr<float>();
+  const int64_t sm = x.stride(0), sk = x.stride(1);
+  const int mt_max = isa == kAvx512Vnni ? kMaxRows : 4;
+  // x gathered into the interleaved row groups (input_perm applied), then the per-group sums of
+  // x when the weight has mins.
+  const int64_t groups = w.groups();
+  auto scratch = torch::empty({m * k + (has_min ? m * groups : 0)}, x.options());
+  float* xp = scratch.data_ptr<float>();
+  float* gsum = xp + m * k;
+  const int64_t num_chunks = (m + kRowChunk - 1) / kRowChunk;
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t m_end = std::min(m, (chunk + 1) * kRowChunk);
+      for (int64_t m0 = chunk * kRowChunk; m0 < m_end;) {
+        const int mt = row_group(m_end - m0, mt_max);
+        float* dst = xp + m0 * k;
+        for (int r = 0; r < mt; ++r) {
+          const float* src = xs + (m0 + r) * sm;
+          if (perm_data != nullptr) {
+            for (int64_t c = 0; c < k; ++c) dst[c * mt + r] = src[perm_data[c] * sk];
+          } else {
+            for (int64_t c = 0; c < k; ++c) dst[c * mt + r] = src[c * sk];
+          }
+          if (has_min) {
+            for (int64_t g = 0; g < groups; ++g) {
+              float sum = 0.0f;
+              for (int64_t c = g * group_size; c < (g + 1) * group_size; ++c)
+                sum += dst[c * mt + r];
+              gsum[(m0 + r) * groups + g] = sum;
+            }
+          }
+        }
+        m0 += mt;
       }
     }
   });
+  const FloatActivations a{xp, gsum, m, k, groups};
+  for_tiles(w, m, mt_max, bias_ptr, out.data_ptr(), false,
+            [&](int64_t tile, int64_t m0, int mt, float* ybuf) {
+              pick_exact(w, isa, mt)(w, a, tile, m0, ybuf);
+            });
   return out;
 }
 
@@ -644,6 +977,7 @@ std::vector<std::string> cpu_features() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "x @ W.T through int8 activations (decode path)");
+  m.def("exact_linear", &exact_linear, "x @ W.T for float32 x, no activation quantization");
   m.def("dense_linear", &dense_linear, "x @ W.T through chunked dequantization + at::mm");
   m.def("dequantize_columns", &dequantize_columns, "packed columns -> dense [K, cols]");
   m.def("cpu_features", &cpu_features, "the ISA extensions this CPU (and OS) supports");

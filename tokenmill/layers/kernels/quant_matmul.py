@@ -1,16 +1,22 @@
 """Weight-only quantized matmul on the CPU: ``y = x @ W.T`` for a ``QuantizedWeight``.
 
 ``pack`` repacks a ``QuantizedWeight`` once at load into the native kernel's tile layout
-(``quant_matmul.cpp`` describes it); ``quant_linear`` multiplies by it. Two native paths:
+(``quant_matmul.cpp`` describes it); ``quant_linear`` multiplies by it. The native paths:
 
-* rows < ``DENSE_MIN_ROWS`` (decode): activations are quantized to int8 per 32-element block and
-  the packed weights are streamed once through integer dot products (AVX-512 VNNI or AVX2);
-* rows >= ``DENSE_MIN_ROWS`` (prefill): compute-bound, so column chunks are dequantized to bf16
-  (fp32 without AVX512-BF16/AMX) and multiplied with torch's GEMM (oneDNN, AMX where present).
+* float32 x (the exact mode: what the dequantized weights give, up to float summation order):
+  rows < ``DENSE_MIN_ROWS_FP32``: the exact kernel, which expands the packed codes to float32 in
+  registers and FMAs them with x (no activation quantization); from there on, column chunks are
+  dequantized to float32 and multiplied with torch's float32 GEMM;
+* bfloat16 x, rows < ``DENSE_MIN_ROWS`` (decode): activations are quantized to int8 per 32-element
+  block and the packed weights are streamed once through integer dot products (AVX-512 VNNI or
+  AVX2); x in bf16 is already rounded to 8 bits, so this costs little more;
+* bfloat16 x, rows >= ``DENSE_MIN_ROWS`` (prefill): compute-bound, so column chunks are dequantized
+  to bf16 (fp32 without AVX512-BF16/AMX) and multiplied with torch's GEMM (oneDNN, AMX where
+  present).
 
 The ISA is decided once from the CPU (``kernel_isa``, for the start-up banner); the environment
 variable ``TOKENMILL_QUANT_ISA`` (avx512_vnni | avx2 | reference) or ``set_isa`` forces a path,
-e.g. to test the AVX2 kernel on an AVX-512 machine. When the extension cannot be built the
+e.g. to test the AVX2 kernels on an AVX-512 machine. When the extension cannot be built the
 ``reference`` path (dequantize, then a float32 matmul) serves every call.
 """
 
@@ -41,6 +47,12 @@ TILE_N = 16  # output columns per tile: one AVX-512 register of int32 lanes
 # from a few rows on). Measured on a Xeon with AMX, one core, 576 x 3072: 32 rows 450 vs 590 us,
 # 48 rows about even, 64 rows 920 vs 730 us (benchmarks/quant_matmul_micro.py --paths).
 DENSE_MIN_ROWS = 48
+# float32 x: from this many rows on, dequantize + torch's float32 GEMM beats the exact kernel.
+# Measured on the same Xeon (AMX), one core, K=576 N=576/960/3072 and K=1536 N=576, q4 g32 with
+# mins: at 16 rows the exact kernel wins everywhere (86 vs 97 us at 576 x 576, 432 vs 537 at
+# 576 x 3072), at 24 it is even (654 vs 655 at 576 x 3072; 125 vs 119 at 576 x 576), at 32 the
+# GEMM wins or ties (405 vs 475 at 1536 x 576) (benchmarks/quant_matmul_micro.py --exact).
+DENSE_MIN_ROWS_FP32 = 24
 # Columns dequantized per GEMM call on the dense path: the chunk stays in L2 for the GEMM.
 DENSE_CHUNK_BYTES = 1 << 20
 
@@ -267,11 +279,28 @@ def quant_linear(x: torch.Tensor, packed: PackedLinear,
     isa = _isa or kernel_isa()
     if isa == "reference" or packed.reference is not None or x.dtype not in _NATIVE_DTYPES:
         return reference_linear(x, packed, bias)
-    if x.shape[0] >= DENSE_MIN_ROWS:
-        dtype = _dense_dtype(isa)
+    if x.dtype == torch.float32:
+        path = "dense" if x.shape[0] >= DENSE_MIN_ROWS_FP32 else "exact"
+    else:
+        path = "dense" if x.shape[0] >= DENSE_MIN_ROWS else "int8"
+    return native_linear(x, packed, bias, path, isa)
+
+
+def native_linear(x: torch.Tensor, packed: PackedLinear, bias: torch.Tensor | None, path: str,
+                  isa: str | None = None) -> torch.Tensor:
+    """One native path by name, for any row count: "exact" (float32 x only), "int8" or "dense"
+    (tests and benchmarks; ``quant_linear`` picks the path). ``x`` is 2-D."""
+    isa = isa or _isa or kernel_isa()
+    if path == "dense":
+        # float32 x is multiplied in float32: rounding it to bf16 would break the exact mode
+        dtype = torch.float32 if x.dtype == torch.float32 else _dense_dtype(isa)
         elt = 2 if dtype == torch.bfloat16 else 4
         chunk = max(TILE_N, DENSE_CHUNK_BYTES // (packed.in_features * elt) // TILE_N * TILE_N)
         return _module.dense_linear(x, *packed.args, bias, dtype, chunk, _ISA_CODES[isa])
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
+    if path == "exact":
+        return _module.exact_linear(x, *packed.args, bias, _ISA_CODES[isa])
+    if path != "int8":
+        raise ValueError(f"unknown quantized matmul path {path!r}")
     return _module.int8_linear(x, *packed.args, bias, _ISA_CODES[isa])
