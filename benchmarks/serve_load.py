@@ -238,6 +238,9 @@ def main() -> None:
     parser.add_argument("--llama-context", type=int, default=16384)
     parser.add_argument("--llama-parallel", type=int, default=16)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/serve_load"))
+    parser.add_argument("--llama-args", default="",
+                        help="extra flags for llama-server, e.g. '-nr' (no weight repacking: "
+                             "keeps ggml off its AMX path, which crashes in some VMs)")
     parser.add_argument("--tokenmill-args", default="",
                         help="extra flags for tokenmill serve, e.g. '--dtype float32'")
     args = parser.parse_args()
@@ -263,7 +266,7 @@ def main() -> None:
     if args.llama_server:
         port = free_port()
         command = llama_command(args.llama_server, model, port, args.threads,
-                                args.llama_parallel, args.llama_context)
+                                args.llama_parallel, args.llama_context) + args.llama_args.split()
         with launched("llama.cpp", command, f"http://127.0.0.1:{port}", env) as process:
             server = Server("llama.cpp", f"http://127.0.0.1:{port}", process.pid,
                             kv_bytes=llama_kv_bytes(model, args.llama_context))
