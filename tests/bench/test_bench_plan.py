@@ -183,3 +183,207 @@ def test_cpu_decode_step_adds_memory_and_compute_time():
                        + arch.attention_flops_per_token(context)) / 100e9
     assert times["cpu"] == pytest.approx(memory + compute, rel=1e-9)
     assert times["gpu"] == pytest.approx(max(memory, compute), rel=1e-9)
+
+
+# -- weight formats as tokenmill holds them ------------------------------------------------------
+@pytest.mark.parametrize(("quantization", "dtype", "plan_format"), [
+    ("auto", "float32", None),  # the GGUF's Q4_1 layers and Q8_0 tied embedding, as stored
+    ("none", "float32", "fp32"),
+    ("int8", "float32", "int8"),  # per-channel codes; the tied embedding/head stay dense
+])
+def test_builtin_weight_bytes_match_the_loaded_model(quantization, dtype, plan_format) -> None:
+    import torch
+
+    from tokenmill.loader.model_source import open_model_source
+    from tokenmill.models.registry import build_model
+
+    model = build_model(open_model_source(None), getattr(torch, dtype), "cpu",
+                        quantization=quantization)
+    loaded = model.weight_report()
+    layout = find_model(None).weight_layout(plan_format, "fp32")
+    names = {"float32": "fp32"}
+    assert {names.get(k, k): v for k, v in loaded.items()} == pytest.approx(
+        layout.bytes_by_format(), rel=1e-9)
+    assert layout.embedding_bytes == 0  # tied: the head is the embedding matrix
+    if quantization == "auto":
+        # as stored: the file's tensors (Q4_1 5.0 and Q8_0 8.5 bits per weight) plus 61 F32 norms
+        path = builtin_model_path()
+        arch = find_model(str(path))
+        assert loaded == {"gguf:Q4_1": 66_355_200, "gguf:Q8_0": 30_081_024}
+        assert arch.file_weight_bytes == sum(loaded.values()) + 61 * 576 * 4
+        assert loaded["gguf:Q8_0"] == 49152 * 576 * 34 / 32
+
+
+def test_formats_bits_per_weight() -> None:
+    from tokenmill.bench.architecture import WeightFormat, gguf_format, method_format
+
+    k, n = 4096, 4096
+    bits = {name: fmt.nbytes(k, n) * 8 / (k * n) for name, fmt in {
+        "q4_1": gguf_format("Q4_1", "bf16"), "q4_0": gguf_format("Q4_0", "bf16"),
+        "q8_0": gguf_format("Q8_0", "bf16"), "int4/32": method_format("int4", 32),
+        "int4/128": method_format("int4", 128), "fp32": method_format("fp32"),
+        "bf16": method_format("bf16")}.items()}
+    # Q4_0's "- 8" is held as a float16 min, so in memory it is Q4_1's 5 bits, not the file's 4.5
+    assert bits == {"q4_1": 5.0, "q4_0": 5.0, "q8_0": 8.5, "int4/32": 5.0, "int4/128": 4.25,
+                    "fp32": 32.0, "bf16": 16.0}
+    # int8 per-channel and fp8: 1 byte per weight + 4 bytes per row (fp16 scale + tile padding
+    # for int8, float32 scale for fp8)
+    assert method_format("int8").nbytes(k, n) == k * n + 4 * n
+    assert method_format("fp8").nbytes(k, n) == k * n + 4 * n
+    assert gguf_format("Q6_K", "bf16") == WeightFormat("bf16", "bf16")  # dequantized at load
+
+
+def test_quantized_methods_keep_embedding_and_head_dense() -> None:
+    arch = find_model("Llama-3-8B")  # untied: embedding (a lookup) and head stay bf16
+    layout = arch.weight_layout("int4", "bf16", group_size=128)
+    head = next(layer for layer in layout.linears if layer.role == "lm_head")
+    assert head.fmt.kernel == "bf16"
+    assert layout.embedding_bytes == 128256 * 4096 * 2
+    per_layer = 4096 * 6144 + 4096 * 4096 + 4096 * 2 * 14336 + 14336 * 4096
+    quantized = layout.linear_bytes - head.nbytes_each
+    assert quantized == pytest.approx(32 * per_layer * 4.25 / 8, rel=1e-3)
+
+
+# -- decode time from a measured profile -------------------------------------------------------
+def _synthetic_profile(**overrides):
+    """A made-up decode profile: round numbers so each test can add them up by hand."""
+    from tokenmill.bench.hardware import DecodeProfile, HardwareSpec, KernelTable, OverheadTable
+
+    rows = (1, 4, 16)
+
+    def table(per_shape: dict[str, tuple[float, ...]], act: str = "bf16", group=None):
+        return KernelTable(rows, per_shape, {"call_s": 5e-6, "bytes_per_s": 20e9,
+                                             "flops_per_s": 200e9}, act, group)
+
+    builtin = {"576x960": (10e-6, 20e-6, 60e-6), "576x576": (8e-6, 12e-6, 40e-6),
+               "576x3072": (30e-6, 50e-6, 150e-6), "1536x576": (16e-6, 30e-6, 90e-6),
+               "576x49152": (1e-3, 1.5e-3, 3e-3)}
+    kernels = {"q4": table(builtin, group=32), "q8": table(builtin, group=32),
+               "bf16": table({s: tuple(4 * v for v in vals) for s, vals in builtin.items()}),
+               "fp32": table({s: tuple(8 * v for v in vals) for s, vals in builtin.items()},
+                             "fp32")}
+    overhead = OverheadTable(batches=(1, 4, 16), contexts=(100, 300),
+                             layer_s=((100e-6, 200e-6), (150e-6, 350e-6), (300e-6, 900e-6)),
+                             step_s=(1e-3, 2e-3, 4e-3), kv_bytes_per_token_per_layer=768.0)
+    decode = DecodeProfile(kernels, {"bf16/quantized": overhead, **overrides}, auto_dtype="bf16",
+                           threads=2)
+    return HardwareSpec("this-machine", "this machine: test", 16e9, 10e9,
+                        {"fp32": 100e9, "bf16": 400e9}, "synthetic", measured=True,
+                        extra={"device": "cpu"}, decode=decode)
+
+
+def test_measured_profile_sums_kernel_times_and_overheads() -> None:
+    hw = _synthetic_profile()
+    arch = find_model(None)
+    result = plan(PlanInputs(arch, hw, None, "bf16", batch_size=4, context_p50=200,
+                             context_p95=200))
+    assert result.decode_bound == "measured"
+    # 30 layers x (qkv + o + gate_up + down at M=4) + the Q8_0 head at M=4
+    linears = 30 * (20e-6 + 12e-6 + 50e-6 + 30e-6) + 1.5e-3
+    # per-layer overhead at B=4 is linear in the context: 150 us at 100, 350 us at 300
+    layers = 30 * 250e-6
+    assert result.decode_breakdown == pytest.approx(
+        {"linears": linears, "layers": layers, "step": 2e-3})
+    assert result.decode_step_seconds == pytest.approx(linears + layers + 2e-3)
+    assert result.decode_tokens_per_s == pytest.approx(4 / (linears + layers + 2e-3))
+
+    # batch 8 lies between the measured 4 and 16: kernels and overheads interpolate linearly
+    step8, _ = decode_step_of(arch, hw, None, 8, 100)
+    kernels8 = (30 * sum(a + (b - a) * 4 / 12 for a, b in
+                         ((20e-6, 60e-6), (12e-6, 40e-6), (50e-6, 150e-6), (30e-6, 90e-6)))
+                + 1.5e-3 + (3e-3 - 1.5e-3) * 4 / 12)
+    overhead8 = 30 * (150e-6 + (300e-6 - 150e-6) * 4 / 12) + 2e-3 + 2e-3 * 4 / 12
+    assert step8 == pytest.approx(kernels8 + overhead8)
+
+    # dense fp32 uses the fp32 table; with no fp32 overhead measured, the default's stands in
+    fp32 = plan(PlanInputs(arch, hw, "fp32", "fp32", batch_size=1, context_p50=100,
+                           context_p95=100))
+    assert fp32.decode_breakdown["linears"] == pytest.approx(
+        8 * (30 * (10e-6 + 8e-6 + 30e-6 + 16e-6) + 1e-3))
+    # ... with its context part (0.5 us per token at B=1) doubled: fp32 KV is twice the bytes
+    assert fp32.decode_breakdown["layers"] == pytest.approx(30 * (50e-6 + 0.5e-6 * 2 * 100))
+
+
+def decode_step_of(arch, hw, dtype, batch, context):
+    from tokenmill.bench.plan import decode_step
+
+    return decode_step(PlanInputs(arch, hw, dtype, "bf16", batch_size=batch,
+                                  context_p50=context, context_p95=context), batch, context)
+
+
+def test_measured_profile_picks_the_overhead_of_the_configuration() -> None:
+    from tokenmill.bench.hardware import OverheadTable
+
+    fp32_overhead = OverheadTable((1,), (100,), ((1e-3,),), (5e-3,), 1536.0)
+    hw = _synthetic_profile(fp32=fp32_overhead)
+    result = plan(PlanInputs(find_model(None), hw, "fp32", "fp32", batch_size=1,
+                             context_p50=100, context_p95=100))
+    assert result.decode_breakdown["layers"] == pytest.approx(30 * 1e-3)
+    assert result.decode_breakdown["step"] == pytest.approx(5e-3)
+
+
+def test_unmeasured_shapes_use_the_fit() -> None:
+    """Llama-3-8B's shapes were not measured: each linear costs call + bytes/bw + FLOPs/rate."""
+    from tokenmill.bench.architecture import packed_bytes
+
+    hw = _synthetic_profile()
+    arch = find_model("Llama-3-8B")
+    result = plan(PlanInputs(arch, hw, "int4", "bf16", batch_size=1, context_p50=300,
+                             context_p95=300))
+
+    def fit(k: int, n: int, nbytes: float) -> float:
+        return 5e-6 + nbytes / 20e9 + 2.0 * k * n / 200e9
+
+    shapes = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+    linears = 32 * sum(fit(k, n, packed_bytes(k, n, 4, 32, True)) for k, n in shapes)
+    linears += fit(4096, 128256, 4096 * 128256 * 2)  # untied head: dense bf16, "bf16" table
+    assert result.decode_breakdown["linears"] == pytest.approx(linears)
+    # the context part of the overhead grows with KV bytes per token per layer: 2 x 8 x 128 x 2
+    # here against 768 on the model it was measured on
+    slope = (200e-6 - 100e-6) / 200
+    layer = (100e-6 - slope * 100) + slope * (2 * 8 * 128 * 2 / 768) * 300
+    assert result.decode_breakdown["layers"] == pytest.approx(32 * layer)
+
+
+def test_serving_adds_its_measured_time_per_step() -> None:
+    import dataclasses
+
+    from tokenmill.bench.hardware import ServingTable
+
+    hw = _synthetic_profile()
+    serving = ServingTable(batches=(1, 4, 16), step_s=(10e-3, 12e-3, 24e-3), context=88)
+    served = dataclasses.replace(hw, decode=dataclasses.replace(hw.decode, serving=serving))
+    arch = find_model(None)
+    engine = plan(PlanInputs(arch, hw, None, "bf16", batch_size=8, context_p50=200,
+                             context_p95=200))
+    result = plan(PlanInputs(arch, served, None, "bf16", batch_size=8, context_p50=200,
+                             context_p95=200))
+    assert "serving" not in engine.decode_breakdown
+    assert result.decode_breakdown["serving"] == pytest.approx(12e-3 + 12e-3 * 4 / 12)
+    assert result.decode_step_seconds == pytest.approx(
+        engine.decode_step_seconds + 16e-3)
+    alone = plan(PlanInputs(arch, served, None, "bf16", batch_size=8, context_p50=200,
+                            context_p95=200, serving=False))
+    assert alone.decode_step_seconds == pytest.approx(engine.decode_step_seconds)
+
+
+def test_profile_file_round_trip_and_version_one(tmp_path) -> None:
+    import dataclasses
+
+    from tokenmill.bench.hardware import ServingTable, load_profile, save_profile
+
+    hw = _synthetic_profile()
+    hw = dataclasses.replace(hw, decode=dataclasses.replace(
+        hw.decode, serving=ServingTable((1, 16), (0.01, 0.02), 88)))
+    path = tmp_path / "hardware.json"
+    save_profile(hw, path)
+    assert json.loads(path.read_text())["version"] == 2
+    assert load_profile(path).decode == hw.decode
+    # a file from before decode profiles: same figures, no decode -> the roofline
+    old = json.loads(path.read_text())
+    del old["version"], old["decode"]
+    path.write_text(json.dumps(old))
+    loaded = load_profile(path)
+    assert loaded.decode is None and loaded.bandwidth_bytes_per_s == 10e9
+    result = plan(PlanInputs(find_model(None), loaded, "fp32", "fp32", batch_size=1))
+    assert result.decode_bound in ("memory", "compute") and result.decode_breakdown is None

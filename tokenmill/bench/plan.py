@@ -1,14 +1,20 @@
 """Capacity planning: does a model fit a device, how many requests, how fast, at what cost.
 
-Everything here is closed-form arithmetic on ``ModelArch`` and ``HardwareSpec`` (a roofline model):
+Everything here is arithmetic on ``ModelArch`` and ``HardwareSpec``:
 
-* memory: weights are split evenly over the tensor-parallel (TP) ranks; KV heads are split too,
-  but a rank holds at least one (ranks beyond the KV-head count replicate, as vLLM does);
-* decode is bound by bytes read per step ÷ bandwidth, or by FLOPs ÷ peak when the batch is large
+* memory: weights as tokenmill holds them in the chosen format (``ModelArch.weight_layout``), split
+  evenly over the tensor-parallel (TP) ranks; KV heads are split too, but a rank holds at least
+  one (ranks beyond the KV-head count replicate, as vLLM does);
+* decode, on a device with a measured ``DecodeProfile`` (``tokenmill profile``): the sum over the
+  model's linears of the measured time of that layer's kernel at that (M, K, N) and format, plus
+  the measured per-layer overhead (norms, rotary, attention at the context, residuals) times the
+  layers, plus the measured fixed per-step overhead (inputs, sampling, scheduling), the sum
+  stretched by the measured cost of serving it (``tokenmill serve`` ÷ the engine alone);
+* decode elsewhere (catalog devices): a roofline, bytes read per step ÷ bandwidth or FLOPs ÷ peak
   (on a CPU, whose cores both move the bytes and do the math, the two times add up instead);
 * prefill of one prompt is compute bound (FLOPs ÷ peak), never faster than reading the weights once.
 
-The estimates are ceilings: no kernel reaches the datasheet peak, TP communication is ignored.
+Roofline estimates are ceilings: no kernel reaches the datasheet peak, TP communication is ignored.
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from tokenmill.bench.architecture import BYTES_PER_PARAM, ModelArch
-from tokenmill.bench.hardware import HardwareSpec
+from tokenmill.bench.architecture import BYTES_PER_PARAM, DENSE_DTYPES, ModelArch
+from tokenmill.bench.hardware import DecodeProfile, HardwareSpec
 from tokenmill.errors import BenchError
 
 TP_CANDIDATES = (1, 2, 4, 8, 16, 32)
@@ -38,6 +44,19 @@ class PlanInputs:
     prompt_len: int = 1024
     price_per_hour: float | None = None  # per device; None = the catalog's example price
     memory_utilization: float = 0.9
+    compute_dtype: str | None = None  # activations; None = the weights' dtype, or what
+    # ``--dtype auto`` picks on the device for quantized / as-stored weights
+    group_size: int = 32  # int4: inputs per scale and min
+    serving: bool = True  # measured profile: include serving's cost (False: the engine alone)
+
+    @property
+    def resolved_compute_dtype(self) -> str:
+        if self.compute_dtype:
+            return self.compute_dtype
+        if self.weight_dtype in DENSE_DTYPES:
+            return self.weight_dtype
+        decode = self.hardware.decode
+        return decode.auto_dtype if decode is not None else "bf16"
 
     def __post_init__(self) -> None:
         if self.tp < 1:
@@ -74,7 +93,7 @@ class PlanResult:
     batch_size: int
     batch_fits: bool
     decode_step_seconds: float
-    decode_bound: str  # "memory" or "compute"
+    decode_bound: str  # "memory" or "compute" (roofline), "measured" (a decode profile)
     decode_tokens_per_s_per_stream: float
     decode_tokens_per_s: float
     ttft_seconds: float
@@ -84,6 +103,9 @@ class PlanResult:
     dollars_per_million_output_tokens: float | None
     smallest_fitting_tp: int | None
     smallest_fitting_weight_dtype: str | None
+    weights_description: str = ""
+    # measured model: seconds per step in linears, per-layer overhead (all layers), per-step
+    decode_breakdown: dict[str, float] | None = None
 
 
 def _kv_heads_per_device(arch: ModelArch, tp: int) -> int:
@@ -97,7 +119,7 @@ def _kv_bytes_per_token_per_device(arch: ModelArch, kv_dtype: str, tp: int) -> f
 
 def _memory_fit(inp: PlanInputs) -> tuple[float, float, int, float]:
     """(weights per device, KV bytes/token per device, KV capacity in tokens, shortfall bytes)."""
-    weights_per_device = inp.arch.weight_bytes(inp.weight_dtype) / inp.tp
+    weights_per_device = _weight_bytes(inp) / inp.tp
     kv_per_token = _kv_bytes_per_token_per_device(inp.arch, inp.kv_dtype, inp.tp)
     usable = inp.hardware.memory_bytes * inp.memory_utilization
     budget = usable - weights_per_device
@@ -106,12 +128,74 @@ def _memory_fit(inp: PlanInputs) -> tuple[float, float, int, float]:
     return weights_per_device, kv_per_token, capacity, shortfall
 
 
+def _weight_bytes(inp: PlanInputs) -> float:
+    return inp.arch.weight_bytes(inp.weight_dtype, inp.group_size, inp.resolved_compute_dtype)
+
+
+def uses_measured_decode(hw: HardwareSpec) -> bool:
+    decode = hw.decode
+    return decode is not None and bool(decode.kernels) and bool(decode.overheads)
+
+
+def measured_decode_breakdown(inp: PlanInputs, batch_size: int,
+                              context_len: int) -> dict[str, float]:
+    """Seconds of one decode step from a measured ``DecodeProfile``, by part:
+
+    ``linears`` = Σ over the model's linears (on one TP rank: output columns ÷ TP) of the measured
+    kernel time at M = batch (for MoE experts: the tokens each touched expert gets), with q4/q8
+    weights at another group size than measured corrected by their extra bytes at the fitted
+    bandwidth; ``layers`` = layers × measured per-layer overhead at (batch, context), its
+    context-dependent part scaled by this model's KV bytes per token per layer over the measured
+    model's; ``step`` = the measured fixed per-step overhead at the batch; ``serving`` = what
+    ``tokenmill serve`` was measured to add per step at the batch, unless ``inp.serving`` is
+    off."""
+    arch = inp.arch
+    decode: DecodeProfile = inp.hardware.decode
+    compute = inp.resolved_compute_dtype
+    layout = arch.weight_layout(inp.weight_dtype, compute, inp.group_size)
+    linears = 0.0
+    for layer in layout.linears:
+        table, used = decode.kernel(layer.fmt.kernel, compute)
+        if table is None:
+            raise BenchError("the hardware profile has no kernel times; run `tokenmill profile`")
+        rows, count = float(batch_size), float(layer.count)
+        if layer.expert:
+            touched = arch.experts_touched(batch_size)
+            rows = batch_size * arch.num_experts_per_token / touched
+            count = layer.count / arch.num_experts * touched
+        out_features = max(1, math.ceil(layer.out_features / inp.tp))
+        nbytes = layer.fmt.nbytes(layer.in_features, out_features)
+        seconds = table.seconds(rows, layer.in_features, out_features, nbytes)
+        if used in ("q4", "q8") and table.group_size and layer.fmt.group_size != table.group_size:
+            from tokenmill.bench.architecture import WeightFormat
+
+            measured_fmt = WeightFormat(used, used, table.group_size)
+            extra = nbytes - measured_fmt.nbytes(layer.in_features, out_features)
+            seconds = max(table.fit["call_s"], seconds + extra / table.fit["bytes_per_s"])
+        linears += count * seconds
+    quantized = any(layer.fmt.kernel in ("q4", "q8", "fp8") for layer in layout.linears
+                    if layer.role != "lm_head")
+    overhead = decode.overhead(compute, quantized)
+    kv_layer = (2 * _kv_heads_per_device(arch, inp.tp) * arch.head_dim
+                * BYTES_PER_PARAM[inp.kv_dtype])
+    kv_scale = kv_layer / overhead.kv_bytes_per_token_per_layer
+    layers = arch.num_layers * overhead.layer_seconds(batch_size, context_len, kv_scale)
+    parts = {"linears": linears, "layers": layers, "step": overhead.step_seconds(batch_size)}
+    if decode.serving is not None and inp.serving:
+        parts["serving"] = decode.serving.seconds(batch_size)
+    return parts
+
+
 def decode_step(inp: PlanInputs, batch_size: int, context_len: int) -> tuple[float, str]:
-    """Seconds for one decode step of ``batch_size`` sequences at ``context_len``, and the bound."""
+    """Seconds for one decode step of ``batch_size`` sequences at ``context_len``, and the bound
+    ("measured" when the device has a decode profile, else the roofline's "memory"/"compute")."""
     arch, hw = inp.arch, inp.hardware
+    if uses_measured_decode(hw):
+        return sum(measured_decode_breakdown(inp, batch_size, context_len).values()), "measured"
     kv_per_token = _kv_bytes_per_token_per_device(arch, inp.kv_dtype, inp.tp)
-    bytes_read = (arch.decode_weight_bytes_read(inp.weight_dtype, batch_size) / inp.tp
-                  + batch_size * context_len * kv_per_token)
+    weight_read = arch.decode_weight_bytes_read(inp.weight_dtype, batch_size, inp.group_size,
+                                                inp.resolved_compute_dtype)
+    bytes_read = weight_read / inp.tp + batch_size * context_len * kv_per_token
     flops = batch_size * (2.0 * arch.num_active_params
                           + arch.attention_flops_per_token(context_len)) / inp.tp
     peak, _ = hw.flops_for(inp.weight_dtype)
@@ -129,7 +213,7 @@ def prefill_seconds(inp: PlanInputs, prompt_len: int) -> float:
     flops = (2.0 * arch.num_active_params * prompt_len
              + arch.attention_flops_per_token(1) * prompt_len * prompt_len / 2) / inp.tp
     peak, _ = hw.flops_for(inp.weight_dtype)
-    read_weights = arch.weight_bytes(inp.weight_dtype) / inp.tp / hw.bandwidth_bytes_per_s
+    read_weights = _weight_bytes(inp) / inp.tp / hw.bandwidth_bytes_per_s
     return max(flops / peak, read_weights)
 
 
@@ -146,10 +230,10 @@ def smallest_fitting_tp(inp: PlanInputs) -> int | None:
 
 def smallest_fitting_weight_dtype(inp: PlanInputs) -> str | None:
     """The widest weight dtype (least quality loss) that fits at the requested TP degree."""
-    current = (inp.arch.bytes_per_param(inp.weight_dtype) if inp.weight_dtype is None
-               else BYTES_PER_PARAM[inp.weight_dtype])
+    current = _weight_bytes(inp)
     for dtype in QUANT_ORDER:
-        if BYTES_PER_PARAM[dtype] <= current and _fits(replace(inp, weight_dtype=dtype)):
+        candidate = replace(inp, weight_dtype=dtype)
+        if _weight_bytes(candidate) <= current and _fits(candidate):
             return dtype
     return None
 
@@ -162,6 +246,8 @@ def plan(inp: PlanInputs) -> PlanResult:
     concurrent_p95 = capacity // inp.context_p95
     batch = inp.batch_size or max(1, min(concurrent_p50, MAX_DEFAULT_BATCH))
     step, bound = decode_step(inp, batch, inp.context_p50)
+    breakdown = (measured_decode_breakdown(inp, batch, inp.context_p50) if bound == "measured"
+                 else None)
     _, compute_dtype = hw.flops_for(inp.weight_dtype)
 
     price_is_example = inp.price_per_hour is None
@@ -173,7 +259,7 @@ def plan(inp: PlanInputs) -> PlanResult:
         cost = price_total / (aggregate * 3600.0) * 1e6
     return PlanResult(
         inputs=inp,
-        weight_bytes=arch.weight_bytes(inp.weight_dtype),
+        weight_bytes=_weight_bytes(inp),
         weight_bytes_per_device=weights_per_device,
         kv_bytes_per_token=arch.kv_bytes_per_token(inp.kv_dtype),
         kv_bytes_per_token_per_device=kv_per_token_dev,
@@ -196,4 +282,7 @@ def plan(inp: PlanInputs) -> PlanResult:
         dollars_per_million_output_tokens=cost,
         smallest_fitting_tp=None if fits else smallest_fitting_tp(inp),
         smallest_fitting_weight_dtype=None if fits else smallest_fitting_weight_dtype(inp),
+        weights_description=arch.weight_layout(inp.weight_dtype, inp.resolved_compute_dtype,
+                                               inp.group_size).description,
+        decode_breakdown=breakdown,
     )

@@ -8,9 +8,14 @@ from pathlib import Path
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "profile", help="measure memory bandwidth and matmul FLOP/s here; saves it for `plan`",
-        description="Measures this machine (GPU when torch sees one) in a few seconds and saves "
-                    "the figures where `tokenmill plan --hardware this` finds them.")
+        "profile", help="measure this machine's decode costs (kernels, overhead); saves it for "
+                        "`plan`",
+        description="Measures this machine (GPU when torch sees one): copy bandwidth and matmul "
+                    "FLOP/s and, on a CPU, what a decode step costs here: the time of each "
+                    "linear kernel tokenmill runs (fp32, bf16, 4-bit and 8-bit quantized) at "
+                    "decode shapes and the per-layer and per-step overhead of the built-in "
+                    "model. About a minute on 2 cores (--quick: about a third). Saved where "
+                    "`tokenmill plan --hardware this` finds it.")
     p.add_argument("--output", type=Path, default=None,
                    help="where to save (default: ~/.cache/tokenmill/hardware.json)")
     p.add_argument("--device", default=None,
@@ -21,6 +26,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--copy-mib", type=int, default=256, help="MiB copied per bandwidth pass")
     p.add_argument("--price-per-hour", type=float, default=None,
                    help="what this machine costs per hour; stored as its example price")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer points (M = 1, 4, 16; one pass) and the default configuration's "
+                        "overhead only")
+    p.add_argument("--no-serve", action="store_true",
+                   help="do not start `tokenmill serve` to measure what serving over HTTP adds "
+                        "to a decode step (plan then predicts the engine alone)")
+    p.add_argument("--no-decode", action="store_true",
+                   help="skip the decode profile (bandwidth and FLOP/s only; plan then uses "
+                        "the roofline)")
     p.set_defaults(func=run)
 
 
@@ -39,8 +53,18 @@ def run(args: argparse.Namespace) -> int:
         raise BenchError(f"--copy-mib={args.copy_mib} must be at least 1")
     if args.price_per_hour is not None and not args.price_per_hour >= 0:
         raise BenchError(f"--price-per-hour={args.price_per_hour} must be >= 0")
+    console = Console(stderr=True)
+    import os
+
+    busy = os.getloadavg()[0]
+    if busy > 0.5:
+        console.print(f"[yellow]note: load average {busy:.2f}: other processes share these cores; "
+                      "the figures will be slower and noisier than on a quiet machine[/yellow]")
     spec = profile_machine(device=args.device, threads=args.threads,
-                           budget_s=args.seconds_per_test, copy_bytes=args.copy_mib * 2**20)
+                           budget_s=args.seconds_per_test, copy_bytes=args.copy_mib * 2**20,
+                           decode=not args.no_decode, quick=args.quick,
+                           serve=not args.no_serve,
+                           log=lambda line: console.print(f"[dim]{line}[/dim]"))
     if args.price_per_hour is not None:
         spec = dataclasses.replace(spec, example_price_per_hour=args.price_per_hour)
     path = args.output or default_profile_path()
@@ -51,5 +75,35 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"  bandwidth        {spec.bandwidth_bytes_per_s / 1e9:,.1f} GB/s (copy)")
     for dtype, flops in spec.peak_flops.items():
         console.print(f"  matmul {dtype:<9} {flops / 1e9:,.1f} GFLOP/s")
+    if spec.decode is not None:
+        _print_decode(console, spec.decode)
+        if spec.decode.kernel_isa == "reference":
+            console.print("[yellow]note: the native quantized kernel was not available, so the "
+                          "q4/q8 figures are the PyTorch fallback's[/yellow]")
     console.print(f"saved to {path}; use it with `tokenmill plan --hardware this`")
     return 0
+
+
+def _print_decode(console: object, decode: object) -> None:
+    """The figures a reader checks first: the built-in model's linears per step at M = 1 and
+    the largest M measured, and the overheads."""
+    console.print(f"  decode profile   {decode.threads} threads, quantized kernel "
+                  f"{decode.kernel_isa}, --dtype auto = {decode.auto_dtype}")
+    for name, table in decode.kernels.items():
+        first = sum(v[0] for v in table.shapes.values())
+        last = sum(v[-1] for v in table.shapes.values())
+        fit = table.fit
+        console.print(f"  kernel {name:<9} one of each shape: {first * 1e3:.2f} ms at M=1, "
+                      f"{last * 1e3:.2f} ms at M={table.rows[-1]}; fit {fit['call_s'] * 1e6:.0f} "
+                      f"us/call, {fit['bytes_per_s'] / 1e9:,.1f} GB/s, "
+                      f"{fit['flops_per_s'] / 1e9:,.0f} GFLOP/s")
+    for name, table in decode.overheads.items():
+        cells = ", ".join(
+            f"B={b}: {row[0] * 1e6:.0f}-{row[-1] * 1e6:.0f} us/layer + {step * 1e3:.2f} ms/step"
+            for b, row, step in zip(table.batches, table.layer_s, table.step_s))
+        console.print(f"  overhead {name:<13} (context {table.contexts[0]}-"
+                      f"{table.contexts[-1]}) {cells}")
+    if decode.serving is not None:
+        cells = ", ".join(f"B={b}: {s * 1e3:+.1f} ms" for b, s in zip(decode.serving.batches,
+                                                                       decode.serving.step_s))
+        console.print(f"  serving          tokenmill serve - engine alone, per step: {cells}")
