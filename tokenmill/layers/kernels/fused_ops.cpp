@@ -278,9 +278,11 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor query, torch::Tenso
   });
 }
 
+// The GIL is released while a kernel runs: the server's event loop (detokenizing, writing
+// streams) shares the process with the engine thread and must not wait for a whole step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "weight * x / rms(x), fp32 inside");
-  m.def("add_rms_norm", &add_rms_norm, "residual += x in place, then rms_norm(residual)");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [..., 2d] projection");
-  m.def("rotary_embedding", &rotary_embedding, "rotate-half rotary on query and key in place");
+  m.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>(), "weight * x / rms(x), fp32 inside");
+  m.def("add_rms_norm", &add_rms_norm, py::call_guard<py::gil_scoped_release>(), "residual += x in place, then rms_norm(residual)");
+  m.def("silu_and_mul", &silu_and_mul, py::call_guard<py::gil_scoped_release>(), "silu(gate) * up of a fused [..., 2d] projection");
+  m.def("rotary_embedding", &rotary_embedding, py::call_guard<py::gil_scoped_release>(), "rotate-half rotary on query and key in place");
 }

@@ -88,7 +88,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out.to(q.scalar_type());
 }
 
+// The GIL is released while a kernel runs: the server's event loop (detokenizing, writing
+// streams) shares the process with the engine thread and must not wait for a whole step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention,
+  m.def("paged_decode_attention", &paged_decode_attention, py::call_guard<py::gil_scoped_release>(),
         "decode attention through a block table, reading the paged KV cache in place");
 }

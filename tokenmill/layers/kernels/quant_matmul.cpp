@@ -975,10 +975,12 @@ std::vector<std::string> cpu_features() {
   return found;
 }
 
+// The GIL is released while a kernel runs: the server's event loop (detokenizing, writing
+// streams) shares the process with the engine thread and must not wait for a whole step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear", &int8_linear, "x @ W.T through int8 activations (decode path)");
-  m.def("exact_linear", &exact_linear, "x @ W.T for float32 x, no activation quantization");
-  m.def("dense_linear", &dense_linear, "x @ W.T through chunked dequantization + at::mm");
-  m.def("dequantize_columns", &dequantize_columns, "packed columns -> dense [K, cols]");
+  m.def("int8_linear", &int8_linear, py::call_guard<py::gil_scoped_release>(), "x @ W.T through int8 activations (decode path)");
+  m.def("exact_linear", &exact_linear, py::call_guard<py::gil_scoped_release>(), "x @ W.T for float32 x, no activation quantization");
+  m.def("dense_linear", &dense_linear, py::call_guard<py::gil_scoped_release>(), "x @ W.T through chunked dequantization + at::mm");
+  m.def("dequantize_columns", &dequantize_columns, py::call_guard<py::gil_scoped_release>(), "packed columns -> dense [K, cols]");
   m.def("cpu_features", &cpu_features, "the ISA extensions this CPU (and OS) supports");
 }
