@@ -76,7 +76,9 @@ def tokenmill_server():
     """One real `tokenmill serve` process for the whole session (server and gateway tests)."""
     from tests.server_fixture import ServerProcess
 
-    server = ServerProcess("--price-per-hour", "3.6", "--cost-window-seconds", "600")
+    # float32 activations, like the `llm` fixture, so served text can be compared with it
+    server = ServerProcess("--price-per-hour", "3.6", "--cost-window-seconds", "600",
+                           "--dtype", "float32")
     server.wait_ready()
     yield server
     server.stop()
