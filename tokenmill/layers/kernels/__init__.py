@@ -9,31 +9,15 @@ PyTorch path and says so once.
 
 from __future__ import annotations
 
-import logging
-import threading
-from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
-_lock = threading.Lock()
-_module: Any = None
-_failed = False
+from tokenmill.layers.kernels.extension import NativeExtension
+
+PAGED_ATTENTION = NativeExtension("tokenmill_paged_attention", "paged_attention.cpp",
+                                  ["-O3", "-march=native", "-ffast-math"],
+                                  "native paged attention")
 
 
 def paged_attention_module() -> Any | None:
     """The compiled module, or None when it cannot be built here."""
-    global _module, _failed
-    with _lock:
-        if _module is not None or _failed:
-            return _module
-        try:
-            from torch.utils.cpp_extension import load
-
-            source = Path(__file__).with_name("paged_attention.cpp")
-            _module = load(name="tokenmill_paged_attention", sources=[str(source)],
-                           extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as exc:  # no compiler, no ninja, unsupported platform ...
-            _failed = True
-            logger.warning("native paged attention unavailable (%s); using the PyTorch path", exc)
-        return _module
+    return PAGED_ATTENTION.module()

@@ -11,53 +11,28 @@ native ops do not record autograd.
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
-from pathlib import Path
 from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from tokenmill.layers.kernels.extension import NativeExtension
 
 ENABLE_ENV = "TOKENMILL_FUSED_OPS"
 
-_lock = threading.Lock()
-_module: Any = None
-_failed = False
 _enabled = os.environ.get(ENABLE_ENV, "1") != "0"
-
-
-def _build() -> Any:
-    global _module, _failed
-    with _lock:
-        if _module is not None or _failed:
-            return _module
-        try:
-            from torch.utils.cpp_extension import load
-
-            source = Path(__file__).with_name("fused_ops.cpp")
-            # -ffp-contract=off: no fused multiply-adds, so float32 results round like the
-            # PyTorch path's separate multiply and add.
-            _module = load(name="tokenmill_fused_ops", sources=[str(source)],
-                           extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off",
-                                         "-fno-math-errno", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as exc:  # noqa: BLE001 -- no compiler, no ninja, unsupported platform
-            _failed = True
-            _module = None
-            logger.warning("native fused ops unavailable (%s); using the PyTorch path", exc)
-        return _module
+# -ffp-contract=off: no fused multiply-adds, so float32 results round like the PyTorch path's
+# separate multiply and add.
+FUSED_OPS = NativeExtension("tokenmill_fused_ops", "fused_ops.cpp",
+                            ["-O3", "-march=native", "-mprefer-vector-width=512",
+                             "-ffp-contract=off", "-fno-math-errno"], "native fused ops")
 
 
 def fused_ops_module() -> Any | None:
     """The compiled module when fused ops are on and it builds here, else None (PyTorch path)."""
     if not _enabled:
         return None
-    if _module is not None or _failed:  # the hot path: no lock once decided
-        return _module
-    return _build()
+    return FUSED_OPS.module()
 
 
 def usable(x: torch.Tensor) -> Any | None:

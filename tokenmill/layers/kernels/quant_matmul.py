@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from tokenmill.layers.kernels.extension import NativeExtension
 from tokenmill.quant.weight import BLOCK, QuantizedWeight, dequantize
 
 logger = logging.getLogger(__name__)
@@ -56,38 +55,25 @@ DENSE_MIN_ROWS_FP32 = 24
 # Columns dequantized per GEMM call on the dense path: the chunk stays in L2 for the GEMM.
 DENSE_CHUNK_BYTES = 1 << 20
 
-_lock = threading.Lock()
 _module: Any = None
-_failed = False
 _isa: str | None = None
 _features: frozenset[str] = frozenset()
 
 
+# No -march=native: the AVX-512 and AVX2 kernels carry their own target attributes, so one build
+# runs (and can be forced to either path) on any x86-64 machine.
+QUANT_MATMUL = NativeExtension("tokenmill_quant_matmul", "quant_matmul.cpp",
+                               ["-O3", "-fno-math-errno"], "native quantized matmul")
+
+
 def quant_matmul_module() -> Any | None:
     """The compiled extension, or None when it cannot be built here (then: reference path)."""
-    global _module, _failed, _features
-    with _lock:
-        if _module is not None or _failed:
-            return _module
-        try:
-            from torch.utils.cpp_extension import load
-
-            source = Path(__file__).with_name("quant_matmul.cpp")
-            # No -march=native: the AVX-512 and AVX2 kernels carry their own target attributes,
-            # so one build runs (and can be forced to either path) on any x86-64 machine.
-            # -fopenmp only makes at::parallel_for use torch's own OpenMP pool.
-            _module = load(name="tokenmill_quant_matmul", sources=[str(source)],
-                           extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
-                           extra_ldflags=["-fopenmp"], verbose=False)
+    global _module, _features
+    if _module is None and not QUANT_MATMUL.decided:
+        _module = QUANT_MATMUL.module()
+        if _module is not None:
             _features = frozenset(_module.cpu_features())
-        except Exception as exc:  # no compiler, no ninja, not x86-64 ...: fall back
-            _failed = True
-            _module = None
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            logger.warning("native quantized matmul unavailable (%s); using the PyTorch path",
-                           first_line)
-            logger.debug("quantized matmul build failure", exc_info=exc)
-        return _module
+    return _module
 
 
 def _supported(isa: str) -> bool:
