@@ -7,6 +7,7 @@ arrive as ``(hf_name, tensor)`` pairs from any loader and are mapped onto fused 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -146,40 +147,10 @@ class LlamaForCausalLM(nn.Module):
             local = name.removeprefix("model.")
             if local == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the head reads the embedding matrix
-            if local == "embed_tokens.weight":
-                try:
-                    # a quantized embedding stays so only when the head is tied to it and the
-                    # method keeps checkpoint formats; otherwise lookups want a dense table
-                    self.embed_tokens.load(tensor, keep_quantized=method.name == "auto"
-                                           and self.lm_head is None)
-                except ValueError as exc:
-                    raise CorruptModelFileError(f"tensor {name}: {exc}") from exc
-                loaded.add(local)
-                continue
-            target = self._fused_target(local)
-            if target is not None:
-                module_name, shard, kind = target
-                try:
-                    modules[module_name].load_shard(shard, kind, tensor)
-                except ValueError as exc:
-                    raise CorruptModelFileError(f"tensor {name}: {exc}") from exc
-                loaded.add(f"{module_name}.{shard}.{kind}")
-                continue
-            if local == "lm_head.weight":
-                try:
-                    self.lm_head.load_shard("", "weight", tensor)
-                except ValueError as exc:
-                    raise CorruptModelFileError(f"tensor {name}: {exc}") from exc
-                loaded.add("lm_head..weight")
-                continue
-            if local not in params:
-                raise CorruptModelFileError(f"unexpected tensor {name} for a {self.arch.architecture} "
-                                            "model")
-            if params[local].shape != tensor.shape:
-                raise CorruptModelFileError(f"tensor {name} has shape {tuple(tensor.shape)}, "
-                                            f"expected {tuple(params[local].shape)}")
-            params[local].data.copy_(tensor)
-            loaded.add(local)
+            try:
+                loaded.add(self._load_tensor(name, tensor, method, modules, params))
+            except ValueError as exc:  # a shape that does not fit: name the tensor
+                raise CorruptModelFileError(f"tensor {name}: {exc}") from exc
         missing = self._expected_names() - loaded
         if missing:
             raise CorruptModelFileError(f"the checkpoint lacks {len(missing)} tensors, e.g. "
@@ -204,6 +175,31 @@ class LlamaForCausalLM(nn.Module):
                else str(embed.dtype).removeprefix("torch."))
         report[key] = report.get(key, 0) + embed.nbytes()
         return report
+
+    def _load_tensor(self, name: str, tensor: Any, method: QuantMethod,
+                     modules: dict[str, nn.Module], params: dict[str, nn.Parameter]) -> str:
+        """Put one checkpoint tensor in place; returns its load name (see ``_expected_names``)."""
+        local = name.removeprefix("model.")
+        if local == "embed_tokens.weight":
+            # a quantized embedding stays so only when the head is tied to it and the method
+            # keeps checkpoint formats; otherwise lookups want a dense table
+            self.embed_tokens.load(tensor, keep_quantized=method.name == "auto"
+                                   and self.lm_head is None)
+            return local
+        target = ("lm_head", "", "weight") if local == "lm_head.weight" else (
+            self._fused_target(local))
+        if target is not None:
+            module_name, shard, kind = target
+            modules[module_name].load_shard(shard, kind, tensor)
+            return f"{module_name}.{shard}.{kind}"
+        if local not in params:
+            raise CorruptModelFileError(f"unexpected tensor {name} for a "
+                                        f"{self.arch.architecture} model")
+        if params[local].shape != tensor.shape:
+            raise ValueError(f"shape {tuple(tensor.shape)}, expected "
+                             f"{tuple(params[local].shape)}")
+        params[local].data.copy_(tensor)
+        return local
 
     def _fused_target(self, local: str) -> tuple[str, str, str] | None:
         prefix, _, kind = local.rpartition(".")
