@@ -44,9 +44,11 @@ import psutil
 from rich.console import Console
 
 from tokenmill.bench.client import Target, normalize_base_url
+from tokenmill.bench.profile import cpu_model_name
 from tokenmill.bench.runner import LoadLevel, Stop
 from tokenmill.bench.session import BenchOptions, run_bench
 from tokenmill.bench.workload import LengthDist, WorkloadSpec
+from tokenmill.cpu_features import cpu_flags
 from tokenmill.loader.builtin import builtin_model_path
 
 
@@ -199,16 +201,10 @@ def print_table(results: dict[str, tuple[Server, Figures]], levels: list[int],
 
 
 def cpu_name() -> str:
-    flags = ""
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text()
-        name = next(line.split(":", 1)[1].strip() for line in text.splitlines()
-                    if line.startswith("model name"))
-        cpu_flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
-        flags = ", ".join(f for f in ("amx_int8", "amx_bf16", "avx512_vnni", "avx512_bf16",
-                                      "avx2") if f in cpu_flags)
-        return f"{name} [{flags}], {os.cpu_count()} cores"
-    return "unknown"
+    """The CPU's name and the instruction sets that decide which kernels run (AMX? AVX-512?)."""
+    flags = ", ".join(f for f in ("amx_int8", "amx_bf16", "avx512_vnni", "avx512_bf16", "avx2")
+                      if f in cpu_flags())
+    return f"{cpu_model_name()} [{flags}], {os.cpu_count()} cores"
 
 
 def llama_kv_bytes(model: Path, context: int) -> int:

@@ -50,7 +50,7 @@ def _timed(fn: Callable[[], None], sync: Callable[[], None], budget_s: float) ->
             return calls, elapsed
 
 
-def _cpu_name() -> str:
+def cpu_model_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -123,7 +123,7 @@ def profile_machine(*, device: str | None = None, threads: int | None = None,
         def sync() -> None:
             torch.cuda.synchronize(device)
     else:
-        name, memory = _cpu_name(), float(psutil.virtual_memory().total)
+        name, memory = cpu_model_name(), float(psutil.virtual_memory().total)
         dtypes = ("fp32", "bf16")
 
         def sync() -> None:
