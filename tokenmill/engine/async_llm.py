@@ -2,9 +2,16 @@
 submit requests and read per-step outputs without ever blocking a decode step.
 
 Threads and what they own:
-* the engine thread owns the ``EngineCore`` (scheduler, KV blocks, the model): it drains a command
-  inbox (add / abort / stop), runs ``step()`` while there is work, and posts raw core outputs to the
-  event loop. torch releases the GIL inside its kernels, so HTTP work proceeds during a step.
+* the engine thread owns the ``EngineCore`` (scheduler, KV blocks, the model): it builds it, drains a
+  command inbox (add / abort / stop), runs ``step()`` while there is work, and posts raw core outputs
+  to the event loop. torch releases the GIL inside its kernels, so HTTP work proceeds during a step.
+
+Why the core is built on the engine thread and not by the caller: with torch's OpenMP backend each
+thread that starts a parallel region gets its own pool of worker threads. Loading the model runs
+parallel regions, so a core loaded on one thread and stepped on another leaves two pools alive;
+libgomp then counts more threads than cores and stops spinning between regions, and every parallel
+op pays a futex wake (~75 us on a 2-core machine, 15 -> 28 ms per decode step of the built-in model,
+``benchmarks/serve_load.py``). One thread doing all the torch work keeps one pool.
 * the event loop owns text: tokenizing, the output processor (detokenizer, stop strings, n-sample
   gathering) and one queue per request that its HTTP handler reads.
 """
@@ -84,23 +91,37 @@ class RequestStream:
 class AsyncLLM:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.core = EngineCore(config)
-        self.tokenizer = self.core.source.tokenizer
-        self.model_name = config.model.served_model_name or self.core.source.name
-        self.max_model_len = self.core.max_model_len
-        self.input_processor = InputProcessor(self.tokenizer, self.core.source.arch.vocab_size)
-        self.output_processor = OutputProcessor(self.tokenizer)
-        self.output_listeners: list[OutputListener] = []
         self._inbox: queue.SimpleQueue[_Add | _Finish | None] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stats: SchedulerStats = self.core.get_stats()
-        self._accepting = True
         self._dead: BaseException | None = None
-        self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._engine_loop, name="tokenmill-engine",
+        self._thread = threading.Thread(target=self._engine_main, name="tokenmill-engine",
                                         daemon=True)
+        self._core_ready = threading.Event()
+        self._frontend_ready = threading.Event()
+        self._load_error: BaseException | None = None
         self._thread.start()
+        self._core_ready.wait()
+        if self._load_error is not None:
+            self._thread.join()
+            raise self._load_error
+        try:
+            self.core: EngineCore = self._core
+            self.tokenizer = self.core.source.tokenizer
+            self.model_name = config.model.served_model_name or self.core.source.name
+            self.max_model_len = self.core.max_model_len
+            self.input_processor = InputProcessor(self.tokenizer,
+                                                  self.core.source.arch.vocab_size)
+            self.output_processor = OutputProcessor(self.tokenizer)
+            self.output_listeners: list[OutputListener] = []
+            self._streams: dict[str, asyncio.Queue] = {}
+            self._stats: SchedulerStats = self.core.get_stats()
+            self._accepting = True
+            self._ids = itertools.count()
+        except BaseException:
+            self._inbox.put(None)  # the engine thread stops instead of waiting for us forever
+            raise
+        finally:
+            self._frontend_ready.set()
 
     # ----------------------------------------------------------------- public API
     @property
@@ -213,6 +234,18 @@ class AsyncLLM:
         self._streams.clear()
 
     # ----------------------------------------------------------------- engine thread
+    def _engine_main(self) -> None:
+        """Build the core here (see the module docstring), then serve commands until told to stop."""
+        try:
+            self._core = EngineCore(self.config)
+        except BaseException as error:  # re-raised by __init__ on the caller's thread
+            self._load_error = error
+            self._core_ready.set()
+            return
+        self._core_ready.set()
+        self._frontend_ready.wait()  # until __init__ has finished setting up the frontend side
+        self._engine_loop()
+
     def _engine_loop(self) -> None:
         try:
             while True:

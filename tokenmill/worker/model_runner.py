@@ -11,6 +11,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from tokenmill.errors import ConfigError
 from tokenmill.layers.kernels import paged_attention_module
+from tokenmill.layers.kernels.fused_ops import fused_ops_module
 from tokenmill.layers.sampler import Sampler
 from tokenmill.loader.model_source import ModelSource
 from tokenmill.models.registry import build_model
@@ -34,6 +35,10 @@ class ModelRunner:
         self.inputs = InputBatchBuilder(config.cache.block_size, self.device,
                                         source.arch.sliding_window, self._decode_kernel())
         self.sampler = Sampler(self.device, seed=config.model.seed)
+        if self.device.type == "cpu":
+            # Built now (or found in the build cache), not on the first request: a cold build
+            # takes ~25 s, which would otherwise land in that request's time to first token.
+            fused_ops_module()
 
     def _decode_kernel(self) -> Any:
         """The native paged-attention kernel when the config and the device allow it."""
