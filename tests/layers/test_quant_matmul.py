@@ -167,3 +167,15 @@ def test_isa_selection(monkeypatch):
         qm.set_isa(None)
     if forced is None and qm.quant_matmul_module() is not None:
         assert qm.kernel_isa() != "reference"  # this machine has at least AVX2
+
+
+@pytest.mark.parametrize("bits,mins", [(8, None), (4, "random")])
+def test_rows_read_back_from_the_packed_layout_equal_the_weight_rows(isa, bits, mins):
+    """The tied embedding's lookup reads the LM head's packed tiles: any rows, in any order,
+    repeated, including the padded last tile of an N that is not a multiple of 16."""
+    weight = make_weight(1000, 160, bits, 32, mins, perm=False)
+    packed = qm.pack(weight)
+    rows = torch.tensor([[999, 0, 17], [17, 998, 500]])
+    got = qm.dequantize_packed_rows(packed, rows, torch.float32)
+    assert got.shape == (2, 3, 160)
+    assert torch.equal(got, weight.dequantize_rows(rows.reshape(-1)).view(2, 3, 160))

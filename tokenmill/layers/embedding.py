@@ -2,7 +2,9 @@
 
 A quantized embedding (GGUF's Q8_0 ``token_embd``) stays quantized: a lookup dequantizes only the
 rows of the tokens in the batch, and the tied LM head multiplies by the same codes in the native
-kernel, so the model never holds a float copy of its largest matrix.
+kernel, so the model never holds a float copy of its largest matrix. Once the head is tied, the
+kernel's packed layout is the only copy (lookups unpack the 16-row tiles they need): one Q8_0
+matrix in memory, not two (29 MiB for the built-in model).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class VocabEmbedding(nn.Module):
         self.table: torch.Tensor | None = None  # dense lookup table
         self.quantized: QuantizedWeight | None = None  # quantized lookup table
         self.head: LinearOp | None = None  # the tied LM head, when asked for
+        self.packed: Any = None  # the head's kernel layout, when it is the only copy
+        self.source: str | None = None  # "gguf:Q8_0" etc. for a quantized table
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -38,6 +42,7 @@ class VocabEmbedding(nn.Module):
             raise ValueError(f"embedding has shape {tuple(weight.shape)}, expected {self.shape}")
         if isinstance(weight, QuantizedWeight) and keep_quantized:
             self.quantized = weight
+            self.source = weight.source
         else:
             self.table = to_dense(weight, self.dtype).to(self.device)
 
@@ -46,20 +51,31 @@ class VocabEmbedding(nn.Module):
         if self.head is None:
             self.head = make_linear_op(self.quantized if self.quantized is not None else
                                        self.table, self.dtype, self.device)
+            packed = getattr(self.head, "packed", None)
+            if self.quantized is not None and packed is not None:
+                self.packed, self.quantized = packed, None
         return self.head
 
     @property
     def weight(self) -> torch.Tensor:
         if self.table is not None:
             return self.table
+        if self.packed is not None:
+            return self.head.dense(self.dtype)
         return self.quantized.dequantize(self.dtype)
 
     def nbytes(self) -> int:
         if self.table is not None:
             return self.table.numel() * self.table.element_size()
+        if self.packed is not None:
+            return self.packed.nbytes()
         return self.quantized.nbytes()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.table is not None:
             return nn.functional.embedding(input_ids, self.table)
+        if self.packed is not None:
+            from tokenmill.layers.kernels.quant_matmul import dequantize_packed_rows
+
+            return dequantize_packed_rows(self.packed, input_ids, self.dtype)
         return self.quantized.dequantize_rows(input_ids, self.dtype)

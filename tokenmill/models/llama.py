@@ -162,6 +162,8 @@ class LlamaForCausalLM(nn.Module):
                 head_method = (method if module_name != "lm_head" or method.name == "none"
                                else get_quant_method("auto"))
                 module.finalize(module_name, head_method)
+        if self.lm_head is None:
+            self.embed_tokens.tie_head()  # now, so a quantized table is held once from the start
 
     def weight_report(self) -> dict[str, int]:
         """Bytes of weights by format ("gguf:Q4_1", "float32", ...): the start-up banner's line."""
@@ -171,8 +173,7 @@ class LlamaForCausalLM(nn.Module):
                 key = module.op.describe()
                 report[key] = report.get(key, 0) + module.op.nbytes()
         embed = self.embed_tokens
-        key = (embed.quantized.source if embed.quantized is not None
-               else str(embed.dtype).removeprefix("torch."))
+        key = embed.source or str(embed.dtype).removeprefix("torch.")
         report[key] = report.get(key, 0) + embed.nbytes()
         return report
 

@@ -217,13 +217,21 @@ def pack(weight: QuantizedWeight) -> PackedLinear:
                         tile_stride, scales_offset, mins_offset, perm, weight.source)
 
 
-def unpack(packed: PackedLinear) -> QuantizedWeight:
-    """The ``QuantizedWeight`` that ``packed`` was built from (the repack is lossless)."""
+def unpack(packed: PackedLinear, tile_ids: torch.Tensor | None = None) -> QuantizedWeight:
+    """The ``QuantizedWeight`` that ``packed`` was built from (the repack is lossless); with
+    ``tile_ids``, only those tiles' rows (16 each, the last tile's padding included)."""
     if packed.reference is not None:
-        return packed.reference
-    n, k, t = packed.out_features, packed.in_features, packed.num_tiles
+        if tile_ids is None:
+            return packed.reference
+        rows = (tile_ids.unsqueeze(1) * TILE_N + torch.arange(TILE_N)).reshape(-1)
+        return packed.reference.select_rows(rows.clamp(max=packed.out_features - 1))
+    k, t = packed.in_features, packed.num_tiles
     blocks, groups = k // BLOCK, k // packed.group_size
     records = packed.data.view(t, packed.tile_stride)
+    n = packed.out_features
+    if tile_ids is not None:
+        records, t = records[tile_ids], len(tile_ids)
+        n = t * TILE_N
     codes = records[:, :packed.scales_offset]
     if packed.bits == 4:
         codes = codes.reshape(t, blocks, 4, TILE_N, 4).permute(0, 3, 1, 2, 4)
@@ -242,6 +250,17 @@ def unpack(packed: PackedLinear) -> QuantizedWeight:
     mins = groups_of(packed.mins_offset).contiguous() if packed.has_min else None
     return QuantizedWeight(packed.bits, packed.group_size, qweight, scales, mins,
                            packed.input_perm, packed.source)
+
+
+def dequantize_packed_rows(packed: PackedLinear, rows: torch.Tensor,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """``W[rows]`` in ``dtype``, read from the kernel's layout: the lookup of an embedding whose
+    tied LM head owns the only copy of the matrix. Unpacks just the tiles that hold ``rows``."""
+    flat = rows.reshape(-1).to(torch.int64)
+    tile_ids, inverse = torch.unique(flat // TILE_N, return_inverse=True)
+    local_rows = inverse * TILE_N + flat % TILE_N
+    out = unpack(packed, tile_ids).dequantize_rows(local_rows, dtype)
+    return out.view(*rows.shape, packed.in_features)
 
 
 def reference_linear(x: torch.Tensor, packed: PackedLinear,
