@@ -26,7 +26,7 @@ def dashboard_data(url: str, since: int = 0) -> dict:
 
 def complete(client, text: str, max_tokens: int = 12):
     return client.completions.create(model=MODEL, prompt=text, max_tokens=max_tokens,
-                                     temperature=0, ignore_eos=True)
+                                     temperature=0, extra_body={"ignore_eos": True})
 
 
 def test_dashboard_data_is_a_history_with_the_slowest_requests(client, tokenmill_server):

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from tokenmill.errors import InvalidRequestError
 from tokenmill.server.state import server_state
 from tokenmill.web import page
 
@@ -27,10 +28,14 @@ async def dashboard() -> HTMLResponse:
 @router.get("/dashboard/data", summary="The dashboard's figures: a history sampled every second")
 async def dashboard_data(
         request: Request,
-        since: Annotated[int, Query(ge=0, description="Return only the points whose seq is "
-                                    "greater (the latest_seq of the previous answer).")] = 0,
+        since: Annotated[str, Query(description="Return only the points whose seq is greater "
+                                    "(the latest_seq of the previous answer).")] = "0",
 ) -> JSONResponse:
+    # Parsed here rather than by FastAPI so the error names 'since' as the client wrote it.
+    if not since.isdigit():
+        raise InvalidRequestError(f"'since' must be a non-negative integer (the latest_seq of "
+                                  f"the previous answer), got {since!r}", param="since")
     state = server_state(request)
-    body = state.history.snapshot(since)
+    body = state.history.snapshot(int(since))
     body["phase"] = state.phase
     return JSONResponse(body, headers={"Cache-Control": "no-store"})

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -63,8 +64,8 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     """Nearest-rank percentile of an ascending list (None when empty)."""
     if not sorted_values:
         return None
-    rank = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
-    return sorted_values[rank]
+    rank = math.ceil(q * len(sorted_values) / 100)  # 1-based: the smallest covering q percent
+    return sorted_values[min(max(rank, 1), len(sorted_values)) - 1]
 
 
 class StatsHistory:
