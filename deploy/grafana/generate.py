@@ -3,7 +3,7 @@
     python deploy/grafana/generate.py
 
 Edit the panels here, regenerate, and commit both; tests/server/test_dashboard.py and
-tests/gateway/test_dashboard.py check that every metric the PromQL reads is exported.
+tests/gateway/test_fleet_dashboard.py check that every metric the PromQL reads is exported.
 """
 
 import json

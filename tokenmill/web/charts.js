@@ -139,6 +139,7 @@ function startPolling(url, intervalMs, onData, statusNode) {
       points = points.concat(data.points);
       if (points.length > data.max_points) points = points.slice(points.length - data.max_points);
       latestSeq = data.latest_seq;
+      document.body.dataset.latestSeq = String(latestSeq);  // how far the page has read
       onData(data, points);
       statusNode.textContent = "live · updated " + new Date().toLocaleTimeString();
       statusNode.className = "status ok";
