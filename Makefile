@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Tests share 2 cores between the engine and the HTTP client; keep torch's pool small.
 export TOKENMILL_NUM_THREADS ?= 2
 
-.PHONY: serve test setup lint bench clean
+.PHONY: serve test setup browser lint bench clean
 
 setup: $(STAMP)
 
@@ -24,7 +24,14 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/tokenmill serve --host 127.0.0.1 --port 8000
 
-test: $(STAMP)
+# The dashboard tests load the pages in Debian's Chromium (tests/browser_support.py) and skip
+# without it. It is installed only when missing, and only as root with apt-get (CI, dev machines).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	  >/dev/null; } || echo "chromium is not installed: the dashboard browser tests will skip"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

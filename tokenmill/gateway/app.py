@@ -33,8 +33,10 @@ from tokenmill.errors import (
 )
 from tokenmill.gateway.auth import AuthStage, can_use_model
 from tokenmill.gateway.config import GatewayConfig
+from tokenmill.gateway.dashboard import dashboard_router
 from tokenmill.gateway.embeddings import Embedder, load_embedder
 from tokenmill.gateway.exact_cache import ExactCacheStage
+from tokenmill.gateway.fleet_stats import FleetHistory
 from tokenmill.gateway.guardrails import GuardrailsStage
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler, Stage, compose
@@ -129,11 +131,14 @@ def error_response(exc: TokenmillError) -> JSONResponse:
 def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
                transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
     gw = build_gateway(config, embedder=embedder, transport=transport)
+    fleet = FleetHistory(gw.metrics, gw.router)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gw.router.check_all(gw.client)
         tasks = [asyncio.create_task(gw.router.health_loop(gw.client))]
+        if config.server.expose_metrics:
+            tasks.append(asyncio.create_task(fleet.run()))
         if config.server.state_file:
             tasks.append(asyncio.create_task(_save_loop(gw.limiter)))
         try:
@@ -207,6 +212,9 @@ def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
         @app.get("/metrics")
         async def metrics() -> Response:
             return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
+
+        app.state.fleet = fleet
+        app.include_router(dashboard_router(fleet))  # GET /dashboard and /dashboard/data
 
     return app
 

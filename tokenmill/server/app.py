@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from tokenmill.engine.async_llm import AsyncLLM, engine_info
 from tokenmill.errors import TokenmillError
+from tokenmill.server import dashboard
 from tokenmill.server.cost_metrics import CostTracker
 from tokenmill.server.error_handlers import error_response, install_error_handlers
 from tokenmill.server.metrics import ServerMetrics
@@ -50,7 +51,9 @@ async def _load_engine(app: FastAPI, factory: EngineFactory) -> None:
     if settings.price_per_hour is not None:
         cost = CostTracker(settings.price_per_hour, settings.cost_window_seconds)
     state.metrics.bind(engine, cost)
-    engine.output_listeners.extend([state.metrics.on_step, log_finished_requests])
+    state.history.bind(engine, cost)
+    engine.output_listeners.extend([state.metrics.on_step, state.history.on_step,
+                                    log_finished_requests])
     info = engine_info(engine)
     state.kv_pool_tokens = info["kv_tokens"]
     state.engine = engine
@@ -79,9 +82,11 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLL
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         load = asyncio.create_task(_load_engine(app, engine_factory))
+        sample_stats = asyncio.create_task(app.state.server.history.run())
         try:
             yield
         finally:
+            sample_stats.cancel()
             if not load.done():
                 load.cancel()
             await begin_drain(app)
@@ -91,6 +96,7 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLL
     install_error_handlers(app)
     for module in (completions, chat, models, tokenize):
         app.include_router(module.router)
+    app.include_router(dashboard.router)  # GET /dashboard and /dashboard/data
 
     @app.get("/health")
     async def health(request: Request) -> Response:

@@ -14,6 +14,7 @@ from fastapi import Request
 
 from tokenmill.config import EngineConfig
 from tokenmill.errors import EngineDeadError, EngineNotReadyError, UnknownModelError
+from tokenmill.server.stats_history import StatsHistory
 
 if TYPE_CHECKING:
     from tokenmill.engine.async_llm import AsyncLLM
@@ -41,6 +42,8 @@ class ServerState:
     def __init__(self, settings: ServerSettings, metrics: ServerMetrics):
         self.settings = settings
         self.metrics = metrics
+        self.history = StatsHistory()
+        """What the dashboard shows; sampled by a task of the app's lifespan."""
         self.engine: AsyncLLM | None = None
         self.load_error: BaseException | None = None
         self.draining = False
