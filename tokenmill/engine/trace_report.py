@@ -48,9 +48,9 @@ def reason_text(reason: str, numbers: dict[str, int]) -> str:
                 f"nobody admitted")
     if reason == TOKEN_BUDGET_SPENT:
         return (f"token budget spent ({numbers['token_budget']} tokens on "
-                f"{numbers['num_scheduled']} requests)")
+                f"{_count(numbers['num_scheduled'], 'request')})")
     if reason == BATCH_FULL:
-        return f"batch full ({numbers['max_num_seqs']} requests running)"
+        return f"batch full ({_count(numbers['max_num_seqs'], 'request')} running)"
     return reason
 
 
