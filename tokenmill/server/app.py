@@ -21,11 +21,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from tokenmill.engine.async_llm import AsyncLLM, engine_info
 from tokenmill.errors import TokenmillError
+from tokenmill.server import trace_routes
 from tokenmill.server.cost_metrics import CostTracker
 from tokenmill.server.error_handlers import error_response, install_error_handlers
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai import chat, completions, models, tokenize
-from tokenmill.server.request_logger import banner, log_finished_requests
+from tokenmill.server.request_logger import banner, finished_request_logger
 from tokenmill.server.state import ServerSettings, ServerState, server_state
 
 logger = logging.getLogger("tokenmill.server")
@@ -50,7 +51,8 @@ async def _load_engine(app: FastAPI, factory: EngineFactory) -> None:
     if settings.price_per_hour is not None:
         cost = CostTracker(settings.price_per_hour, settings.cost_window_seconds)
     state.metrics.bind(engine, cost)
-    engine.output_listeners.extend([state.metrics.on_step, log_finished_requests])
+    engine.output_listeners.extend([state.metrics.on_step,
+                                    finished_request_logger(engine.traces)])
     info = engine_info(engine)
     state.kv_pool_tokens = info["kv_tokens"]
     state.engine = engine
@@ -91,6 +93,7 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLL
     install_error_handlers(app)
     for module in (completions, chat, models, tokenize):
         app.include_router(module.router)
+    app.include_router(trace_routes.router)  # GET /v1/requests/{id}/trace
 
     @app.get("/health")
     async def health(request: Request) -> Response:
