@@ -28,6 +28,8 @@ from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai import chat, completions, models, tokenize
 from tokenmill.server.request_logger import banner, finished_request_logger
 from tokenmill.server.state import ServerSettings, ServerState, server_state
+from tokenmill.server.trace_spans import trace_span_hook
+from tokenmill.telemetry import TracingMiddleware, otlp_tracer_provider
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -77,7 +79,14 @@ async def _drain(state: ServerState, timeout: float) -> None:
         await state.engine.shutdown(timeout)
 
 
-def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLLM) -> FastAPI:
+def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLLM,
+               tracer_provider: Any = None) -> FastAPI:
+    """``tracer_provider``: an OpenTelemetry TracerProvider to send spans to (default: an OTLP
+    one when ``settings.otlp_endpoint`` is set, else no spans at all)."""
+    owns_provider = tracer_provider is None and settings.otlp_endpoint is not None
+    if owns_provider:
+        tracer_provider = otlp_tracer_provider("tokenmill-server", settings.otlp_endpoint)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         load = asyncio.create_task(_load_engine(app, engine_factory))
@@ -87,6 +96,8 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLL
             if not load.done():
                 load.cancel()
             await begin_drain(app)
+            if owns_provider:
+                await asyncio.to_thread(tracer_provider.shutdown)  # flushes what is batched
 
     app = FastAPI(title="tokenmill", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.server = ServerState(settings, ServerMetrics())
@@ -94,6 +105,10 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLL
     for module in (completions, chat, models, tokenize):
         app.include_router(module.router)
     app.include_router(trace_routes.router)  # GET /v1/requests/{id}/trace
+    if tracer_provider is not None:  # OpenTelemetry spans
+        tracer = tracer_provider.get_tracer("tokenmill.server")
+        app.add_middleware(TracingMiddleware, tracer_provider=tracer_provider, service="server",
+                           on_finish=trace_span_hook(app, tracer))
 
     @app.get("/health")
     async def health(request: Request) -> Response:

@@ -12,11 +12,12 @@ nothing. Without the header (direct access to the server) every request is visib
 
 from __future__ import annotations
 
-import itertools
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from tokenmill.engine.trace_store import TraceStore
 from tokenmill.errors import EngineNotReadyError, NotFoundError
 from tokenmill.server.openai.serving import TENANT_HEADER, prompt_request_id
 from tokenmill.server.state import server_state
@@ -24,6 +25,21 @@ from tokenmill.server.state import server_state
 router = APIRouter()
 
 _MAX_PROMPTS_LOOKED_UP = 10_000
+
+
+def find_trace(traces: TraceStore, request_id: str, tenant: str | None
+               ) -> dict[str, Any] | None:
+    """The trace of a response id as the route shows it; None if not visible to ``tenant``."""
+    report = traces.report(request_id, tenant)
+    if report is not None:
+        return report
+    members = []  # several prompts: stored per prompt as <id>-0, <id>-1, ...
+    for index in range(_MAX_PROMPTS_LOOKED_UP):
+        member = prompt_request_id(request_id, index, 2)
+        if traces.report(member, tenant) is None:
+            break
+        members.append(member)
+    return traces.report(request_id, tenant, member_ids=members) if members else None
 
 
 @router.get("/v1/requests/{request_id}/trace")
@@ -34,18 +50,7 @@ async def get_request_trace(request_id: str, request: Request) -> JSONResponse:
     if not engine.traces.enabled:
         raise NotFoundError("request tracing is off on this server (--no-request-trace)",
                             param="request_id", code="request_trace_disabled")
-    tenant = request.headers.get(TENANT_HEADER)
-    traces = engine.traces
-    report = traces.report(request_id, tenant)
-    if report is None:  # several prompts: stored per prompt as <id>-0, <id>-1, ...
-        members = []
-        for index in itertools.count():
-            member = prompt_request_id(request_id, index, 2)
-            if index >= _MAX_PROMPTS_LOOKED_UP or traces.report(member, tenant) is None:
-                break
-            members.append(member)
-        if members:
-            report = traces.report(request_id, tenant, member_ids=members)
+    report = find_trace(engine.traces, request_id, request.headers.get(TENANT_HEADER))
     if report is None:
         raise NotFoundError(f"no trace for request {request_id!r}: unknown, or finished too long "
                             "ago (traces are kept for the newest 1000 finished requests, up to "
