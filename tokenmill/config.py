@@ -119,6 +119,11 @@ class SchedulerConfig:
     max_waiting_requests: int = _help(
         "Bound on the waiting queue; beyond it new requests are refused with 429.", default=1024
     )
+    request_trace: bool = _help(
+        "Record each request's scheduling timeline (waits and why, admission, prefill chunks, "
+        "preemptions) for GET /v1/requests/{id}/trace and the finished-request log line; "
+        "--no-request-trace turns it off.", default=True
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_waiting_requests"):

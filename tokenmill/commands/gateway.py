@@ -13,6 +13,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="Gateway config file (.yaml or .toml).")
     parser.add_argument("--host", default=None, help="Override server.host of the config.")
     parser.add_argument("--port", type=int, default=None, help="Override server.port.")
+    parser.add_argument("--otlp-endpoint", default=None,
+                        help="Override server.otlp_endpoint: send OpenTelemetry spans to this "
+                             "OTLP/HTTP collector (off by default).")
     parser.set_defaults(func=run_gateway)
     sub = parser.add_subparsers(dest="gateway_command", metavar="SUBCOMMAND")
     keys = sub.add_parser("keys", help="Manage API keys.")
@@ -51,7 +54,8 @@ def run_gateway(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = load_config(args.config)
     server = dataclasses.replace(config.server, host=args.host or config.server.host,
-                                 port=args.port or config.server.port)
+                                 port=args.port or config.server.port,
+                                 otlp_endpoint=args.otlp_endpoint or config.server.otlp_endpoint)
     config = dataclasses.replace(config, server=server)
     uvicorn.run(create_app(config), host=server.host, port=server.port, log_level="info")
     return 0

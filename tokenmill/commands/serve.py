@@ -27,6 +27,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "(tokenmill:cost_dollars_total, cost per 1M tokens).")
     parser.add_argument("--cost-window-seconds", type=float, default=60.0,
                         help="Window of the cost-per-million-tokens gauges.")
+    parser.add_argument("--otlp-endpoint", default=None,
+                        help="Send OpenTelemetry spans (request, queue, prefill, decode) to this "
+                             "OTLP/HTTP collector, e.g. http://127.0.0.1:4318/v1/traces; needs "
+                             "the otlp extra. Off by default.")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     parser.add_argument("--access-log", action="store_true",
@@ -104,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(engine=engine_config_from_args(args), host=args.host,
                               port=args.port, shutdown_timeout=args.shutdown_timeout,
                               price_per_hour=args.price_per_hour,
-                              cost_window_seconds=args.cost_window_seconds)
+                              cost_window_seconds=args.cost_window_seconds,
+                              otlp_endpoint=args.otlp_endpoint)
     app = create_app(settings)
     # The drain itself enforces --shutdown-timeout; uvicorn's own limit is only a backstop.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,

@@ -36,6 +36,7 @@ from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler_output import EngineCoreOutput
 from tokenmill.engine.stats import SchedulerStats
+from tokenmill.engine.trace_store import TraceStore
 from tokenmill.errors import EngineDeadError, EngineNotReadyError, TokenmillError
 from tokenmill.sampling_params import SamplingParams
 
@@ -117,6 +118,7 @@ class AsyncLLM:
             self._stats: SchedulerStats = self.core.get_stats()
             self._accepting = True
             self._ids = itertools.count()
+            self.traces = TraceStore(enabled=config.scheduler.request_trace)  # request traces
         except BaseException:
             self._inbox.put(None)  # the engine thread stops instead of waiting for us forever
             raise
@@ -152,10 +154,12 @@ class AsyncLLM:
         stream_queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream_queue
         self.output_processor.add_request(request_id, text, children)
+        self.traces.add(request_id, children)  # request traces (before its outputs can come)
         self._inbox.put(_Add(request_id, children, admitted))
         try:
             await admitted
         except BaseException:
+            self.traces.discard(request_id)  # request traces
             self._forget(request_id)
             raise
         return RequestStream(request_id, len(prompt_ids), stream_queue, self)
@@ -208,6 +212,7 @@ class AsyncLLM:
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
         self.output_processor.abort(request_id)
+        self.traces.finish(request_id)  # request traces
 
     def _on_core_outputs(self, core_outputs: list[EngineCoreOutput]) -> None:
         now = time.time()
@@ -220,6 +225,7 @@ class AsyncLLM:
                 stream_queue.put_nowait(output)
             if output.finished:
                 self._streams.pop(output.request_id, None)
+                self.traces.finish(output.request_id)  # request traces
         for listener in self.output_listeners:
             try:
                 listener(processed.request_outputs, now)
@@ -232,6 +238,7 @@ class AsyncLLM:
         for stream_queue in self._streams.values():
             stream_queue.put_nowait(dead)
         self._streams.clear()
+        self.traces.finish_all()  # request traces
 
     # ----------------------------------------------------------------- engine thread
     def _engine_main(self) -> None:

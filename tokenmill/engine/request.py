@@ -10,6 +10,7 @@ import enum
 import time
 
 from tokenmill.engine.stats import RequestStats
+from tokenmill.engine.trace import RequestTrace
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -71,6 +72,8 @@ class Request:
         """The stop token id or stop string that ended the request, if any."""
         self.stats = RequestStats(arrival_time=time.time() if arrival_time is None
                                   else arrival_time)
+        self.trace: RequestTrace | None = None
+        """Its scheduling timeline, created by the scheduler when request tracing is on."""
 
     @property
     def arrival_time(self) -> float:

@@ -15,6 +15,12 @@ Why this cannot deadlock: admission rejects any request that could not fit in th
 oldest running request always gets tokens first and may preempt every younger one, so it finishes;
 then the next oldest does, and so on.
 
+Tracing (``SchedulerConfig.request_trace``): the scheduler writes each request's ``RequestTrace``
+(see ``trace.py``) as it decides: why the waiting queue's head could not start this step, who was
+admitted with how many prefix-cache tokens, each prefill chunk, each preemption and what forced it.
+Decode steps record nothing, and waits are shared per run of identical steps, so a step costs O(1)
+tracing work unless the queue or the reason changed.
+
 Threading: call everything from the engine-core thread. ``finish_requests`` may run between
 ``schedule()`` and ``update_from_output()`` (an abort while the runner works): the freed blocks are
 only handed out again by the next ``schedule()``, the runner still writes the KV of the step it was
@@ -29,10 +35,18 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from tokenmill.config import CacheConfig, SchedulerConfig
-from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.block_manager import BlockManager, ComputedBlocks
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler_output import EngineCoreOutput, RunnerOutput, SchedulerOutput
 from tokenmill.engine.stats import SchedulerStats
+from tokenmill.engine.trace import (
+    BATCH_FULL,
+    KV_BLOCKS_SHORT,
+    PREEMPTING,
+    TOKEN_BUDGET_SPENT,
+    RequestTrace,
+    WaitCause,
+)
 from tokenmill.errors import InvalidRequestError, PromptTooLongError, RequestRejectedError
 
 
@@ -57,6 +71,12 @@ class Scheduler:
         self.num_steps = 0
         self._last_num_batched_tokens = 0
         self._last_batch_size = 0
+        self.trace_requests = scheduler_config.request_trace
+        self._wait_cause: WaitCause | None = None
+        """Why the waiting queue's head could not start in the latest steps (tracing only)."""
+        self._queue_changed = False
+        """A request joined the waiting queue (new or preempted) since waits were last noted."""
+        self._preempt_numbers: dict[str, int] = {}
 
     # ------------------------------------------------------------------ admission
     def add_request(self, request: Request) -> None:
@@ -102,7 +122,12 @@ class Scheduler:
                 f"(max_waiting_requests={limit}); retry later")
         request.max_tokens = max_tokens
         request.status = RequestStatus.WAITING
-        request.stats.queued_time = self.clock()
+        now = self.clock()
+        request.stats.queued_time = now
+        if self.trace_requests:
+            request.trace = RequestTrace(request.arrival_time)
+            request.trace.queued(now, len(self.waiting))
+            self._queue_changed = True
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -114,14 +139,20 @@ class Scheduler:
         scheduled: list[Request] = []
         preempted: set[str] = set()
         now = self.clock()
+        step = self.num_steps
+        tracing = self.trace_requests
 
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens_to_compute, budget)
             assert num_new > 0, f"running {request} has nothing to compute"
-            if not self._allocate_or_preempt(request, num_new, preempted):
+            if not self._allocate_or_preempt(request, num_new, preempted, now):
                 break  # it had to preempt itself: nobody after it is left either
+            # A decode step (one token after a fully computed sequence) is not traced.
+            if tracing and (num_new > 1 or not request.output_token_ids
+                            or request.num_computed_tokens + 1 < request.num_tokens):
+                request.trace.prefill(now, request.num_computed_tokens, num_new)
             num_scheduled[request.request_id] = num_new
             num_computed[request.request_id] = request.num_computed_tokens
             scheduled.append(request)
@@ -129,25 +160,46 @@ class Scheduler:
             index += 1
 
         # Admitting while preempting would only take blocks the running ones need next step.
+        max_num_seqs = self.scheduler_config.max_num_seqs
+        kv_short: dict[str, int] | None = None
         if not preempted:
-            max_num_seqs = self.scheduler_config.max_num_seqs
             while self.waiting and budget > 0 and len(self.running) < max_num_seqs:
                 request = self.waiting[0]
                 hit = self.block_manager.get_computed_blocks(request)
                 num_new = min(request.num_tokens - hit.num_tokens, budget)
                 if not self.block_manager.allocate_slots(request, num_new, hit):
+                    if tracing:
+                        kv_short = self._admission_shortfall(hit, num_new)
                     break  # FCFS: nobody jumps the head of the queue
                 self.waiting.popleft()
                 request.num_computed_tokens = hit.num_tokens
-                if request.stats.first_scheduled_time is None:
+                resumed = request.stats.first_scheduled_time is not None
+                if not resumed:
                     request.stats.first_scheduled_time = now
                     request.num_cached_tokens = hit.num_tokens
+                if tracing:
+                    request.trace.admitted(now, step, hit.num_tokens, resumed)
+                    request.trace.prefill(now, hit.num_tokens, num_new)
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
                 num_scheduled[request.request_id] = num_new
                 num_computed[request.request_id] = request.num_computed_tokens
                 scheduled.append(request)
                 budget -= num_new
+
+        if tracing:
+            if not self.waiting:
+                self._wait_cause = None
+            elif preempted:
+                self._note_waits(PREEMPTING, self._preempt_numbers, now, step)
+            elif kv_short is not None:
+                self._note_waits(KV_BLOCKS_SHORT, kv_short, now, step)
+            elif len(self.running) >= max_num_seqs:
+                self._note_waits(BATCH_FULL, {"max_num_seqs": max_num_seqs}, now, step)
+            else:
+                self._note_waits(TOKEN_BUDGET_SPENT, {
+                    "token_budget": self.scheduler_config.max_num_batched_tokens,
+                    "num_scheduled": len(scheduled)}, now, step)
 
         total = sum(num_scheduled.values())
         self.num_steps += 1
@@ -165,16 +217,53 @@ class Scheduler:
             preempted_request_ids=preempted,
         )
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: set[str]) -> bool:
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: set[str],
+                             now: float) -> bool:
         """Find blocks for a running request, preempting the youngest running ones if needed."""
-        while not self.block_manager.allocate_slots(request, num_new):
+        bm = self.block_manager
+        while not bm.allocate_slots(request, num_new):
             # Victims come from the tail, at or behind `request`, so none was scheduled this step.
             victim = self.running.pop()
+            if self.trace_requests:
+                needed = (bm.num_blocks_for_tokens(request.num_computed_tokens + num_new)
+                          - len(request.block_ids))
+                free = bm.num_free_blocks
+                self._preempt_numbers = {"blocks_needed": needed, "blocks_free": free}
+                victim.trace.preempted(now, request.request_id, needed, free,
+                                       victim.num_computed_tokens)
+                self._queue_changed = True
             self._preempt(victim)
             preempted.add(victim.request_id)
             if victim is request:
                 return False
         return True
+
+    def _admission_shortfall(self, hit: ComputedBlocks, num_new: int) -> dict[str, int]:
+        """The numbers behind a failed admission: blocks it needs beyond its prefix hit, and the
+        free blocks it could take (hit blocks nobody holds sit in the free queue but are its own).
+        """
+        bm = self.block_manager
+        needed = bm.num_blocks_for_tokens(hit.num_tokens + num_new) - len(hit.block_ids)
+        num_revived = sum(1 for block_id in hit.block_ids if bm.blocks[block_id].ref_cnt == 0)
+        return {"blocks_needed": needed, "blocks_free": bm.num_free_blocks - num_revived}
+
+    def _note_waits(self, reason: str, numbers: dict[str, int], now: float, step: int) -> None:
+        """Every request still waiting after this step's admissions waits for ``reason``.
+
+        Runs of steps with the same reason share one WaitCause, so the loop over the queue only
+        runs when the reason changed or someone joined the queue."""
+        cause = self._wait_cause
+        if cause is not None and cause.reason == reason:
+            cause.numbers = numbers
+            cause.last_step = step
+            if not self._queue_changed:
+                return
+        else:
+            cause = self._wait_cause = WaitCause(reason, numbers, step)
+        self._queue_changed = False
+        for num_ahead, request in enumerate(self.waiting):
+            if request.trace.open_wait is not cause:
+                request.trace.wait(cause, now, step, num_ahead)
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)
@@ -207,6 +296,8 @@ class Scheduler:
             request.append_output_token_id(token_id)
             if request.stats.first_token_time is None:
                 request.stats.first_token_time = now
+                if request.trace is not None:
+                    request.trace.first_token(now)
             request.stats.last_token_time = now
             status = self._check_stop(request, token_id)
             if status is not None:
@@ -241,6 +332,9 @@ class Scheduler:
         self.block_manager.free(request)
         request.status = status
         request.stats.finished_time = now
+        if request.trace is not None:
+            request.trace.finished(now, self.num_steps, status.finish_reason,
+                                   request.num_output_tokens)
         del self.requests[request.request_id]
         self._finished_since_last_step.add(request.request_id)
 

@@ -47,6 +47,7 @@ from tokenmill.gateway.ratelimit import RateLimiter, RateLimitStage
 from tokenmill.gateway.router import Router
 from tokenmill.gateway.semantic_cache import SemanticCacheStage
 from tokenmill.gateway.upstream import UpstreamStage
+from tokenmill.telemetry import TracingMiddleware, otlp_tracer_provider
 
 logger = logging.getLogger("tokenmill.gateway")
 _STATE_SAVE_INTERVAL_S = 1.0
@@ -129,9 +130,15 @@ def error_response(exc: TokenmillError) -> JSONResponse:
 
 
 def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
-               transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+               transport: httpx.AsyncBaseTransport | None = None,
+               tracer_provider: Any = None) -> FastAPI:
+    """``tracer_provider``: an OpenTelemetry TracerProvider for spans (default: an OTLP one when
+    ``server.otlp_endpoint`` is set, else no spans)."""
     gw = build_gateway(config, embedder=embedder, transport=transport)
     fleet = FleetHistory(gw.metrics, gw.router)
+    owns_provider = tracer_provider is None and config.server.otlp_endpoint is not None
+    if owns_provider:
+        tracer_provider = otlp_tracer_provider("tokenmill-gateway", config.server.otlp_endpoint)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -149,9 +156,13 @@ def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
             await asyncio.gather(*tasks, return_exceptions=True)
             gw.limiter.save()
             await gw.client.aclose()
+            if owns_provider:
+                await asyncio.to_thread(tracer_provider.shutdown)  # flushes what is batched
 
     app = FastAPI(title="tokenmill gateway", lifespan=lifespan)
     app.state.gateway = gw
+    if tracer_provider is not None:  # OpenTelemetry: a span per request, one per stage inside
+        app.add_middleware(TracingMiddleware, tracer_provider=tracer_provider, service="gateway")
 
     async def handle(endpoint: str, http_request: Request, handler: Handler) -> Response:
         greq = GatewayRequest(endpoint, {}, _bearer(http_request))

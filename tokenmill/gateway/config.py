@@ -38,6 +38,11 @@ class ServerSection:
         "JSON file the rate-limit buckets are saved to, so limits survive a restart.", default=None
     )
     expose_metrics: bool = _help("Serve Prometheus metrics on /metrics.", default=True)
+    otlp_endpoint: str | None = _help(
+        "OTLP/HTTP collector URL for OpenTelemetry spans (one per request, one per stage; "
+        "traceparent goes on to the upstream); needs the otlp extra. None: no spans.",
+        default=None
+    )
 
 
 @dataclass(frozen=True)

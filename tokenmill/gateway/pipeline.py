@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from tokenmill.gateway.config import TenantSection
 from tokenmill.gateway.metrics import GatewayMetrics
+from tokenmill.telemetry import child_span
 
 
 @dataclass
@@ -82,7 +83,8 @@ def _timed(stage: Stage, inner: Handler, metrics: GatewayMetrics) -> Handler:
 
         start = time.perf_counter()
         try:
-            return await stage(request, call_next)
+            with child_span(f"gateway.{stage.name}"):  # no-op unless OpenTelemetry is on
+                return await stage(request, call_next)
         finally:
             metrics.stage_seconds.labels(stage.name).observe(time.perf_counter() - start - waited)
 

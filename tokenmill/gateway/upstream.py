@@ -20,6 +20,7 @@ from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse
 from tokenmill.gateway.protocol import CHAT, prompt_text
 from tokenmill.gateway.router import Replica, Router
+from tokenmill.telemetry import child_span, inject_traceparent
 
 PATHS = {CHAT: "/v1/chat/completions", "completions": "/v1/completions"}
 
@@ -38,6 +39,10 @@ class UpstreamStage:
         self.metrics = metrics
 
     async def __call__(self, request: GatewayRequest) -> GatewayResponse:
+        with child_span("gateway.upstream"):  # the server's request span becomes its child
+            return await self._send(request)
+
+    async def _send(self, request: GatewayRequest) -> GatewayResponse:
         model = request.body["model"]
         if not self.router.knows_model(model):
             raise UnknownModelError(f"model {model!r} is not served by any upstream; see "
@@ -49,6 +54,7 @@ class UpstreamStage:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         headers = {"x-tokenmill-tenant": request.tenant_name,
                    "x-tokenmill-priority": str(request.tenant.priority if request.tenant else 0)}
+        inject_traceparent(headers)  # the server's spans join the gateway's trace
         plan = self.router.plan(model, prompt_text(request.endpoint, request.body))
         last_error = "no upstream is healthy"
         for replica in plan:

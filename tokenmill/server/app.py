@@ -21,13 +21,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from tokenmill.engine.async_llm import AsyncLLM, engine_info
 from tokenmill.errors import TokenmillError
-from tokenmill.server import dashboard
+from tokenmill.server import dashboard, trace_routes
 from tokenmill.server.cost_metrics import CostTracker
 from tokenmill.server.error_handlers import error_response, install_error_handlers
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai import chat, completions, models, tokenize
-from tokenmill.server.request_logger import banner, log_finished_requests
+from tokenmill.server.request_logger import banner, finished_request_logger
 from tokenmill.server.state import ServerSettings, ServerState, server_state
+from tokenmill.server.trace_spans import trace_span_hook
+from tokenmill.telemetry import TracingMiddleware, otlp_tracer_provider
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -53,7 +55,7 @@ async def _load_engine(app: FastAPI, factory: EngineFactory) -> None:
     state.metrics.bind(engine, cost)
     state.history.bind(engine, cost)
     engine.output_listeners.extend([state.metrics.on_step, state.history.on_step,
-                                    log_finished_requests])
+                                    finished_request_logger(engine.traces)])
     info = engine_info(engine)
     state.kv_pool_tokens = info["kv_tokens"]
     state.engine = engine
@@ -78,7 +80,14 @@ async def _drain(state: ServerState, timeout: float) -> None:
         await state.engine.shutdown(timeout)
 
 
-def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLLM) -> FastAPI:
+def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLLM,
+               tracer_provider: Any = None) -> FastAPI:
+    """``tracer_provider``: an OpenTelemetry TracerProvider to send spans to (default: an OTLP
+    one when ``settings.otlp_endpoint`` is set, else no spans at all)."""
+    owns_provider = tracer_provider is None and settings.otlp_endpoint is not None
+    if owns_provider:
+        tracer_provider = otlp_tracer_provider("tokenmill-server", settings.otlp_endpoint)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         load = asyncio.create_task(_load_engine(app, engine_factory))
@@ -90,6 +99,8 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLL
             if not load.done():
                 load.cancel()
             await begin_drain(app)
+            if owns_provider:
+                await asyncio.to_thread(tracer_provider.shutdown)  # flushes what is batched
 
     app = FastAPI(title="tokenmill", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.server = ServerState(settings, ServerMetrics())
@@ -97,6 +108,11 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLL
     for module in (completions, chat, models, tokenize):
         app.include_router(module.router)
     app.include_router(dashboard.router)  # GET /dashboard and /dashboard/data
+    app.include_router(trace_routes.router)  # GET /v1/requests/{id}/trace
+    if tracer_provider is not None:  # OpenTelemetry spans
+        tracer = tracer_provider.get_tracer("tokenmill.server")
+        app.add_middleware(TracingMiddleware, tracer_provider=tracer_provider, service="server",
+                           on_finish=trace_span_hook(app, tracer))
 
     @app.get("/health")
     async def health(request: Request) -> Response:

@@ -32,6 +32,8 @@ class ServerSettings:
     """Dollars per hour of the machine; turns on the cost metrics."""
     cost_window_seconds: float = 60.0
     """Window of the live cost-per-million-tokens gauges."""
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP collector URL for OpenTelemetry spans; None: no spans."""
 
     @property
     def address(self) -> str:

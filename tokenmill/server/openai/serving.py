@@ -26,10 +26,19 @@ from tokenmill.server.sse import (
     event,
     sse_response,
 )
+from tokenmill.server.state import server_state
+
+TENANT_HEADER = "x-tokenmill-tenant"
+"""Set by the gateway: whose request this is (request traces are shown to that tenant only)."""
 
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def prompt_request_id(base_id: str, prompt_index: int, num_prompts: int) -> str:
+    """The engine request id of one prompt of a response (the response id itself if only one)."""
+    return base_id if num_prompts == 1 else f"{base_id}-{prompt_index}"
 
 
 def default_max_tokens(engine: AsyncLLM, kv_pool_tokens: int, num_prompt_tokens: int
@@ -68,8 +77,11 @@ class RequestGroup:
     Closing the group aborts whatever has not finished, which frees its KV blocks at once.
     """
 
-    def __init__(self, streams: list[RequestStream], metrics: ServerMetrics):
+    def __init__(self, streams: list[RequestStream], metrics: ServerMetrics,
+                 request_id: str = ""):
         self.streams = streams
+        self.request_id = request_id
+        """The response id (``cmpl-...``): the ``x-request-id`` header and the trace's URL."""
         self.metrics = metrics
         self._unfinished = {s.request_id for s in streams}
 
@@ -79,7 +91,7 @@ class RequestGroup:
                     cache_salt: str | None) -> RequestGroup:
         # Admit concurrently: the engine thread takes its whole inbox between two steps, so n
         # prompts cost one step boundary, not n.
-        ids = [base_id if len(prompts) == 1 else f"{base_id}-{i}" for i in range(len(prompts))]
+        ids = [prompt_request_id(base_id, i, len(prompts)) for i in range(len(prompts))]
         results = await asyncio.gather(
             *(engine.add_request(p, sp, rid, cache_salt)
               for p, sp, rid in zip(prompts, params, ids, strict=True)),
@@ -90,7 +102,7 @@ class RequestGroup:
             for stream in streams:
                 await stream.aclose()
             raise errors[0]
-        return cls(streams, metrics)
+        return cls(streams, metrics, base_id)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, output) as each engine step produces them, across all prompts."""
@@ -162,9 +174,18 @@ async def respond(request: Request, group: RequestGroup, stream: bool,
                   events: Callable[[], AsyncIterator[str]],
                   body: Callable[[list[RequestOutput]], dict[str, Any]]) -> Response:
     """Stream ``events()`` as SSE, or wait for every final output and answer ``body(finals)`` as
-    JSON. Either way a client that goes away aborts the group and frees its KV blocks."""
+    JSON. Either way a client that goes away aborts the group and frees its KV blocks.
+    Every answer carries the response id in ``x-request-id`` (the key of its trace)."""
+    headers = {"x-request-id": group.request_id}
+    tenant = request.headers.get(TENANT_HEADER)
+    engine = server_state(request).engine
+    if tenant is not None and engine is not None:  # before the id goes out: nobody can ask sooner
+        for request_stream in group.streams:
+            engine.traces.set_owner(request_stream.request_id, tenant)
     if stream:
-        return sse_response(events())
+        response = sse_response(events())
+        response.headers.update(headers)
+        return response
 
     async def collect() -> list[RequestOutput]:
         try:
@@ -175,8 +196,8 @@ async def respond(request: Request, group: RequestGroup, stream: bool,
     try:
         finals = await cancel_on_disconnect(request, collect())
     except ClientDisconnected:
-        return Response(status_code=499)
-    return JSONResponse(body(finals))
+        return Response(status_code=499, headers=headers)
+    return JSONResponse(body(finals), headers=headers)
 
 
 async def sse_events(group: RequestGroup, chunks: AsyncIterator[dict[str, Any]],
