@@ -34,12 +34,13 @@ def test_dashboard_data_is_a_history_with_the_slowest_requests(client, tokenmill
     first = dashboard_data(url)
     assert first["model"] == MODEL and first["phase"] == "ready"
     complete(client, "The dashboard shows")
-    # The engine's listeners saw it finish before its answer came back, so the point that was
-    # the latest then, or the next one, counts it.
+    # The engine's listeners saw it finish before its answer came back, so a point after the
+    # first read and up to the one after the latest then counts it (on a loaded machine the
+    # answer can take more than one sampling interval to arrive).
     seq = dashboard_data(url)["latest_seq"]
     after = first_point_after(url, seq)
     data = dashboard_data(url)
-    around = [p for p in data["points"] if p["seq"] in (seq, seq + 1)]
+    around = [p for p in data["points"] if first["latest_seq"] < p["seq"] <= seq + 1]
     assert sum(p["requests_finished"] for p in around) >= 1
     assert any(p["output_tokens_per_s"] for p in around)
     assert after["ttft_p50_s"] > 0 and after["tpot_p50_s"] > 0
