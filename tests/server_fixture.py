@@ -30,13 +30,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *extra_args: str, kv_cache_bytes: int = KV_CACHE_BYTES):
+    def __init__(self, *extra_args: str, kv_cache_bytes: int = KV_CACHE_BYTES,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix="tokenmill-serve-", suffix=".log")[1])
         self.health_statuses: list[int] = []
         env = {**os.environ, "TOKENMILL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-               "HF_HUB_OFFLINE": "1"}
+               "HF_HUB_OFFLINE": "1", **(env or {})}
         args = [sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(self.port),
                 "--kv-cache-memory", str(kv_cache_bytes), *extra_args]
         self._log = self.log_path.open("w")
@@ -63,7 +64,8 @@ class ServerProcess:
         raise RuntimeError(f"tokenmill serve was not ready within {deadline_s}s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # stop() closes it; the file stays readable
+            self._log.flush()
         return self.log_path.read_text()
 
     def terminate(self) -> None:

@@ -42,8 +42,9 @@ BAD_VALUES = [
     ("top_k", -2, ">= 1"),
     ("top_k", 2.5, ">= 1"),
     ("min_p", 1.5, "[0, 1]"),
-    ("n", 0, ">= 1"),
-    ("n", True, ">= 1"),
+    ("n", 0, "[1, 128]"),
+    ("n", 129, "[1, 128]"),  # OpenAI's limit: a huge n would stall admission
+    ("n", True, "[1, 128]"),
     ("max_tokens", 0, ">= 1"),
     ("max_tokens", "16", ">= 1"),
     ("min_tokens", -1, ">= 0"),

@@ -124,9 +124,15 @@ class SchedulerConfig:
         "preemptions) for GET /v1/requests/{id}/trace and the finished-request log line; "
         "--no-request-trace turns it off.", default=True
     )
+    max_unread_tokens: int = _help(
+        "Most generated tokens a request's reader may leave unread (a slow streaming client); "
+        "past it the request is aborted with an error and its KV blocks freed. Unread outputs "
+        "are coalesced, so memory per request stays bounded by this.", default=8192
+    )
 
     def __post_init__(self) -> None:
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_waiting_requests"):
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_waiting_requests",
+                     "max_unread_tokens"):
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"{name}={value} must be at least 1", param=name)

@@ -20,8 +20,9 @@ new error only needs a class here (with its ``status_code``) to be reported corr
     ├── RequestTooLargeError             413  the request body is over the configured limit
     ├── UpstreamUnavailableError         503  the gateway found no upstream able to answer
     ├── RequestRejectedError             429  the server is overloaded (queue bound); retry later
+    ├── SlowReaderError                  408  a client left too much of its stream unread
     ├── EngineNotReadyError              503  the engine is starting or shutting down
-    ├── EngineDeadError                  500  the engine core died; the server must restart
+    ├── EngineDeadError                  503  the engine core died; the server restarts it or exits
     └── BenchError                       -    a measuring-tool problem (unreachable URL, bad input)
 """
 
@@ -124,9 +125,14 @@ class EngineNotReadyError(TokenmillError):
     error_type = "service_unavailable"
 
 
+class SlowReaderError(TokenmillError):
+    status_code = 408
+    error_type = "timeout_error"
+
+
 class EngineDeadError(TokenmillError):
-    status_code = 500
-    error_type = "internal_error"
+    status_code = 503
+    error_type = "service_unavailable"
 
 
 class BenchError(TokenmillError):

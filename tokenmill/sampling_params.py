@@ -22,6 +22,8 @@ from tokenmill.errors import InvalidSamplingParamsError
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0
+MAX_N = 128
+"""Most samples one request may ask for (OpenAI's own limit): each is a request in the engine."""
 MAX_ABS_PENALTY = 2.0
 
 
@@ -100,9 +102,10 @@ class SamplingParams:
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        put("n", _as_int("n", self.n, "an integer >= 1"))
-        if self.n < 1:
-            raise _fail("n", self.n, "an integer >= 1")
+        n_allowed = f"an integer in [1, {MAX_N}]"
+        put("n", _as_int("n", self.n, n_allowed))
+        if not 1 <= self.n <= MAX_N:  # each sample is a request: a huge n would stall admission
+            raise _fail("n", self.n, n_allowed)
 
         temperature = _as_float("temperature", self.temperature, "a number >= 0 (0 is greedy)")
         if temperature < 0:
@@ -175,8 +178,9 @@ class SamplingParams:
         for key, value in raw.items():
             # JSON object keys are strings: {"50256": -100} is the OpenAI API's own form.
             token_id = key
-            if isinstance(key, str) and key.strip().lstrip("-").isdigit():
-                token_id = int(key)
+            digits = key.strip() if isinstance(key, str) else ""
+            if digits.isascii() and digits.lstrip("-").isdigit():  # not int("²"): ASCII only
+                token_id = int(digits)
             if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
                 raise _fail("logit_bias", key, "keyed by token ids (integers >= 0)")
             number = _as_float("logit_bias", value, allowed)

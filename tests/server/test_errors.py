@@ -33,7 +33,9 @@ BAD = [
     (CMPL, cmpl(temperature=-1), 400, "temperature", ">= 0"),
     (CMPL, cmpl(top_p=1.5), 400, "top_p", "(0, 1]"),
     (CMPL, cmpl(top_p=[1]), 400, "top_p", "number"),
-    (CMPL, cmpl(n=0), 400, "n", ">= 1"),
+    (CMPL, cmpl(n=0), 400, "n", "[1, 128]"),
+    (CMPL, cmpl(n=1_000_000), 400, "n", "[1, 128]"),  # refused at once, not fanned out first
+    (CHAT, chat(n=129), 400, "n", "[1, 128]"),
     (CMPL, cmpl(n="2"), 400, "n", "integer"),
     (CMPL, cmpl(n=1.5), 400, "n", "integer"),
     (CMPL, cmpl(max_tokens=0), 400, "max_tokens", ">= 1"),
@@ -47,6 +49,10 @@ BAD = [
     (CMPL, cmpl(logit_bias={"abc": 1}), 400, "logit_bias", "token id"),
     (CMPL, cmpl(logit_bias={"5": 500}), 400, "logit_bias", "[-100, 100]"),
     (CMPL, cmpl(logit_bias=[1, 2]), 400, "logit_bias", "dictionary"),
+    (CMPL, cmpl(logit_bias={"49152": 1}), 400, "logit_bias", "outside the vocabulary [0, 49152)"),
+    (CHAT, chat(logit_bias={"10000000": -100}), 400, "logit_bias", "outside the vocabulary"),
+    (CMPL, cmpl(logit_bias={"\u00b2": 1}), 400, "logit_bias", "token id"),  # int("²") fails
+    (CMPL, cmpl(stop_token_ids=[49152]), 400, "stop_token_ids", "outside the vocabulary"),
     (CMPL, cmpl(top_k=-2), 400, "top_k", "0 / -1"),
     (CMPL, cmpl(min_p=1.5), 400, "min_p", "[0, 1]"),
     (CMPL, cmpl(repetition_penalty=0), 400, "repetition_penalty", "> 0"),

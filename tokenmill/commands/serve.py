@@ -2,7 +2,8 @@
 
 SIGTERM (or Ctrl+C) drains: new requests get 503 and the listening socket closes, running requests
 get ``--shutdown-timeout`` seconds to finish, the rest are aborted, then the process exits with 0.
-A second Ctrl+C forces the exit.
+A second Ctrl+C forces the exit. If the engine dies, the process exits with status 1 (after failing
+every request it held) unless ``--restart-engine-on-failure`` asks for a new engine in place.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="Send OpenTelemetry spans (request, queue, prefill, decode) to this "
                              "OTLP/HTTP collector, e.g. http://127.0.0.1:4318/v1/traces; needs "
                              "the otlp extra. Off by default.")
+    parser.add_argument("--restart-engine-on-failure", action="store_true",
+                        help="If the engine dies (an internal error), fail the requests it held "
+                             "and load a new engine in place. Default: exit with status 1 so a "
+                             "supervisor (systemd, Kubernetes) restarts the server.")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     parser.add_argument("--access-log", action="store_true",
@@ -109,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
                               port=args.port, shutdown_timeout=args.shutdown_timeout,
                               price_per_hour=args.price_per_hour,
                               cost_window_seconds=args.cost_window_seconds,
-                              otlp_endpoint=args.otlp_endpoint)
+                              otlp_endpoint=args.otlp_endpoint,
+                              restart_engine_on_failure=args.restart_engine_on_failure)
     app = create_app(settings)
     # The drain itself enforces --shutdown-timeout; uvicorn's own limit is only a backstop.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
@@ -121,7 +127,17 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     app.state.on_load_failure = stop_after_load_failure
+    engine_deaths: list[BaseException] = []
+
+    def exit_after_engine_death(exc: BaseException) -> None:
+        engine_deaths.append(exc)
+        server.should_exit = True
+
+    app.state.on_engine_dead = exit_after_engine_death
     server.run()
+    if engine_deaths:
+        raise SystemExit(f"tokenmill: error: the engine died: {engine_deaths[0]!r} (see the log "
+                         "above); exiting with status 1")
     error = app.state.server.load_error
     if error is None and not server.started:
         raise ConfigError(f"could not listen on {args.host}:{args.port} (see the log above)",

@@ -13,7 +13,13 @@ libgomp then counts more threads than cores and stops spinning between regions, 
 op pays a futex wake (~75 us on a 2-core machine, 15 -> 28 ms per decode step of the built-in model,
 ``benchmarks/serve_load.py``). One thread doing all the torch work keeps one pool.
 * the event loop owns text: tokenizing, the output processor (detokenizer, stop strings, n-sample
-  gathering) and one queue per request that its HTTP handler reads.
+  gathering) and one ``RequestStream`` per request that its HTTP handler reads.
+
+Nobody is ever left waiting: if the engine thread dies (any exception, or a bug in the output
+processor on the loop), every request in flight and every request still being admitted fails at
+once with ``EngineDeadError``, and ``on_dead`` callbacks tell the server (which turns ``/health``
+503 and exits, or restarts the engine). A request whose caller goes away while it is being admitted
+is aborted in the core right after its admission, so it never generates for no one.
 """
 
 from __future__ import annotations
@@ -25,15 +31,17 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine_core import EngineCore
+from tokenmill.engine.fault_injection import EngineFaultInjector
 from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.request import Request
+from tokenmill.engine.request_stream import RequestStream
 from tokenmill.engine.scheduler_output import EngineCoreOutput
 from tokenmill.engine.stats import SchedulerStats
 from tokenmill.engine.trace_store import TraceStore
@@ -43,6 +51,7 @@ from tokenmill.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 OutputListener = Callable[[list[RequestOutput], float], None]
+DeathListener = Callable[[BaseException], None]
 
 
 @dataclass
@@ -58,43 +67,13 @@ class _Finish:
     stopped: bool = False  # True: a stop string ended them; False: aborted
 
 
-@dataclass
-class RequestStream:
-    """What ``add_request`` returns: iterate it for the request's outputs (one per engine step)."""
-
-    request_id: str
-    num_prompt_tokens: int
-    _queue: asyncio.Queue = field(repr=False)
-    _engine: AsyncLLM = field(repr=False)
-    _finished: bool = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._finished:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self._finished = True
-            raise item
-        if item.finished:
-            self._finished = True
-        return item
-
-    async def aclose(self) -> None:
-        """Stop reading: an unfinished request is aborted and its KV blocks freed."""
-        if not self._finished:
-            self._finished = True
-            await self._engine.abort(self.request_id)
-
-
 class AsyncLLM:
     def __init__(self, config: EngineConfig):
         self.config = config
         self._inbox: queue.SimpleQueue[_Add | _Finish | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead: BaseException | None = None
+        self._faults = EngineFaultInjector.from_env()
         self._thread = threading.Thread(target=self._engine_main, name="tokenmill-engine",
                                         daemon=True)
         self._core_ready = threading.Event()
@@ -114,7 +93,10 @@ class AsyncLLM:
                                                   self.core.source.arch.vocab_size)
             self.output_processor = OutputProcessor(self.tokenizer)
             self.output_listeners: list[OutputListener] = []
-            self._streams: dict[str, asyncio.Queue] = {}
+            self.death_listeners: list[DeathListener] = []
+            """Called on the event loop, once, if the engine dies (the server exits or restarts)."""
+            self._streams: dict[str, RequestStream] = {}
+            self._admitting: dict[str, asyncio.Future] = {}  # request id -> admission answer
             self._stats: SchedulerStats = self.core.get_stats()
             self._accepting = True
             self._ids = itertools.count()
@@ -129,6 +111,11 @@ class AsyncLLM:
     @property
     def is_running(self) -> bool:
         return self._dead is None and self._thread.is_alive()
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        """What killed the engine thread, if it died."""
+        return self._dead
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -151,18 +138,26 @@ class AsyncLLM:
         children = self.input_processor.make_requests(request_id, prompt_ids, params, cache_salt,
                                                       arrival_time)
         admitted = loop.create_future()
-        stream_queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = stream_queue
+        stream = RequestStream(request_id, len(prompt_ids),
+                               self.config.scheduler.max_unread_tokens, self.abort)
+        self._streams[request_id] = stream
+        self._admitting[request_id] = admitted
         self.output_processor.add_request(request_id, text, children)
         self.traces.add(request_id, children)  # request traces (before its outputs can come)
         self._inbox.put(_Add(request_id, children, admitted))
         try:
             await admitted
         except BaseException:
+            # Refused, the engine died, or the caller went away (cancelled) while the engine
+            # thread may be adding the request right now: abort it after the add, in inbox order,
+            # so it never keeps generating and holding KV blocks for no one.
+            self._inbox.put(_Finish([c.request_id for c in children]))
             self.traces.discard(request_id)  # request traces
             self._forget(request_id)
             raise
-        return RequestStream(request_id, len(prompt_ids), stream_queue, self)
+        finally:
+            self._admitting.pop(request_id, None)
+        return stream
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None, cache_salt: str | None = None
@@ -188,11 +183,11 @@ class AsyncLLM:
         while self._streams and time.monotonic() < deadline and self.is_running:
             await asyncio.sleep(0.05)
         for request_id in list(self._streams):
-            queue_ = self._streams.get(request_id)
+            stream = self._streams.get(request_id)
             await self.abort(request_id)
-            if queue_ is not None:
-                queue_.put_nowait(EngineNotReadyError("the server shut down before this request "
-                                                      "finished"))
+            if stream is not None:
+                stream.fail(EngineNotReadyError("the server shut down before this request "
+                                                "finished"))
         self._inbox.put(None)
         await asyncio.to_thread(self._thread.join, 10)
 
@@ -215,14 +210,25 @@ class AsyncLLM:
         self.traces.finish(request_id)  # request traces
 
     def _on_core_outputs(self, core_outputs: list[EngineCoreOutput]) -> None:
+        if self._dead is not None:
+            return
         now = time.time()
-        processed = self.output_processor.process(core_outputs)
+        try:
+            processed = self.output_processor.process(core_outputs)
+        except Exception as error:  # a frontend bug: nobody's output can be trusted any more
+            logger.exception("the output processor failed")
+            self._inbox.put(None)  # stop the engine thread too
+            self._on_engine_dead(error)
+            return
         if processed.stopped_request_ids:
             self._inbox.put(_Finish(processed.stopped_request_ids, stopped=True))
         for output in processed.request_outputs:
-            stream_queue = self._streams.get(output.request_id)
-            if stream_queue is not None:
-                stream_queue.put_nowait(output)
+            stream = self._streams.get(output.request_id)
+            if stream is not None and not stream.put(output):
+                child_ids = self.output_processor.child_ids(output.request_id)
+                self._forget(output.request_id)  # the reader fell too far behind
+                self._inbox.put(_Finish(child_ids))
+                continue
             if output.finished:
                 self._streams.pop(output.request_id, None)
                 self.traces.finish(output.request_id)  # request traces
@@ -233,19 +239,29 @@ class AsyncLLM:
                 logger.exception("output listener failed")
 
     def _on_engine_dead(self, error: BaseException) -> None:
+        if self._dead is not None and self._dead is not error:
+            return  # already reported
         self._dead = error
         dead = EngineDeadError(f"the engine stopped after an internal error: {error!r}")
-        for stream_queue in self._streams.values():
-            stream_queue.put_nowait(dead)
+        for stream in self._streams.values():
+            stream.fail(dead)
+        for admitted in self._admitting.values():
+            if not admitted.done():
+                admitted.set_exception(dead)
         self._streams.clear()
         self.traces.finish_all()  # request traces
+        for listener in self.death_listeners:
+            try:
+                listener(error)
+            except Exception:
+                logger.exception("engine death listener failed")
 
     # ----------------------------------------------------------------- engine thread
     def _engine_main(self) -> None:
         """Build the core here (see the module docstring), then serve commands until told to stop."""
         try:
             self._core = EngineCore(self.config)
-        except BaseException as error:  # re-raised by __init__ on the caller's thread
+        except BaseException as error:  # noqa: BLE001 - re-raised by __init__ on the caller's thread
             self._load_error = error
             self._core_ready.set()
             return
@@ -263,14 +279,16 @@ class AsyncLLM:
                 self._stats = self.core.get_stats()  # aborts change it even without a step
                 if not self.core.has_unfinished_requests():
                     continue
+                self._faults.before_step()
                 outputs = self.core.step()
                 self._stats = self.core.get_stats()
                 if outputs and self._loop is not None:
                     self._loop.call_soon_threadsafe(self._on_core_outputs, outputs)
-        except BaseException as error:  # reported to every waiting request
+        except BaseException as error:
             logger.exception("engine loop died")
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._on_engine_dead, error)
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._on_engine_dead, error)
             else:
                 self._dead = error
 

@@ -44,12 +44,23 @@ class InputProcessor:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt,
                                                   **template_kwargs)
 
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """Token ids a request names must exist in this model's vocabulary (as vLLM checks)."""
+        for name, ids in (("logit_bias", params.logit_bias or {}),
+                          ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"{name} names token id {bad[0]}, outside the vocabulary "
+                    f"[0, {self.vocab_size})", param=name)
+
     def make_requests(self, request_id: str, prompt_token_ids: list[int],
                       params: SamplingParams, cache_salt: str | None = None,
                       arrival_time: float | None = None) -> list[Request]:
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty; give at least one token",
                                       param="prompt")
+        self._check_token_ids(params)
         arrival = time.time() if arrival_time is None else arrival_time
         # Models with several end tokens (Llama 3: <|end_of_text|>, <|eot_id|>) stop on any of them.
         stop_ids = list(params.stop_token_ids)

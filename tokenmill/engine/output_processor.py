@@ -2,6 +2,12 @@
 
 Owns detokenization and stop strings (the core only knows token ids), and gathers the n samples of a
 request back under its id.
+
+Outputs are deltas (see ``outputs.py``): a step builds, for each request it touched, fresh
+``CompletionOutput``s holding only that step's tokens, text and logprobs. What a request has
+generated is appended once to its state and handed over whole, without a copy, in its final output.
+So processing a request costs O(tokens it generates), not O(tokens²) as re-copying a growing
+snapshot at every step would.
 """
 
 from __future__ import annotations
@@ -12,7 +18,19 @@ from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
 from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler_output import EngineCoreOutput
+from tokenmill.layers.sampler import TokenLogprobs
 from tokenmill.loader.tokenizer import Tokenizer
+
+
+@dataclass
+class _SampleState:
+    """One of the n samples: what it generated so far and how it ended."""
+
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -21,8 +39,7 @@ class _RequestState:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[Request]
-    detokenizers: list[IncrementalDetokenizer]
-    completions: list[CompletionOutput]
+    samples: list[_SampleState]
     num_cached_tokens: int = 0
     num_finished: int = 0
     want_logprobs: bool = False
@@ -46,15 +63,13 @@ class OutputProcessor:
         self._parent_of: dict[str, str] = {}
 
     def add_request(self, request_id: str, prompt: str | None, children: list[Request]) -> None:
-        params = children[0].sampling_params
+        want_logprobs = children[0].sampling_params.logprobs is not None
         state = _RequestState(
             request_id=request_id, prompt=prompt, prompt_token_ids=children[0].prompt_token_ids,
             children=children,
-            detokenizers=[IncrementalDetokenizer(self.tokenizer, c.sampling_params)
-                          for c in children],
-            completions=[CompletionOutput(index=i, logprobs=[] if params.logprobs is not None
-                                          else None) for i in range(len(children))],
-            want_logprobs=params.logprobs is not None,
+            samples=[_SampleState(IncrementalDetokenizer(self.tokenizer, c.sampling_params),
+                                  logprobs=[] if want_logprobs else None) for c in children],
+            want_logprobs=want_logprobs,
         )
         for index, child in enumerate(children):
             state.child_index[child.request_id] = index
@@ -69,7 +84,7 @@ class OutputProcessor:
         return [] if state is None else [c.request_id for c in state.children]
 
     def process(self, core_outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
-        touched: dict[str, _RequestState] = {}
+        deltas: dict[str, list[CompletionOutput]] = {}  # parent id -> this step's completions
         stopped: list[str] = []
         for core_output in core_outputs:
             parent_id = self._parent_of.get(core_output.request_id)
@@ -77,37 +92,44 @@ class OutputProcessor:
                 continue  # aborted by the frontend while the step ran
             state = self.states[parent_id]
             index = state.child_index[core_output.request_id]
-            completion = state.completions[index]
-            if completion.finished:
+            sample = state.samples[index]
+            if sample.finish_reason is not None:
                 continue
-            if parent_id not in touched:
-                touched[parent_id] = state
-                for fresh in state.completions:  # deltas are per call
-                    fresh.delta_text, fresh.delta_token_ids = "", []
-                    fresh.delta_logprobs = [] if state.want_logprobs else None
+            if parent_id not in deltas:
+                deltas[parent_id] = [
+                    CompletionOutput(index=i, delta_logprobs=[] if state.want_logprobs else None,
+                                     finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+                    for i, s in enumerate(state.samples)]
+            delta = deltas[parent_id][index]
             state.num_cached_tokens = max(state.num_cached_tokens, core_output.num_cached_tokens)
-            detokenizer = state.detokenizers[index]
-            delta = detokenizer.update(core_output.new_token_ids, core_output.finished)
-            completion.text = detokenizer.text
-            completion.delta_text += delta
-            completion.token_ids.extend(core_output.new_token_ids)
-            completion.delta_token_ids.extend(core_output.new_token_ids)
+            delta.delta_text = sample.detokenizer.update(core_output.new_token_ids,
+                                                         core_output.finished)
+            sample.token_ids.extend(core_output.new_token_ids)
+            delta.delta_token_ids = list(core_output.new_token_ids)
             if state.want_logprobs and core_output.logprobs is not None:
-                completion.logprobs.append(core_output.logprobs)
-                completion.delta_logprobs.append(core_output.logprobs)
-            if detokenizer.stopped_by is not None:
-                completion.finish_reason, completion.stop_reason = "stop", detokenizer.stopped_by
+                sample.logprobs.append(core_output.logprobs)
+                delta.delta_logprobs.append(core_output.logprobs)
+            if sample.detokenizer.stopped_by is not None:
+                sample.finish_reason, sample.stop_reason = "stop", sample.detokenizer.stopped_by
                 if not core_output.finished:
                     stopped.append(core_output.request_id)
             elif core_output.finished:
-                completion.finish_reason = core_output.finish_reason
-                completion.stop_reason = core_output.stop_reason
-            if completion.finished:
+                sample.finish_reason = core_output.finish_reason
+                sample.stop_reason = core_output.stop_reason
+            delta.finish_reason, delta.stop_reason = sample.finish_reason, sample.stop_reason
+            if sample.finish_reason is not None:
                 state.num_finished += 1
-        results = [self._request_output(state) for state in touched.values()]
-        for state in touched.values():
+        results = []
+        for parent_id, completions in deltas.items():
+            state = self.states[parent_id]
             if state.finished:
+                self._complete(state, completions)
                 self._forget(state)
+            results.append(RequestOutput(
+                request_id=parent_id, prompt=state.prompt,
+                prompt_token_ids=state.prompt_token_ids, outputs=completions,
+                finished=state.finished, num_cached_tokens=state.num_cached_tokens,
+                metrics=[c.stats for c in state.children] if state.finished else []))
         return ProcessedOutputs(results, stopped)
 
     def abort(self, request_id: str) -> None:
@@ -121,24 +143,9 @@ class OutputProcessor:
         self.states.pop(state.request_id, None)
 
     @staticmethod
-    def _request_output(state: _RequestState) -> RequestOutput:
-        return RequestOutput(
-            request_id=state.request_id,
-            prompt=state.prompt,
-            prompt_token_ids=state.prompt_token_ids,
-            outputs=[_snapshot(c) for c in state.completions],
-            finished=state.finished,
-            num_cached_tokens=state.num_cached_tokens,
-            metrics=[c.stats for c in state.children] if state.finished else [],
-        )
-
-
-def _snapshot(completion: CompletionOutput) -> CompletionOutput:
-    """A copy, so later steps do not change what a caller already holds."""
-    return CompletionOutput(
-        index=completion.index, text=completion.text, token_ids=list(completion.token_ids),
-        delta_text=completion.delta_text, delta_token_ids=list(completion.delta_token_ids),
-        logprobs=None if completion.logprobs is None else list(completion.logprobs),
-        delta_logprobs=None if completion.delta_logprobs is None else list(completion.delta_logprobs),
-        finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
-    )
+    def _complete(state: _RequestState, completions: list[CompletionOutput]) -> None:
+        """The final output carries each whole sample; the state is dropped, so no copy."""
+        for completion, sample in zip(completions, state.samples):
+            completion.text = sample.detokenizer.text
+            completion.token_ids = sample.token_ids
+            completion.logprobs = sample.logprobs

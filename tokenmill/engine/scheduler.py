@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.block_manager import BlockManager, ComputedBlocks
+from tokenmill.engine.drain_rate import DrainRate
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler_output import EngineCoreOutput, RunnerOutput, SchedulerOutput
 from tokenmill.engine.stats import SchedulerStats
@@ -77,6 +78,8 @@ class Scheduler:
         self._queue_changed = False
         """A request joined the waiting queue (new or preempted) since waits were last noted."""
         self._preempt_numbers: dict[str, int] = {}
+        self.drain_rate = DrainRate()
+        """Requests finished per second: the Retry-After of a 429 for a full waiting queue."""
 
     # ------------------------------------------------------------------ admission
     def add_request(self, request: Request) -> None:
@@ -117,9 +120,11 @@ class Scheduler:
                 param="max_tokens")
         limit = self.scheduler_config.max_waiting_requests
         if len(self.waiting) >= limit:
+            retry_after = self.drain_rate.retry_after_seconds(len(self.waiting), self.clock())
             raise RequestRejectedError(
                 f"the server is busy: {len(self.waiting)} requests are already waiting "
-                f"(max_waiting_requests={limit}); retry later")
+                f"(max_waiting_requests={limit}); retry in {retry_after:.0f} s",
+                retry_after_seconds=retry_after)
         request.max_tokens = max_tokens
         request.status = RequestStatus.WAITING
         now = self.clock()
@@ -337,6 +342,7 @@ class Scheduler:
                                    request.num_output_tokens)
         del self.requests[request.request_id]
         self._finished_since_last_step.add(request.request_id)
+        self.drain_rate.record_finished(now)
 
     # ------------------------------------------------------------------ frontend-driven finish
     def finish_requests(self, request_ids: str | Iterable[str],

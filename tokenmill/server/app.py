@@ -5,12 +5,17 @@ endpoint answer 503 meanwhile); once loaded, the engine core runs in its own thr
 ``AsyncLLM``). ``begin_drain`` (called on SIGTERM) refuses new requests with 503 and gives running
 ones ``shutdown_timeout`` seconds to finish before aborting them; the lifespan's end stops the
 engine thread.
+
+If the engine dies (an internal error in its thread), every request in flight fails at once with a
+503, ``/health`` turns 503, the cause is logged, and the server exits with status 1 so a supervisor
+restarts it -- or, with ``restart_engine_on_failure``, loads a new engine in place and carries on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -40,7 +45,7 @@ async def _load_engine(app: FastAPI, factory: EngineFactory) -> None:
     state: ServerState = app.state.server
     settings = state.settings
     try:
-        engine = await asyncio.to_thread(factory, settings.engine)
+        engine = await asyncio.to_thread(_build_engine, factory, settings.engine)
     except BaseException as exc:  # noqa: BLE001 - reported, and the server told to stop
         state.load_error = exc
         message = exc.message if isinstance(exc, TokenmillError) else repr(exc)
@@ -58,8 +63,33 @@ async def _load_engine(app: FastAPI, factory: EngineFactory) -> None:
                                     finished_request_logger(engine.traces)])
     info = engine_info(engine)
     state.kv_pool_tokens = info["kv_tokens"]
+    engine.death_listeners.append(lambda error: _on_engine_dead(app, factory, error))
     state.engine = engine
+    state.restarting = False
     logger.info(banner(info, settings.address, settings.engine.resolved_num_threads()))
+
+
+def _build_engine(factory: EngineFactory, config: Any) -> AsyncLLM:
+    gc.collect()  # a dead engine's weights and KV pool go before a new one is loaded
+    return factory(config)
+
+
+def _on_engine_dead(app: FastAPI, factory: EngineFactory, error: BaseException) -> None:
+    """Runs on the event loop once the engine has failed every request it held."""
+    state: ServerState = app.state.server
+    state.num_engine_failures += 1
+    if state.settings.restart_engine_on_failure and not state.draining:
+        logger.error("the engine died: %r; loading a new engine (restart_engine_on_failure)",
+                     error)
+        state.engine, state.restarting = None, True
+        app.state.restart_task = asyncio.get_running_loop().create_task(
+            _load_engine(app, factory))
+        return
+    logger.error("the engine died: %r; the server exits with status 1 so that a supervisor can "
+                 "restart it (or run it with --restart-engine-on-failure)", error)
+    on_dead = getattr(app.state, "on_engine_dead", None)
+    if on_dead is not None:
+        on_dead(error)
 
 
 def begin_drain(app: FastAPI) -> asyncio.Task[None]:

@@ -112,8 +112,13 @@ class ServerMetrics:
         self._label: list[str] | None = None
 
     def bind(self, engine: AsyncLLM, cost: CostTracker | None) -> None:
-        """Create the metrics once the engine (and so the model name, context length) exists."""
+        """Create the metrics once the engine (and so the model name, context length) exists.
+
+        A restarted engine (same config) is bound again: counters carry on, the gauges read it."""
         self.cost = cost
+        if self._label is not None:
+            self._engine_stats.engine = engine
+            return
         self._label = [engine.model_name]
         r = self.registry
         tokens = one_two_five_buckets(engine.max_model_len)
@@ -143,7 +148,8 @@ class ServerMetrics:
         self.step_sequences = Histogram(P + "iteration_sequences", "Sequences that produced a "
                                         "token in one engine step (the decode batch size).",
                                         LABELS, buckets=one_two_five_buckets(1024), registry=r)
-        r.register(EngineStatsCollector(engine, cost))
+        self._engine_stats = EngineStatsCollector(engine, cost)
+        r.register(self._engine_stats)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -34,6 +34,8 @@ class ServerSettings:
     """Window of the live cost-per-million-tokens gauges."""
     otlp_endpoint: str | None = None
     """OTLP/HTTP collector URL for OpenTelemetry spans; None: no spans."""
+    restart_engine_on_failure: bool = False
+    """If the engine dies, load a new one in place instead of exiting with status 1."""
 
     @property
     def address(self) -> str:
@@ -49,6 +51,9 @@ class ServerState:
         self.engine: AsyncLLM | None = None
         self.load_error: BaseException | None = None
         self.draining = False
+        self.restarting = False
+        """The engine died and a new one is loading (``restart_engine_on_failure``)."""
+        self.num_engine_failures = 0
         self.started_at = int(time.time())
         self.kv_pool_tokens = 0
 
@@ -57,7 +62,7 @@ class ServerState:
         if self.load_error is not None:
             return "failed"
         if self.engine is None:
-            return "loading"
+            return "restarting" if self.restarting else "loading"
         if not self.engine.is_running:
             return "dead"
         return "draining" if self.draining else "ready"
@@ -67,11 +72,15 @@ class ServerState:
         phase = self.phase
         if phase == "loading":
             raise EngineNotReadyError("the model is still loading; retry in a few seconds")
+        if phase == "restarting":
+            raise EngineNotReadyError("the engine is restarting after an internal error; retry "
+                                      "in a few seconds")
         if phase == "failed":
             raise EngineNotReadyError(f"the model failed to load: {self.load_error}")
         if phase == "dead":
-            raise EngineDeadError("the engine stopped after an internal error; restart the "
-                                  "server")
+            assert self.engine is not None
+            raise EngineDeadError(f"the engine stopped after an internal error "
+                                  f"({self.engine.dead_error!r}); the server is exiting")
         if phase == "draining":
             raise EngineNotReadyError("the server is shutting down and takes no new requests")
         assert self.engine is not None

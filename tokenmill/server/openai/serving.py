@@ -111,32 +111,22 @@ class RequestGroup:
                 self._seen(output)
                 yield 0, output
             return
-        merged: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
-
-        async def pump(index: int, stream: RequestStream) -> None:
-            try:
-                async for output in stream:
-                    merged.put_nowait((index, output))
-            except BaseException as exc:  # noqa: BLE001 - handed to the reader
-                merged.put_nowait(exc)
-            finally:
-                merged.put_nowait(None)
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        # One read outstanding per stream, never a queue in between: a prompt's outputs that the
+        # client has not taken yet stay coalesced in its RequestStream (bounded), not piled up here.
+        reads = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(self.streams)}
         try:
-            remaining = len(tasks)
-            while remaining:
-                item = await merged.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    self._seen(item[1])
-                    yield item
+            while reads:
+                done, _ = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+                for read in sorted(done, key=reads.__getitem__):
+                    index = reads.pop(read)
+                    output = read.result()  # an engine error ends the whole response
+                    self._seen(output)
+                    yield index, output
+                    if not output.finished:
+                        reads[asyncio.ensure_future(anext(self.streams[index]))] = index
         finally:
-            for task in tasks:
-                task.cancel()
+            for read in reads:
+                read.cancel()
 
     async def final_outputs(self) -> list[RequestOutput]:
         """The finished output of each prompt, in prompt order."""

@@ -1,0 +1,50 @@
+"""A test hook: make the engine thread fail on purpose, to prove nobody is left waiting.
+
+``TOKENMILL_INJECT_ENGINE_FAULT_AT_STEP=N`` makes the engine thread raise ``InjectedEngineFault``
+(a ``RuntimeError``, not one of tokenmill's own errors) just before its N-th step, once per process
+(steps are counted across engines), so a server run with ``--restart-engine-on-failure`` comes
+back and keeps serving. Unset, the default, it costs one comparison per step.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+FAULT_STEP_ENV = "TOKENMILL_INJECT_ENGINE_FAULT_AT_STEP"
+
+
+class InjectedEngineFault(RuntimeError):
+    """Raised by the hook; never raised unless asked for."""
+
+
+class EngineFaultInjector:
+    def __init__(self, fail_at_step: int | None):
+        self.fail_at_step = fail_at_step
+        self.num_steps = 0
+        self.fired = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls) -> EngineFaultInjector:
+        """The process's injector (one, shared by every engine, so the fault fires once)."""
+        global _from_env
+        with _env_lock:
+            if _from_env is None:
+                raw = os.environ.get(FAULT_STEP_ENV, "").strip()
+                _from_env = cls(int(raw) if raw else None)
+            return _from_env
+
+    def before_step(self) -> None:
+        if self.fail_at_step is None:
+            return
+        with self._lock:
+            self.num_steps += 1
+            if self.fired or self.num_steps < self.fail_at_step:
+                return
+            self.fired = True
+        raise InjectedEngineFault(f"fault injected before engine step {self.fail_at_step}")
+
+
+_env_lock = threading.Lock()
+_from_env: EngineFaultInjector | None = None
