@@ -99,6 +99,8 @@ class StatsHistory:
     def bind(self, engine: AsyncLLM, cost: CostTracker | None) -> None:
         self._engine = engine
         self._cost = cost
+        if self._last_sample_time is None:  # the first point's rates count from here, not None
+            self._last_sample_time = time.time()
 
     # ------------------------------------------------------------------ engine listener
     def on_step(self, outputs: list[RequestOutput], now: float) -> None:
