@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.gateway.helpers import KEY_ACME, KEY_BETA, base_config, chat
+from tests.gateway.helpers import KEY_ACME, KEY_BETA, KEY_REDACT, base_config, chat
 
 
 def test_chat_and_completion_pass_through(upstreams, start_gateway):
@@ -143,3 +143,32 @@ def test_against_real_upstream(start_gateway, real_upstream_url):
     assert second.headers.get("x-tokenmill-cache") == "exact"
     streamed = "".join(c.choices[0].delta.content or "" for c in second.parse() if c.choices)
     assert streamed == first.parse().choices[0].message.content
+
+
+def test_a_tenant_reads_its_own_traces_through_the_gateway_and_no_one_elses(
+        start_gateway, real_upstream_url):
+    config = base_config([real_upstream_url])
+    config["tenants"][1]["models"] = ["*"]
+    config["tenants"][2]["models"] = ["*"]
+    gw = start_gateway(config)
+    beta = gw.client(KEY_BETA)
+    model = beta.models.list().data[0].id
+    answer = beta.completions.with_raw_response.create(
+        model=model, prompt="A trace read through the gateway", max_tokens=4, temperature=0)
+    request_id = answer.headers["x-request-id"]
+    assert request_id == answer.parse().id
+
+    def trace(key: str, rid: str = request_id) -> httpx.Response:
+        return httpx.get(f"{gw.url}/v1/requests/{rid}/trace", timeout=30,
+                         headers={"Authorization": f"Bearer {key}"})
+
+    own = trace(KEY_BETA)
+    assert own.status_code == 200, own.text
+    assert own.json()["id"] == request_id and own.json()["status"] == "finished"
+    assert own.json()["requests"][0]["events"][-1]["event"] == "finished"
+    for other, status in ((KEY_REDACT, 404), ("not-a-key", 401)):
+        refused = trace(other)
+        assert refused.status_code == status
+        assert request_id not in refused.text or status == 404
+        assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
+    assert trace(KEY_BETA, "cmpl-unknown").status_code == 404

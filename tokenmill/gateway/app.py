@@ -46,6 +46,7 @@ from tokenmill.gateway.rag_store import RagStore
 from tokenmill.gateway.ratelimit import RateLimiter, RateLimitStage
 from tokenmill.gateway.router import Router
 from tokenmill.gateway.semantic_cache import SemanticCacheStage
+from tokenmill.gateway.trace_proxy import fetch_trace
 from tokenmill.gateway.upstream import UpstreamStage
 from tokenmill.telemetry import TracingMiddleware, otlp_tracer_provider
 
@@ -210,6 +211,16 @@ def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         return await handle("models", request, gw.models)
+
+    @app.get("/v1/requests/{request_id}/trace")
+    async def request_trace(request_id: str, request: Request) -> Response:
+        """The caller's own request's scheduling timeline, from whichever replica served it."""
+        try:
+            tenant = gw.auth.tenant_for(_bearer(request))
+            trace = await fetch_trace(gw.router, gw.client, request_id, tenant.name)
+        except TokenmillError as exc:
+            return error_response(exc)
+        return JSONResponse(trace)
 
     @app.get("/health")
     async def health() -> Response:

@@ -30,6 +30,12 @@ def _error_event(message: str) -> dict[str, Any]:
                       "code": "upstream_stream_failed"}}
 
 
+def _passed_headers(resp: httpx.Response) -> dict[str, str]:
+    """The server's request id (the key of its trace, readable through the gateway too)."""
+    request_id = resp.headers.get("x-request-id")
+    return {"x-request-id": request_id} if request_id else {}
+
+
 class UpstreamStage:
     name = "upstream"
 
@@ -88,7 +94,8 @@ class UpstreamStage:
                 finally:
                     self._done(replica)
             self.router.record_success(replica)
-            return GatewayResponse(events=self._events(replica, resp))
+            return GatewayResponse(events=self._events(replica, resp),
+                                   headers=_passed_headers(resp))
         raise UpstreamUnavailableError(f"no upstream could answer for model {model!r} "
                                        f"(tried {len(plan)}; last: {last_error})",
                                        code="upstream_unavailable")
@@ -110,7 +117,8 @@ class UpstreamStage:
             return GatewayResponse(body=data, status_code=502)
         if resp.status_code == 200:
             self.router.record_success(replica)
-        return GatewayResponse(body=data, status_code=resp.status_code)
+        return GatewayResponse(body=data, status_code=resp.status_code,
+                               headers=_passed_headers(resp))
 
     async def _events(self, replica: Replica, resp: httpx.Response
                       ) -> AsyncIterator[dict[str, Any]]:
