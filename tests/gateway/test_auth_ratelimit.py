@@ -61,13 +61,20 @@ def test_request_burst_gets_429_with_retry_after_then_recovers(upstreams, start_
     config["tenants"][0]["requests_per_minute"] = 30  # refills one request every 2 s
     gw = start_gateway(config)
     client = gw.client()
-    for i in range(30):
-        chat(client, f"request {i}")
-    with pytest.raises(openai.RateLimitError) as over:
-        chat(client, "one too many")
-    retry_after = int(over.value.response.headers["retry-after"])
+    # The bucket holds 30 and refills while the burst runs (one every 2 s, more on a slow
+    # machine), so send until refused: at least the bucket's 30 pass first.
+    num_ok, over = 0, None
+    for i in range(60):
+        try:
+            chat(client, f"request {i}")
+            num_ok += 1
+        except openai.RateLimitError as refused:
+            over = refused
+            break
+    assert over is not None and num_ok >= 30, num_ok
+    retry_after = int(over.response.headers["retry-after"])
     assert 1 <= retry_after <= 2
-    assert over.value.body["code"] == "requests_per_minute"
+    assert over.body["code"] == "requests_per_minute"
     chat(gw.client(KEY_BETA), "another tenant is not affected")
     time.sleep(retry_after)  # the behaviour under test: waiting as told is enough
     assert chat(client, "after waiting").parse().choices[0].message.content
