@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.server.openapi import DASHBOARD_DATA_RESPONSES
 from tokenmill.server.state import server_state
 from tokenmill.web import page
 
@@ -25,7 +26,8 @@ async def dashboard() -> HTMLResponse:
     return HTMLResponse(page("server"), headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/dashboard/data", summary="The dashboard's figures: a history sampled every second")
+@router.get("/dashboard/data", summary="The dashboard's figures: a history sampled every second",
+            responses=DASHBOARD_DATA_RESPONSES)
 async def dashboard_data(
         request: Request,
         since: Annotated[str, Query(description="Return only the points whose seq is greater "

@@ -8,7 +8,9 @@ Beyond OpenAI's fields they accept the engine's extras (vLLM's names): ``top_k``
 that change nothing here (``user``, ``metadata``, ``store``, ...) are accepted and ignored; ones we
 cannot honour (``suffix``, ``tools``, a JSON ``response_format``, ``best_of`` > n) are refused.
 
-Ranges are checked by ``SamplingParams`` (one source of truth); these models check shapes only.
+Ranges are checked by ``SamplingParams`` (one source of truth); these models check shapes only,
+but their published schema (``/openapi.json``) states the real unions and ranges through the types
+of ``schema_types.py``, so generated clients and fuzzers send what the server accepts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,25 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.server.openai.schema_types import (
+    LogitBias,
+    MessageContent,
+    MinP,
+    MinTokens,
+    ModelName,
+    NumChoices,
+    NumLogprobs,
+    OutputLength,
+    Penalty,
+    Prompt,
+    RepetitionPenalty,
+    Stop,
+    Suffix,
+    Temperature,
+    TokenId,
+    TopK,
+    TopP,
+)
 
 # Union-typed fields (prompt, stop, content) are validated by hand: pydantic's union errors name
 # every member type, which reads worse than one sentence saying what is allowed. Checks across
@@ -54,25 +75,25 @@ def _check_token_id_list(value: Any) -> bool:
 class SamplingFields(_Strict):
     """Fields both endpoints share; ``to_sampling_kwargs`` maps them onto ``SamplingParams``."""
 
-    model: str
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
+    model: ModelName
+    n: NumChoices = 1
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     seed: int | None = None
-    stop: Any = None
+    stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: LogitBias | None = None
     user: str | None = None
     # engine extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    min_tokens: MinTokens = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     cache_salt: str | None = Field(default=None, min_length=1)
@@ -112,12 +133,12 @@ class SamplingFields(_Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Any
-    max_tokens: int | None = 16  # OpenAI's documented default for /v1/completions
+    prompt: Prompt
+    max_tokens: OutputLength | None = 16  # OpenAI's documented default for /v1/completions
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    logprobs: NumLogprobs | None = None
+    best_of: NumChoices | None = None
+    suffix: Suffix | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -165,7 +186,7 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Any = None
+    content: MessageContent = None
     name: str | None = None
 
     @field_validator("content", mode="before")
@@ -200,10 +221,10 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
+    max_tokens: OutputLength | None = None  # deprecated by OpenAI: max_completion_tokens
+    max_completion_tokens: OutputLength | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: NumLogprobs | None = None
     response_format: ResponseFormat | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
@@ -228,9 +249,9 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(_Strict):
-    model: str | None = None
+    model: ModelName | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -243,5 +264,5 @@ class TokenizeRequest(_Strict):
 
 
 class DetokenizeRequest(_Strict):
-    model: str | None = None
-    tokens: list[int]
+    model: ModelName | None = None
+    tokens: list[TokenId]
