@@ -64,24 +64,31 @@ class RouteReport:
 def bound_generation(path: str, body: Any, *, max_output_tokens: int = 4,
                      max_choices: int = 2) -> Any:
     """A generated body made cheap to answer, still of the kind it was (valid stays valid):
-    integers over the caps are brought down to them, and a chat request that names no output
-    length gets one (its default is the rest of the context)."""
+    integers over the caps are brought down to them, and a request whose output length is null
+    (or, in chat, missing) gets the cap."""
     if not isinstance(body, dict):
         return body
     body = dict(body)
 
     def cap(name: str, limit: int) -> None:
         value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        # 16.0 is an integer to JSON Schema (and to the server), so floats are capped too.
+        whole = isinstance(value, int) and not isinstance(value, bool) or \
+            isinstance(value, float) and value.is_integer()
+        if whole and value > limit:
             body[name] = limit
 
     for name in ("n", "best_of"):
         cap(name, max_choices)
     for name in ("max_tokens", "max_completion_tokens", "min_tokens"):
         cap(name, max_output_tokens)
-    if path.endswith("/chat/completions") and "max_tokens" not in body \
-            and "max_completion_tokens" not in body:
-        body["max_completion_tokens"] = max_output_tokens
+    # A null or missing length means "up to the end of the context" (except completions' missing
+    # one: 16): thousands of tokens per request.
+    if path.endswith("/chat/completions"):
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            body["max_completion_tokens"] = max_output_tokens
+    elif path.endswith("/completions") and "max_tokens" in body and body["max_tokens"] is None:
+        body["max_tokens"] = max_output_tokens
     return body
 
 
@@ -119,6 +126,12 @@ def _describe(case: Any, response: Any) -> str:
     answer = ("no answer" if response is None else
               f"{response.status_code} {response.content[:300].decode('utf-8', 'replace')}")
     return f"{case.method.upper()} {path} {text} -> {answer}"
+
+
+def _describe_failure(failure: Any, case: Any, response: Any) -> str:
+    why = f"{failure.title}: {failure.message}".replace("\n", " ")
+    why = why if len(why) <= 400 else why[:397] + "..."
+    return f"{why}\n      {_describe(case, response)}"
 
 
 def fuzz_server(url: str, *, max_examples: int = 20, routes: Iterable[str] = DEFAULT_ROUTES,
@@ -196,9 +209,10 @@ def _fuzz_operation(operation: Any, mode: Any, report: RouteReport, url: str, se
             case.validate_response(response, checks=checks)
         except FailureGroup as group:
             for failure in group.exceptions:
-                report.record_failure(_check_name(failure), _describe(case, response))
+                report.record_failure(_check_name(failure), _describe_failure(failure, case,
+                                                                              response))
         except Failure as failure:
-            report.record_failure(_check_name(failure), _describe(case, response))
+            report.record_failure(_check_name(failure), _describe_failure(failure, case, response))
 
     settings = hypothesis.settings(
         max_examples=max_examples, deadline=None, database=None, derandomize=False,

@@ -19,6 +19,14 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
+from tokenmill.errors import (
+    EngineDeadError,
+    EngineNotReadyError,
+    InvalidRequestError,
+    NotFoundError,
+    RequestRejectedError,
+    TokenmillError,
+)
 from tokenmill.server.openai.schema_types import (
     BOUND_MARKER,
     MODEL_BOUND,
@@ -43,47 +51,59 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-_WHY = {
-    400: "The request is not valid (bad field, prompt too long, unknown model); `param` names "
-         "the field.",
-    404: "No such thing (or not visible to this tenant).",
-    429: "The server is overloaded; retry after the `Retry-After` header's seconds.",
-    500: "The engine stopped after an internal error; the server must be restarted.",
-    503: "The model is still loading, failed to load, or the server is shutting down.",
+# Why each error a route can raise happens; statuses come from the classes (errors.py), so a
+# class that changes its status changes the schema with it.
+_WHY: dict[type[TokenmillError], str] = {
+    InvalidRequestError: "The request is not valid (a bad field, a prompt too long, an unknown "
+                         "model); `param` names the field.",
+    NotFoundError: "No such thing (or not visible to this tenant).",
+    RequestRejectedError: "The server is overloaded; retry after `Retry-After` seconds.",
+    EngineNotReadyError: "The model is still loading, failed to load, or the server is "
+                         "shutting down.",
+    EngineDeadError: "The engine stopped after an internal error.",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.",
                                 "schema": {"type": "integer", "minimum": 1}}}
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """``responses=`` for a route: each status with the error body and why it happens."""
+def error_responses(*errors: type[TokenmillError]) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route that can raise ``errors``: each status with OpenAI's error
+    body and why it happens."""
     responses: dict[int | str, dict[str, Any]] = {}
-    for status in statuses:
-        responses[status] = {"model": ErrorBody, "description": _WHY[status]}
-        if status == 429:
-            responses[status]["headers"] = _RETRY_AFTER
-    return responses
+    for error in errors:
+        status = error.status_code
+        entry = responses.setdefault(status, {"model": ErrorBody, "description": ""})
+        entry["description"] = " Or: ".join(filter(None, [entry["description"], _WHY[error]]))
+        if issubclass(error, RequestRejectedError):
+            entry["headers"] = _RETRY_AFTER
+    return dict(sorted(responses.items()))
 
 
+_NEEDS_ENGINE = (EngineNotReadyError, EngineDeadError)  # state.require_engine()
+
+# OpenAPI 3.1: the schema of an event stream describes one event.
 _STREAM = {"text/event-stream": {"schema": {
-    "type": "string", "description": "Server-sent events (`data: {...}`), ending with "
-                                     "`data: [DONE]`; when `stream` is true."}}}
+    "type": "object", "required": ["data"],
+    "description": "One server-sent event (when `stream` is true): a JSON chunk, or an "
+                   "`{\"error\": ...}` if the request fails after the stream began; the "
+                   "last event's data is `[DONE]`.",
+    "properties": {"data": {"type": "string"}}}}}
 
 GENERATION_RESPONSES = {
     200: {"description": "The completion as JSON, or as server-sent events when `stream` is "
                          "true.", "content": {"application/json": {}, **_STREAM}},
-    **error_responses(400, 429, 500, 503),
+    **error_responses(InvalidRequestError, RequestRejectedError, *_NEEDS_ENGINE),
 }
 """/v1/completions and /v1/chat/completions: validated, then admitted into the engine."""
 
-ENGINE_RESPONSES = error_responses(400, 500, 503)
+ENGINE_RESPONSES = error_responses(InvalidRequestError, *_NEEDS_ENGINE)
 """Routes that validate a body and need the engine, but do not queue (tokenize, detokenize)."""
 
-READ_RESPONSES = error_responses(500, 503)
+READ_RESPONSES = error_responses(*_NEEDS_ENGINE)
 """Routes without a body that need the running engine (/v1/models, /health)."""
 
-TRACE_RESPONSES = error_responses(404, 503)
-DASHBOARD_DATA_RESPONSES = error_responses(400)
+TRACE_RESPONSES = error_responses(NotFoundError, EngineNotReadyError)
+DASHBOARD_DATA_RESPONSES = error_responses(InvalidRequestError)
 
 
 def _fill_bounds(node: Any, bounds: dict[str, dict[str, Any]]) -> Any:

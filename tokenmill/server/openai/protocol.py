@@ -32,12 +32,14 @@ from tokenmill.server.openai.schema_types import (
     Penalty,
     Prompt,
     RepetitionPenalty,
+    Seed,
     Stop,
     Suffix,
     Temperature,
     TokenId,
     TopK,
     TopP,
+    integral,
 )
 
 # Union-typed fields (prompt, stop, content) are validated by hand: pydantic's union errors name
@@ -67,9 +69,14 @@ def _check_stop(value: Any) -> Any:
     raise ValueError("must be a string or a list of strings")
 
 
-def _check_token_id_list(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value)
+def _token_ids(value: Any) -> list[int] | None:
+    """``value`` as a list of token ids (16.0 counts as 16), or None if it is not one."""
+    if not isinstance(value, list):
+        return None
+    ids = [integral(t) for t in value]
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        return ids
+    return None
 
 
 class SamplingFields(_Strict):
@@ -79,7 +86,7 @@ class SamplingFields(_Strict):
     n: NumChoices = 1
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -151,8 +158,12 @@ class CompletionRequest(SamplingFields):
             raise ValueError(allowed)
         if all(isinstance(p, str) for p in value):
             return value
-        if _check_token_id_list(value) or all(_check_token_id_list(p) and p for p in value):
-            return value
+        ids = _token_ids(value)
+        if ids is not None:
+            return ids
+        id_lists = [_token_ids(p) for p in value]
+        if all(id_list for id_list in id_lists):  # each a non-empty list of ids
+            return id_lists
         raise ValueError(allowed)
 
     @model_validator(mode="after")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import WithJsonSchema
+from pydantic import BeforeValidator, WithJsonSchema
 
 from tokenmill.sampling_params import MAX_ABS_PENALTY, MAX_LOGIT_BIAS, MAX_LOGPROBS
 
@@ -23,6 +23,17 @@ BOUND_MARKER = "x-tokenmill-bound"
 MODEL_BOUND = "model_name"
 TOKEN_ID_BOUND = "token_id"
 OUTPUT_LENGTH_BOUND = "output_length"
+
+
+def integral(value: Any) -> Any:
+    """16.0 -> 16. JSON has one number type: JSON Schema counts 16.0 as an integer, and so does
+    ``SamplingParams``; only a fractional part (or a bool) makes it not one."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+_INTEGRAL = BeforeValidator(integral)
 
 
 def _number(**bounds: float) -> dict[str, Any]:
@@ -40,16 +51,18 @@ _PENALTY = _number(minimum=-MAX_ABS_PENALTY, maximum=MAX_ABS_PENALTY)
 ModelName = Annotated[str, WithJsonSchema({"type": "string", BOUND_MARKER: MODEL_BOUND})]
 Temperature = Annotated[float, WithJsonSchema(_number(minimum=0))]
 TopP = Annotated[float, WithJsonSchema(_number(exclusiveMinimum=0, maximum=1))]
-TopK = Annotated[int, WithJsonSchema(_integer(minimum=-1))]
+TopK = Annotated[int, _INTEGRAL, WithJsonSchema(_integer(minimum=-1))]
 MinP = Annotated[float, WithJsonSchema(_number(minimum=0, maximum=1))]
 Penalty = Annotated[float, WithJsonSchema(_PENALTY)]
 RepetitionPenalty = Annotated[float, WithJsonSchema(_number(exclusiveMinimum=0))]
-NumChoices = Annotated[int, WithJsonSchema(_integer(minimum=1))]
-MinTokens = Annotated[int, WithJsonSchema(_integer(minimum=0))]
-OutputLength = Annotated[int, WithJsonSchema(
+NumChoices = Annotated[int, _INTEGRAL, WithJsonSchema(_integer(minimum=1))]
+MinTokens = Annotated[int, _INTEGRAL, WithJsonSchema(_integer(minimum=0))]
+OutputLength = Annotated[int, _INTEGRAL, WithJsonSchema(
     _integer(minimum=1, **{BOUND_MARKER: OUTPUT_LENGTH_BOUND}))]
-NumLogprobs = Annotated[int, WithJsonSchema(_integer(minimum=0, maximum=MAX_LOGPROBS))]
-TokenId = Annotated[int, WithJsonSchema(_TOKEN_ID)]
+NumLogprobs = Annotated[int, _INTEGRAL, WithJsonSchema(
+    _integer(minimum=0, maximum=MAX_LOGPROBS))]
+TokenId = Annotated[int, _INTEGRAL, WithJsonSchema(_TOKEN_ID)]
+Seed = Annotated[int, _INTEGRAL]
 # Insertion needs a fill-in-the-middle model: only an empty suffix (or null) is taken.
 Suffix = Annotated[str, WithJsonSchema({"type": "string", "maxLength": 0})]
 
