@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, WithJsonSchema
 
-from tokenmill.sampling_params import MAX_ABS_PENALTY, MAX_LOGIT_BIAS, MAX_LOGPROBS
+from tokenmill.sampling_params import MAX_ABS_PENALTY, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N
 
 BOUND_MARKER = "x-tokenmill-bound"
 """Key of a schema placeholder the server fills from the loaded model (see openapi.py)."""
@@ -55,7 +55,7 @@ TopK = Annotated[int, _INTEGRAL, WithJsonSchema(_integer(minimum=-1))]
 MinP = Annotated[float, WithJsonSchema(_number(minimum=0, maximum=1))]
 Penalty = Annotated[float, WithJsonSchema(_PENALTY)]
 RepetitionPenalty = Annotated[float, WithJsonSchema(_number(exclusiveMinimum=0))]
-NumChoices = Annotated[int, _INTEGRAL, WithJsonSchema(_integer(minimum=1))]
+NumChoices = Annotated[int, _INTEGRAL, WithJsonSchema(_integer(minimum=1, maximum=MAX_N))]
 MinTokens = Annotated[int, _INTEGRAL, WithJsonSchema(_integer(minimum=0))]
 OutputLength = Annotated[int, _INTEGRAL, WithJsonSchema(
     _integer(minimum=1, **{BOUND_MARKER: OUTPUT_LENGTH_BOUND}))]
