@@ -115,3 +115,47 @@ def test_fuzzing_finds_no_5xx_and_no_undocumented_answer(fuzz_reports, route):
 def test_server_is_healthy_after_fuzzing(tokenmill_server, fuzz_reports):
     assert httpx.get(tokenmill_server.url + "/health").status_code == 200
     assert "Traceback" not in tokenmill_server.log()
+
+
+def test_schema_before_the_model_loads_leaves_model_bounds_open():
+    from tokenmill.config import EngineConfig
+    from tokenmill.server.app import create_app
+    from tokenmill.server.state import ServerSettings
+
+    schema = create_app(ServerSettings(engine=EngineConfig())).openapi()  # no engine yet
+    text = httpx.Response(200, json=schema).text
+    assert "x-tokenmill-bound" not in text and '"enum":["SmolLM2' not in text
+    assert _property(schema, "CompletionRequest", "model") == {"type": "string",
+                                                               "title": "Model"}
+
+
+# Regressions the fuzzer found, as plain requests.
+@pytest.mark.parametrize("changes", [
+    {"top_k": 20835500868236092150510518272},  # overflowed int64 in the sampler: engine died
+    {"max_tokens": 2.0, "n": 1.0, "seed": 3.0, "prompt": [1.0, 2]},  # integers to JSON Schema
+    {"prompt": [[1028.0, 4235], [2494]], "stop_token_ids": [5.0], "min_tokens": 1.0},
+])
+def test_found_by_fuzzing_now_answered(tokenmill_server, changes):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "temperature": 1.0, **changes}
+    response = httpx.post(tokenmill_server.url + "/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert httpx.get(tokenmill_server.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize(("changes", "param"), [
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"n": True}, "n"),
+    ({"prompt": [1.5]}, "prompt"),
+    ({"logit_bias": {" 5": 1}}, "logit_bias"),  # keys are ASCII digits, nothing else
+    ({"logit_bias": {"\u0663": 1}}, "logit_bias"),  # Arabic-Indic 3 read as token 3
+])
+def test_what_the_schema_refuses_is_refused(tokenmill_server, changes, param):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, **changes}
+    response = httpx.post(tokenmill_server.url + "/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_detokenize_takes_integral_floats(tokenmill_server):
+    response = httpx.post(tokenmill_server.url + "/detokenize", json={"tokens": [28.0, 29]})
+    assert response.status_code == 200, response.text

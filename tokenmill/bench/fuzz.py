@@ -65,7 +65,7 @@ def bound_generation(path: str, body: Any, *, max_output_tokens: int = 4,
                      max_choices: int = 2) -> Any:
     """A generated body made cheap to answer, still of the kind it was (valid stays valid):
     integers over the caps are brought down to them, and a request whose output length is null
-    (or, in chat, missing) gets the cap."""
+    or missing gets the cap."""
     if not isinstance(body, dict):
         return body
     body = dict(body)
@@ -82,12 +82,12 @@ def bound_generation(path: str, body: Any, *, max_output_tokens: int = 4,
         cap(name, max_choices)
     for name in ("max_tokens", "max_completion_tokens", "min_tokens"):
         cap(name, max_output_tokens)
-    # A null or missing length means "up to the end of the context" (except completions' missing
-    # one: 16): thousands of tokens per request.
+    # A null or missing length means "up to the end of the context" (completions' missing one:
+    # 16): thousands of tokens per request.
     if path.endswith("/chat/completions"):
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             body["max_completion_tokens"] = max_output_tokens
-    elif path.endswith("/completions") and "max_tokens" in body and body["max_tokens"] is None:
+    elif path.endswith("/completions") and body.get("max_tokens") is None:
         body["max_tokens"] = max_output_tokens
     return body
 
