@@ -16,7 +16,7 @@ from tests.server.conftest import MODEL
 from tokenmill.bench.fuzz import fuzz_server
 from tokenmill.errors import EngineDeadError, EngineNotReadyError
 
-EXAMPLES_PER_MODE = 12  # per route, positive and negative each: ~150 requests, under a minute
+EXAMPLES_PER_MODE = 20  # per route, positive and negative each: ~200 requests, under a minute
 FUZZED_ROUTES = ["POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models",
                  "GET /v1/requests/{request_id}/trace", "POST /tokenize", "POST /detokenize"]
 # Statuses by the error classes a route can raise (EngineDeadError's may change; the schema
