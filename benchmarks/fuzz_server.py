@@ -102,8 +102,8 @@ def main() -> None:
     parser.add_argument("--tokenmill-args", default="", help="extra flags for tokenmill serve")
     args = parser.parse_args()
 
-    started = time.monotonic()
     with server_url(args) as url:
+        started = time.monotonic()
         reports = fuzz_server(url, max_examples=args.examples, routes=args.routes,
                               seed=args.seed, negative=not args.positive_only,
                               max_output_tokens=args.max_output_tokens,

@@ -92,6 +92,24 @@ def test_request_schemas_state_the_real_unions_and_ranges(schema):
     assert _property(schema, "DetokenizeRequest", "tokens")["items"]["maximum"] == 49151
 
 
+def test_request_schemas_state_the_checks_across_fields(schema):
+    def rules(model: str) -> list[dict]:
+        return schema["components"]["schemas"][model]["allOf"]
+
+    # exactly one of prompt / messages
+    [tokenize_inputs] = rules("TokenizeRequest")
+    assert [branch["required"] for branch in tokenize_inputs["anyOf"]] == [["prompt"],
+                                                                          ["messages"]]
+    stream_options_need_stream = {"anyOf": [
+        {"properties": {"stream_options": {"type": "null"}}},
+        {"properties": {"stream": {"const": True}}, "required": ["stream"]}]}
+    assert stream_options_need_stream in rules("CompletionRequest")
+    assert stream_options_need_stream in rules("ChatCompletionRequest")
+    assert {"anyOf": [{"properties": {"echo": {"const": False}}},
+                      {"properties": {"logprobs": {"type": "null"}}}]} in rules(
+        "CompletionRequest")
+
+
 @pytest.fixture(scope="module")
 def fuzz_reports(tokenmill_server) -> dict:
     reports = fuzz_server(tokenmill_server.url, max_examples=EXAMPLES_PER_MODE, seed=0)

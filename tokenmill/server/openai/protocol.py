@@ -39,7 +39,11 @@ from tokenmill.server.openai.schema_types import (
     TokenId,
     TopK,
     TopP,
+    cross_field_rules,
+    exactly_one,
     integral,
+    not_together,
+    only_with,
 )
 
 # Union-typed fields (prompt, stop, content) are validated by hand: pydantic's union errors name
@@ -140,6 +144,9 @@ class SamplingFields(_Strict):
 
 
 class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra=cross_field_rules(
+        only_with("stream_options", "stream"), not_together("echo", "logprobs")))
+
     prompt: Prompt
     max_tokens: OutputLength | None = 16  # OpenAI's documented default for /v1/completions
     echo: bool = False
@@ -231,6 +238,9 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra=cross_field_rules(
+        only_with("stream_options", "stream"), only_with("top_logprobs", "logprobs")))
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: OutputLength | None = None  # deprecated by OpenAI: max_completion_tokens
     max_completion_tokens: OutputLength | None = None
@@ -260,6 +270,9 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra=cross_field_rules(
+        exactly_one("prompt", "messages")))
+
     model: ModelName | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)

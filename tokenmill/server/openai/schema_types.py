@@ -87,3 +87,36 @@ MessageContent = Annotated[Any, WithJsonSchema({"anyOf": [
         "type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
         "required": ["type", "text"], "additionalProperties": False}},
     {"type": "null"}]})]
+
+
+def _absent_or_null(name: str) -> dict[str, Any]:
+    return {"properties": {name: {"type": "null"}}}  # holds when the field is missing, too
+
+
+def _is_true(name: str) -> dict[str, Any]:
+    return {"properties": {name: {"const": True}}, "required": [name]}
+
+
+def only_with(field: str, needed: str) -> dict[str, Any]:
+    """Schema rule: ``field`` may be set (non-null) only when ``needed`` is true."""
+    return {"anyOf": [_absent_or_null(field), _is_true(needed)]}
+
+
+def not_together(first: str, second: str) -> dict[str, Any]:
+    """Schema rule: ``first`` true and ``second`` set are refused together."""
+    return {"anyOf": [{"properties": {first: {"const": False}}}, _absent_or_null(second)]}
+
+
+def exactly_one(first: str, second: str) -> dict[str, Any]:
+    """Schema rule: exactly one of the two fields is given (null counts as not given)."""
+    def given(name: str, other: str) -> dict[str, Any]:
+        return {"required": [name], "properties": {name: {"not": {"type": "null"}},
+                                                   other: {"type": "null"}}}
+
+    return {"anyOf": [given(first, second), given(second, first)]}
+
+
+def cross_field_rules(*rules: dict[str, Any]) -> dict[str, Any]:
+    """``json_schema_extra`` of a model: the checks its validators make across fields, so the
+    published schema refuses what the server refuses (``allOf`` keeps them independent)."""
+    return {"allOf": list(rules)}
