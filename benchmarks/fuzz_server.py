@@ -4,12 +4,12 @@
     .venv/bin/python benchmarks/fuzz_server.py --url http://127.0.0.1:8000 --examples 500
     .venv/bin/python benchmarks/fuzz_server.py --routes /v1/completions --seed 7
 
-For every route (by default /v1/*, /tokenize and /detokenize) it sends --examples bodies that fit
-the schema and as many that break it, and checks every answer: no 5xx, a documented status, the
-documented body (OpenAI's error shape for every 4xx), and every body that breaks the schema
-refused (tokenmill/bench/fuzz.py lists the checks). It prints examples tried and statuses per
-route, then failures per check with a few requests to reproduce each, and exits 1 if any check
-failed. The suite runs the same thing with a few examples per route
+For every route (by default /v1/*, /tokenize, /detokenize, /dashboard/data, /health) it sends
+--examples bodies that fit the schema and as many that break it, and checks every answer: no 5xx, a
+documented status, the documented body (OpenAI's error shape for every 4xx), and every body that
+breaks the schema refused (tokenmill/bench/fuzz.py lists the checks). It prints examples tried and
+statuses per route, then failures per check with a few requests to reproduce each, and exits 1 if
+any check failed. The suite runs the same thing with a few examples per route
 (tests/server/test_fuzz_openapi.py).
 
 Without --url it starts `tokenmill serve` on a free loopback port (--threads torch threads, a

@@ -18,7 +18,8 @@ from tokenmill.errors import EngineDeadError, EngineNotReadyError
 
 EXAMPLES_PER_MODE = 20  # per route, positive and negative each: ~200 requests, under a minute
 FUZZED_ROUTES = ["POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models",
-                 "GET /v1/requests/{request_id}/trace", "POST /tokenize", "POST /detokenize"]
+                 "GET /v1/requests/{request_id}/trace", "POST /tokenize", "POST /detokenize",
+                 "GET /dashboard/data", "GET /health"]
 # Statuses by the error classes a route can raise (EngineDeadError's may change; the schema
 # follows the class).
 _ENGINE = {str(EngineNotReadyError.status_code), str(EngineDeadError.status_code)}

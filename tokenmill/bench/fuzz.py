@@ -1,6 +1,7 @@
 """Fuzz a running server from its own ``/openapi.json`` with schemathesis (property-based).
 
-For every route chosen (by default ``/v1/*``, ``/tokenize`` and ``/detokenize``) it generates
+For every route chosen (by default ``/v1/*``, ``/tokenize``, ``/detokenize``, ``/dashboard/data``
+and ``/health``) it generates
 ``max_examples`` request bodies that fit the schema (positive) and as many that break it
 (negative), sends each, and runs these checks on every answer:
 
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_ROUTES = ("/v1/", "/tokenize", "/detokenize")
+DEFAULT_ROUTES = ("/v1/", "/tokenize", "/detokenize", "/dashboard/data", "/health")
 """Path prefixes fuzzed unless told otherwise."""
 
 CHECK_NAMES = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
