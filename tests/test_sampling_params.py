@@ -115,3 +115,12 @@ def test_frozen_and_replace_revalidates() -> None:
     with pytest.raises(InvalidSamplingParamsError):
         dataclasses.replace(params, top_p=2.0)
     assert SamplingParams.from_dict(params.to_dict()) == params
+
+
+@pytest.mark.parametrize("key", ["\u00b2", "\u0663", " 5", "5 ", "+5", "-5", "5\n", ""])
+def test_logit_bias_keys_are_ascii_digits_only(key: str) -> None:
+    # "²".isdigit() is true but int("²") raises (that was a 500); "٣" would read as token 3.
+    with pytest.raises(InvalidSamplingParamsError, match="token ids") as info:
+        SamplingParams(logit_bias={key: 1.0})
+    assert info.value.param == "logit_bias"
+    assert SamplingParams(logit_bias={"007": 1.0}).logit_bias == {7: 1.0}

@@ -176,11 +176,12 @@ class SamplingParams:
         bias: dict[int, float] = {}
         allowed = f"a number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
         for key, value in raw.items():
-            # JSON object keys are strings: {"50256": -100} is the OpenAI API's own form.
+            # JSON object keys are strings: {"50256": -100} is the OpenAI API's own form. ASCII
+            # digits only: str.isdigit() also takes "²" or "٣", which int() refuses or reads
+            # as another number.
             token_id = key
-            digits = key.strip() if isinstance(key, str) else ""
-            if digits.isascii() and digits.lstrip("-").isdigit():  # not int("²"): ASCII only
-                token_id = int(digits)
+            if isinstance(key, str) and key.isascii() and key.isdigit():
+                token_id = int(key)
             if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
                 raise _fail("logit_bias", key, "keyed by token ids (integers >= 0)")
             number = _as_float("logit_bias", value, allowed)

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.browser_support import browser_page, save_screenshot
@@ -68,8 +69,9 @@ def first_point_after(url: str, seq: int) -> dict:
     return wait_for(lambda: dashboard_data(url, since=seq)["points"], what="a new point")[0]
 
 
-def test_dashboard_data_rejects_a_bad_since(tokenmill_server):
-    response = httpx.get(tokenmill_server.url + "/dashboard/data", params={"since": "-1"})
+@pytest.mark.parametrize("since", ["-1", "\u00b2", "\u0663"])  # "²" was a 500 (int() fails)
+def test_dashboard_data_rejects_a_bad_since(tokenmill_server, since):
+    response = httpx.get(tokenmill_server.url + "/dashboard/data", params={"since": since})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "since"
     assert httpx.get(tokenmill_server.url + "/health").status_code == 200

@@ -107,7 +107,9 @@ class Sampler:
         logits = logits / temperature[:, None]
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=self.device)[None, :]
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params],
+        # top_k past the vocabulary keeps every token; clamped, since a huge one (1e28 is valid)
+        # does not fit an int64 tensor and would kill the engine thread.
+        top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params],
                              device=self.device)
         remove = ranks >= top_k[:, None]
         probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)

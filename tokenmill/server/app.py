@@ -31,6 +31,7 @@ from tokenmill.server.cost_metrics import CostTracker
 from tokenmill.server.error_handlers import error_response, install_error_handlers
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai import chat, completions, models, tokenize
+from tokenmill.server.openapi import READ_RESPONSES, install_openapi
 from tokenmill.server.request_logger import banner, finished_request_logger
 from tokenmill.server.state import ServerSettings, ServerState, server_state
 from tokenmill.server.trace_spans import trace_span_hook
@@ -135,6 +136,7 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLL
     app = FastAPI(title="tokenmill", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.server = ServerState(settings, ServerMetrics())
     install_error_handlers(app)
+    install_openapi(app, lambda: app.state.server.engine)
     for module in (completions, chat, models, tokenize):
         app.include_router(module.router)
     app.include_router(dashboard.router)  # GET /dashboard and /dashboard/data
@@ -144,7 +146,7 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLL
         app.add_middleware(TracingMiddleware, tracer_provider=tracer_provider, service="server",
                            on_finish=trace_span_hook(app, tracer))
 
-    @app.get("/health")
+    @app.get("/health", responses=READ_RESPONSES)
     async def health(request: Request) -> Response:
         state = server_state(request)
         try:
@@ -153,7 +155,9 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLL
             return error_response(exc)
         return JSONResponse({"status": "ok", "model": engine.model_name})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format."}})
     async def metrics(request: Request) -> Response:
         return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.server.openapi import DASHBOARD_DATA_RESPONSES
 from tokenmill.server.state import server_state
 from tokenmill.web import page
 
@@ -25,14 +26,16 @@ async def dashboard() -> HTMLResponse:
     return HTMLResponse(page("server"), headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/dashboard/data", summary="The dashboard's figures: a history sampled every second")
+@router.get("/dashboard/data", summary="The dashboard's figures: a history sampled every second",
+            responses=DASHBOARD_DATA_RESPONSES)
 async def dashboard_data(
         request: Request,
         since: Annotated[str, Query(description="Return only the points whose seq is greater "
-                                    "(the latest_seq of the previous answer).")] = "0",
+                                    "(the latest_seq of the previous answer).",
+                                    json_schema_extra={"pattern": "^[0-9]+$"})] = "0",
 ) -> JSONResponse:
     # Parsed here rather than by FastAPI so the error names 'since' as the client wrote it.
-    if not since.isdigit():
+    if not (since.isascii() and since.isdigit()):  # "²".isdigit() is true; int("²") fails
         raise InvalidRequestError(f"'since' must be a non-negative integer (the latest_seq of "
                                   f"the previous answer), got {since!r}", param="since")
     state = server_state(request)

@@ -36,11 +36,16 @@ def error_response(exc: TokenmillError) -> JSONResponse:
     return JSONResponse(error_payload(exc), status_code=exc.status_code, headers=headers)
 
 
+# Where FastAPI says a parameter came from; the first item of a location, not part of the name.
+_LOC_SOURCES = {"body", "query", "path", "header", "cookie"}
+
+
 def param_path(loc: tuple[Any, ...]) -> str | None:
-    """``("body", "messages", 0, "content")`` -> ``"messages[0].content"``."""
+    """``("body", "messages", 0, "content")`` -> ``"messages[0].content"``;
+    ``("query", "since")`` -> ``"since"``."""
     path = ""
-    for part in loc:
-        if part == "body" and not path:
+    for index, part in enumerate(loc):
+        if index == 0 and part in _LOC_SOURCES:
             continue
         if isinstance(part, int):
             path += f"[{part}]"

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from tokenmill.engine.trace_store import TraceStore
 from tokenmill.errors import EngineNotReadyError, NotFoundError
 from tokenmill.server.openai.serving import TENANT_HEADER, prompt_request_id
+from tokenmill.server.openapi import TRACE_RESPONSES
 from tokenmill.server.state import server_state
 
 router = APIRouter()
@@ -42,7 +43,7 @@ def find_trace(traces: TraceStore, request_id: str, tenant: str | None
     return traces.report(request_id, tenant, member_ids=members) if members else None
 
 
-@router.get("/v1/requests/{request_id}/trace")
+@router.get("/v1/requests/{request_id}/trace", responses=TRACE_RESPONSES)
 async def get_request_trace(request_id: str, request: Request) -> JSONResponse:
     engine = server_state(request).engine  # still answers while draining
     if engine is None:

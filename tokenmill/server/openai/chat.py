@@ -27,6 +27,7 @@ from tokenmill.server.openai.serving import (
     sse_events,
     usage,
 )
+from tokenmill.server.openapi import GENERATION_RESPONSES
 from tokenmill.server.state import ServerState, server_state
 
 router = APIRouter()
@@ -132,7 +133,7 @@ class _Chat:
                 yield self.envelope("chat.completion.chunk", choices)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = server_state(request)
     state.check_model(body.model)

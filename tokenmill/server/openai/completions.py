@@ -25,6 +25,7 @@ from tokenmill.server.openai.serving import (
     sse_events,
     usage,
 )
+from tokenmill.server.openapi import GENERATION_RESPONSES
 from tokenmill.server.state import ServerState, server_state
 
 router = APIRouter()
@@ -133,7 +134,7 @@ class _Completion:
                 yield self.envelope(choices)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=GENERATION_RESPONSES)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = server_state(request)
     state.check_model(body.model)

@@ -6,12 +6,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from tokenmill.server.openapi import READ_RESPONSES
 from tokenmill.server.state import server_state
 
 router = APIRouter()
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=READ_RESPONSES)
 async def list_models(request: Request) -> dict[str, Any]:
     state = server_state(request)
     engine = state.require_engine()

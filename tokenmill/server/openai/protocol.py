@@ -8,7 +8,9 @@ Beyond OpenAI's fields they accept the engine's extras (vLLM's names): ``top_k``
 that change nothing here (``user``, ``metadata``, ``store``, ...) are accepted and ignored; ones we
 cannot honour (``suffix``, ``tools``, a JSON ``response_format``, ``best_of`` > n) are refused.
 
-Ranges are checked by ``SamplingParams`` (one source of truth); these models check shapes only.
+Ranges are checked by ``SamplingParams`` (one source of truth); these models check shapes only,
+but their published schema (``/openapi.json``) states the real unions and ranges through the types
+of ``schema_types.py``, so generated clients and fuzzers send what the server accepts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,31 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.server.openai.schema_types import (
+    LogitBias,
+    MessageContent,
+    MinP,
+    MinTokens,
+    ModelName,
+    NumChoices,
+    NumLogprobs,
+    OutputLength,
+    Penalty,
+    Prompt,
+    RepetitionPenalty,
+    Seed,
+    Stop,
+    Suffix,
+    Temperature,
+    TokenId,
+    TopK,
+    TopP,
+    cross_field_rules,
+    exactly_one,
+    integral,
+    not_together,
+    only_with,
+)
 
 # Union-typed fields (prompt, stop, content) are validated by hand: pydantic's union errors name
 # every member type, which reads worse than one sentence saying what is allowed. Checks across
@@ -46,33 +73,38 @@ def _check_stop(value: Any) -> Any:
     raise ValueError("must be a string or a list of strings")
 
 
-def _check_token_id_list(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value)
+def _token_ids(value: Any) -> list[int] | None:
+    """``value`` as a list of token ids (16.0 counts as 16), or None if it is not one."""
+    if not isinstance(value, list):
+        return None
+    ids = [integral(t) for t in value]
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        return ids
+    return None
 
 
 class SamplingFields(_Strict):
     """Fields both endpoints share; ``to_sampling_kwargs`` maps them onto ``SamplingParams``."""
 
-    model: str
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: Any = None
+    model: ModelName
+    n: NumChoices = 1
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: LogitBias | None = None
     user: str | None = None
     # engine extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    min_tokens: MinTokens = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     cache_salt: str | None = Field(default=None, min_length=1)
@@ -112,12 +144,15 @@ class SamplingFields(_Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Any
-    max_tokens: int | None = 16  # OpenAI's documented default for /v1/completions
+    model_config = ConfigDict(json_schema_extra=cross_field_rules(
+        only_with("stream_options", "stream"), not_together("echo", "logprobs")))
+
+    prompt: Prompt
+    max_tokens: OutputLength | None = 16  # OpenAI's documented default for /v1/completions
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    logprobs: NumLogprobs | None = None
+    best_of: NumChoices | None = None
+    suffix: Suffix | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -130,8 +165,12 @@ class CompletionRequest(SamplingFields):
             raise ValueError(allowed)
         if all(isinstance(p, str) for p in value):
             return value
-        if _check_token_id_list(value) or all(_check_token_id_list(p) and p for p in value):
-            return value
+        ids = _token_ids(value)
+        if ids is not None:
+            return ids
+        id_lists = [_token_ids(p) for p in value]
+        if all(id_list for id_list in id_lists):  # each a non-empty list of ids
+            return id_lists
         raise ValueError(allowed)
 
     @model_validator(mode="after")
@@ -165,7 +204,7 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Any = None
+    content: MessageContent = None
     name: str | None = None
 
     @field_validator("content", mode="before")
@@ -199,11 +238,14 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra=cross_field_rules(
+        only_with("stream_options", "stream"), only_with("top_logprobs", "logprobs")))
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
+    max_tokens: OutputLength | None = None  # deprecated by OpenAI: max_completion_tokens
+    max_completion_tokens: OutputLength | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: NumLogprobs | None = None
     response_format: ResponseFormat | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
@@ -228,9 +270,12 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(_Strict):
-    model: str | None = None
+    model_config = ConfigDict(json_schema_extra=cross_field_rules(
+        exactly_one("prompt", "messages")))
+
+    model: ModelName | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -243,5 +288,5 @@ class TokenizeRequest(_Strict):
 
 
 class DetokenizeRequest(_Strict):
-    model: str | None = None
-    tokens: list[int]
+    model: ModelName | None = None
+    tokens: list[TokenId]

@@ -9,19 +9,18 @@ from fastapi import APIRouter, Request
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.openai.protocol import DetokenizeRequest, TokenizeRequest
+from tokenmill.server.openapi import ENGINE_RESPONSES
 from tokenmill.server.state import server_state
 
 router = APIRouter()
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", responses=ENGINE_RESPONSES)
 async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     state = server_state(request)
     state.check_model(body.model)
     engine = state.require_engine()
     if body.messages is not None:
-        if not body.messages:
-            raise InvalidRequestError("messages must not be empty", param="messages")
         text = engine.input_processor.render_chat([m.for_template() for m in body.messages],
                                                   body.add_generation_prompt)
         tokens = engine.tokenizer.encode(text, add_special_tokens=False)
@@ -32,7 +31,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
             "token_strs": engine.tokenizer.convert_ids_to_tokens(tokens)}
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", responses=ENGINE_RESPONSES)
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
     state = server_state(request)
     state.check_model(body.model)
