@@ -9,7 +9,8 @@ after a random number of events.
 
 ``run_soak`` keeps ``concurrency`` clients busy until every planned request is sent. A client
 whose request is refused with 429 waits until some other request finishes (or Retry-After seconds,
-whichever comes first) before it sends its next one, as a polite client would; it never retries
+whichever comes first, capped at ``max_backoff_s``) before it sends its next one, as a polite
+client would; it never retries
 the same request, so every planned request ends in exactly one outcome. The server's own end
 state (idle, no KV block held, memory back down) is checked by ``tokenmill.bench.soak_checks``.
 """
@@ -275,7 +276,7 @@ async def send_one(client: httpx.AsyncClient, request: SoakRequest) -> tuple[str
 
 
 async def run_soak(base_url: str, requests: list[SoakRequest], concurrency: int, *,
-                   request_timeout_s: float = 300.0,
+                   request_timeout_s: float = 300.0, max_backoff_s: float = 10.0,
                    on_progress: Callable[[SoakTally], None] | None = None,
                    progress_every_s: float = 10.0) -> SoakTally:
     """Send every request with ``concurrency`` clients; returns the tally when all have ended."""
@@ -293,7 +294,8 @@ async def run_soak(base_url: str, requests: list[SoakRequest], concurrency: int,
         woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         backing_off.append(woken)
         try:
-            await asyncio.wait_for(woken, retry_after_s if retry_after_s > 0 else 1.0)
+            await asyncio.wait_for(woken, min(retry_after_s, max_backoff_s)
+                                   if retry_after_s > 0 else 1.0)
         except TimeoutError:
             if woken in backing_off:
                 backing_off.remove(woken)
