@@ -40,8 +40,8 @@ from tokenmill.bench.soak import SoakMix, SoakTally, plan_requests, run_soak
 from tokenmill.bench.soak_checks import RssMonitor, final_checks, mib, wait_idle
 
 # Measured on the 2-core development machine (built-in model, 1 torch thread, these defaults):
-# about 7 requests/s finish or are refused, so 2000 requests take about 5 minutes.
-DEFAULT_NUM_REQUESTS = 2000
+# about 3.5 requests/s end (done, 429 or aborted), so 1000 requests take about 5 minutes.
+DEFAULT_NUM_REQUESTS = 1000
 
 
 @contextlib.contextmanager
@@ -153,12 +153,12 @@ def main() -> int:
     parser.add_argument("--base-url", help="soak a running server instead of starting one")
     parser.add_argument("--server-pid", type=int, help="its pid, to read RSS (with --base-url)")
     parser.add_argument("--num-requests", type=int, default=DEFAULT_NUM_REQUESTS)
-    parser.add_argument("--warmup-requests", type=int, default=100,
+    parser.add_argument("--warmup-requests", type=int, default=60,
                         help="requests per warm-up round")
-    parser.add_argument("--max-warmup-rounds", type=int, default=5)
+    parser.add_argument("--max-warmup-rounds", type=int, default=4)
     parser.add_argument("--warmup-plateau", type=float, default=0.02,
                         help="warm-up ends when a round grows RSS by less than this fraction")
-    parser.add_argument("--concurrency", type=int, default=48,
+    parser.add_argument("--concurrency", type=int, default=24,
                         help="clients; above running + waiting capacity (in choices)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--abort-fraction", type=float, default=0.2,

@@ -10,8 +10,8 @@ after a random number of events.
 ``run_soak`` keeps ``concurrency`` clients busy until every planned request is sent. A client
 whose request is refused with 429 waits until some other request finishes (or Retry-After seconds,
 whichever comes first, capped at ``max_backoff_s``) before it sends its next one, as a polite
-client would; it never retries
-the same request, so every planned request ends in exactly one outcome. The server's own end
+client would; it never retries the same request, so every planned request ends in exactly one
+outcome. The server's own end
 state (idle, no KV block held, memory back down) is checked by ``tokenmill.bench.soak_checks``.
 """
 
