@@ -50,7 +50,9 @@ class ServerState:
                 and self.dashboard_kv_usage == 0)
 
 
-async def read_state(client: httpx.AsyncClient) -> ServerState:
+async def read_state(client: httpx.AsyncClient, since: int = 0) -> tuple[ServerState, int]:
+    """The server's state and the dashboard's latest_seq (pass it back, minus one, as ``since``
+    to fetch only the latest point next time)."""
     metrics = await client.get("/metrics")
     metrics.raise_for_status()
     values: dict[str, float] = {}
@@ -62,9 +64,10 @@ async def read_state(client: httpx.AsyncClient) -> ServerState:
                 finished[reason] = finished.get(reason, 0.0) + sample.value
             else:
                 values[sample.name] = sample.value
-    dashboard = await client.get("/dashboard/data", params={"since": "0"})
+    dashboard = await client.get("/dashboard/data", params={"since": str(max(since, 0))})
     dashboard.raise_for_status()
-    points = dashboard.json().get("points") or [{}]
+    data = dashboard.json()
+    points = data.get("points") or [{}]
     latest: dict[str, Any] = points[-1]
     return ServerState(
         num_running=values.get(P + "num_requests_running", -1.0),
@@ -74,15 +77,17 @@ async def read_state(client: httpx.AsyncClient) -> ServerState:
         dashboard_running=latest.get("num_running"),
         dashboard_waiting=latest.get("num_waiting"),
         dashboard_kv_usage=latest.get("kv_cache_usage"),
-        finished_by_reason=finished)
+        finished_by_reason=finished), int(data.get("latest_seq") or 0)
 
 
 async def wait_idle(base_url: str, deadline_s: float = 60.0) -> tuple[ServerState, float]:
     """Poll until the server reports itself idle or the deadline passes; (last state, seconds)."""
     start = time.monotonic()
     async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as client:
+        since = 0
         while True:
-            state = await read_state(client)
+            state, latest_seq = await read_state(client, since)
+            since = latest_seq - 1
             waited = time.monotonic() - start
             if state.is_idle or waited > deadline_s:
                 return state, waited
