@@ -1,6 +1,7 @@
 """Does the engine alone (``LLM``, no server) grow resident memory over rounds of the soak's mix?
 
     .venv/bin/python benchmarks/engine_rss_rounds.py --rounds 6
+    .venv/bin/python benchmarks/engine_rss_rounds.py --rounds 6 --same-mix
     ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 .venv/bin/python benchmarks/engine_rss_rounds.py --rounds 6
 
 The KV pool is touched first (it is allocated untouched and would otherwise grow RSS by up to its
@@ -37,6 +38,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--requests", type=int, default=30, help="prompts per round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--same-mix", action="store_true",
+                        help="the same prompts every round (same shapes): a per-shape cache "
+                        "then stops growing after the first round, a leak does not")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     llm = LLM(config=EngineConfig(cache=CacheConfig(kv_cache_memory=2**28),
@@ -48,7 +52,8 @@ def main() -> None:
     print(f"KV pool touched: RSS {mib(process.memory_info().rss)}", flush=True)
     libc = ctypes.CDLL("libc.so.6")
     for round_index in range(args.rounds):
-        planned = plan_requests(SoakMix(seed=100 + round_index, abort_fraction=0.0),
+        planned = plan_requests(SoakMix(seed=100 + (0 if args.same_mix else round_index),
+                                        abort_fraction=0.0),
                                 args.requests, "unused")
         prompts = [r.body.get("prompt") or r.body["messages"][-1]["content"] for r in planned]
         params = [SamplingParams(n=r.n, max_tokens=r.body["max_tokens"],
