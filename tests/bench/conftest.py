@@ -52,3 +52,15 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str])
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def small_server():
+    """A real `tokenmill serve` that holds little (2 running, 2 waiting), so a handful of clients
+    overload it: the soak's short version needs 429s. One torch thread, like the session server."""
+    from tests.server_fixture import ServerProcess
+
+    server = ServerProcess("--max-num-seqs", "2", "--max-waiting-requests", "2")
+    server.wait_ready()
+    yield server
+    server.stop()
