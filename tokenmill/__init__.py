@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from tokenmill.native_caches import bound_native_caches
+
+bound_native_caches()  # before anything imports torch (see native_caches.py)
+
 from tokenmill.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
