@@ -4,13 +4,14 @@ with and without clients that read their stream one small chunk per second.
     .venv/bin/python benchmarks/slow_reader.py                       # 4 clients, 4 slow readers
     .venv/bin/python benchmarks/slow_reader.py --slow-readers 8 --slow-max-tokens 2000
 
-One `tokenmill serve` is started (alone on the machine: run nothing else). Phase 1 measures
---concurrency streaming clients with `tokenmill bench` (benchmarks/serve_load.py's machinery).
-Phase 2 opens --slow-readers streaming requests on raw sockets with a small receive buffer, each
-reading --chunk-bytes per second, and measures the same clients again while they hang on. The
-server's resident memory is sampled all along. Unread outputs are coalesced per request in the
-server (docs/robustness.md), so memory stays flat; a reader past --max-unread-tokens is aborted.
-Prints TPOT and throughput of both phases, peak RSS of each phase, and how the slow streams ended.
+One `tokenmill serve` is started (alone on the machine: run nothing else). Each phase measures
+--concurrency streaming clients with `tokenmill bench` (benchmarks/serve_load.py's machinery):
+alone; beside --slow-readers extra long streams read at full speed (the same extra work for the
+engine); and beside as many streams read --chunk-bytes per second on raw sockets with a small
+receive buffer. A slow reader must cost what a fast one costs: its unread outputs are coalesced in
+the server (docs/robustness.md), so the last two phases should show the same TPOT and no more
+memory. The server's resident memory is sampled all along (the fast phase runs first, so KV pages
+the extra streams touch are already resident when the slow phase starts).
 """
 
 from __future__ import annotations
@@ -51,8 +52,18 @@ class RssSampler(threading.Thread):
         return peak
 
 
-def slow_reader(port: int, model: str, max_tokens: int, chunk_bytes: int, stop: threading.Event,
-                outcome: list[str]) -> None:
+def extra_stream(port: int, model: str, max_tokens: int, chunk_bytes: int | None,
+                 stop: threading.Event, outcome: list[str]) -> None:
+    """One long stream: read ``chunk_bytes`` a second (None: as fast as it comes, and start
+    another when it ends, so the engine's extra work lasts the whole phase)."""
+    while not stop.is_set():
+        _one_stream(port, model, max_tokens, chunk_bytes, stop, outcome)
+        if chunk_bytes is not None:
+            return
+
+
+def _one_stream(port: int, model: str, max_tokens: int, chunk_bytes: int | None,
+                stop: threading.Event, outcome: list[str]) -> None:
     body = json.dumps({"model": model, "prompt": "Tell me a very long story.", "stream": True,
                        "max_tokens": max_tokens, "ignore_eos": True}).encode()
     sock = socket.socket()
@@ -62,9 +73,14 @@ def slow_reader(port: int, model: str, max_tokens: int, chunk_bytes: int, stop: 
                  b"Content-Type: application/json\r\nContent-Length: "
                  + str(len(body)).encode() + b"\r\n\r\n" + body)
     received = b""
-    while not stop.wait(1.0):
-        chunk = sock.recv(chunk_bytes)
-        if not chunk:
+    sock.settimeout(1.0)
+    while not stop.wait(1.0 if chunk_bytes is not None else 0):
+        try:
+            chunk = sock.recv(chunk_bytes or 65536)
+        except TimeoutError:
+            continue
+        if not chunk or (chunk_bytes is None and b"[DONE]" in received[-64:] + chunk):
+            received += chunk
             break
         received += chunk
     sock.close()
@@ -85,6 +101,8 @@ def main() -> None:
     parser.add_argument("--slow-readers", type=int, default=4)
     parser.add_argument("--slow-max-tokens", type=int, default=1500)
     parser.add_argument("--chunk-bytes", type=int, default=64, help="read per second")
+    parser.add_argument("--slow-first", action="store_true",
+                        help="run the slow-reader phase before the fast one")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kv-cache-memory", type=int, default=2**29)
     parser.add_argument("--tokenmill-args", default="", help="extra flags for tokenmill serve")
@@ -106,34 +124,46 @@ def main() -> None:
         [alone] = run_levels(url, [args.concurrency], args.num_requests, args.input_len,
                              args.output_len, args.output_dir / "alone")
         peak_alone = sampler.take_peak()
-        stop, outcomes = threading.Event(), []
-        readers = [threading.Thread(target=slow_reader, daemon=True,
-                                    args=(port, model, args.slow_max_tokens, args.chunk_bytes,
-                                          stop, outcomes)) for _ in range(args.slow_readers)]
-        for reader in readers:
-            reader.start()
-        [beside] = run_levels(url, [args.concurrency], args.num_requests, args.input_len,
-                              args.output_len, args.output_dir / "beside-slow-readers", warmup=0)
-        peak_beside = sampler.take_peak()
-        stop.set()
-        for reader in readers:
-            reader.join(10)
+
+        def beside(chunk_bytes: int | None, name: str) -> tuple[dict, int, list[str]]:
+            stop, outcomes = threading.Event(), []
+            readers = [threading.Thread(target=extra_stream, daemon=True,
+                                        args=(port, model, args.slow_max_tokens, chunk_bytes,
+                                              stop, outcomes))
+                       for _ in range(args.slow_readers)]
+            for reader in readers:
+                reader.start()
+            [level] = run_levels(url, [args.concurrency], args.num_requests, args.input_len,
+                                 args.output_len, args.output_dir / name, warmup=0)
+            peak = sampler.take_peak()
+            stop.set()
+            for reader in readers:
+                reader.join(10)
+            return level, peak, outcomes
+
+        if args.slow_first:  # to tell an effect of the order (a warming machine) from one of speed
+            slow, peak_slow, outcomes = beside(args.chunk_bytes, "beside-slow-readers")
+            fast, peak_fast, _ = beside(None, "beside-fast-readers")
+        else:
+            fast, peak_fast, _ = beside(None, "beside-fast-readers")
+            slow, peak_slow, outcomes = beside(args.chunk_bytes, "beside-slow-readers")
         end_rss = rss_bytes(process.pid)
         sampler.stop_event.set()
 
-    a, b = alone["summary"], beside["summary"]
+    a, f, s = alone["summary"], fast["summary"], slow["summary"]
     print(f"\nCPU: {cpu_name()}; {args.concurrency} clients, {args.input_len}-token prompts, "
-          f"{args.output_len} output tokens, {args.num_requests} requests per phase; "
-          f"{args.slow_readers} slow readers ({args.chunk_bytes} B/s, max_tokens "
-          f"{args.slow_max_tokens})")
-    print(f"{'':<26}{'alone':>12}{'beside slow':>14}{'ratio':>8}")
-    print(f"{'TPOT p50 ms':<26}{a['tpot_ms']['p50']:>12.2f}{b['tpot_ms']['p50']:>14.2f}"
-          f"{b['tpot_ms']['p50'] / a['tpot_ms']['p50']:>8.3f}")
-    print(f"{'output tok/s':<26}{a['output_tokens_per_s']:>12.1f}{b['output_tokens_per_s']:>14.1f}"
-          f"{b['output_tokens_per_s'] / a['output_tokens_per_s']:>8.3f}")
-    print(f"server RSS: start {start_rss / 2**20:.0f} MiB, peak alone {peak_alone / 2**20:.0f} "
-          f"MiB, peak beside slow readers {peak_beside / 2**20:.0f} MiB, end "
-          f"{end_rss / 2**20:.0f} MiB")
+          f"{args.output_len} output tokens, {args.num_requests} requests per phase; beside "
+          f"{args.slow_readers} extra streams of max_tokens {args.slow_max_tokens}, read at full "
+          f"speed or at {args.chunk_bytes} B/s")
+    print(f"{'':<16}{'alone':>10}{'beside fast':>13}{'beside slow':>13}{'slow/fast':>11}")
+    print(f"{'TPOT p50 ms':<16}{a['tpot_ms']['p50']:>10.2f}{f['tpot_ms']['p50']:>13.2f}"
+          f"{s['tpot_ms']['p50']:>13.2f}{s['tpot_ms']['p50'] / f['tpot_ms']['p50']:>11.3f}")
+    print(f"{'output tok/s':<16}{a['output_tokens_per_s']:>10.1f}"
+          f"{f['output_tokens_per_s']:>13.1f}{s['output_tokens_per_s']:>13.1f}"
+          f"{s['output_tokens_per_s'] / f['output_tokens_per_s']:>11.3f}")
+    print(f"{'peak RSS MiB':<16}{peak_alone / 2**20:>10.0f}{peak_fast / 2**20:>13.0f}"
+          f"{peak_slow / 2**20:>13.0f}{peak_slow / peak_fast:>11.3f}")
+    print(f"server RSS: start {start_rss / 2**20:.0f} MiB, end {end_rss / 2**20:.0f} MiB")
     print("slow streams: " + ", ".join(f"{outcomes.count(o)} {o}" for o in sorted(set(outcomes))))
 
 
