@@ -2,6 +2,7 @@
 with and without clients that read their stream one small chunk per second.
 
     .venv/bin/python benchmarks/slow_reader.py                       # 4 clients, 4 slow readers
+    .venv/bin/python benchmarks/slow_reader.py --rounds 3       # medians, alternating order
     .venv/bin/python benchmarks/slow_reader.py --slow-readers 8 --slow-max-tokens 2000
 
 One `tokenmill serve` is started (alone on the machine: run nothing else). Each phase measures
@@ -92,6 +93,12 @@ def _one_stream(port: int, model: str, max_tokens: int, chunk_bytes: int | None,
         outcome.append("still streaming when the run ended")
 
 
+def _median_run(runs: list[tuple[dict, int]]) -> tuple[dict, int]:
+    """The run with the median TPOT, and the highest peak RSS of all."""
+    ordered = sorted(runs, key=lambda run: run[0]["summary"]["tpot_ms"]["p50"])
+    return ordered[len(ordered) // 2][0], max(peak for _, peak in runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=4)
@@ -101,8 +108,10 @@ def main() -> None:
     parser.add_argument("--slow-readers", type=int, default=4)
     parser.add_argument("--slow-max-tokens", type=int, default=1500)
     parser.add_argument("--chunk-bytes", type=int, default=64, help="read per second")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of (fast, slow) phases, alternating their order")
     parser.add_argument("--slow-first", action="store_true",
-                        help="run the slow-reader phase before the fast one")
+                        help="run the slow-reader phase before the fast one in the first round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kv-cache-memory", type=int, default=2**29)
     parser.add_argument("--tokenmill-args", default="", help="extra flags for tokenmill serve")
@@ -141,12 +150,23 @@ def main() -> None:
                 reader.join(10)
             return level, peak, outcomes
 
-        if args.slow_first:  # to tell an effect of the order (a warming machine) from one of speed
-            slow, peak_slow, outcomes = beside(args.chunk_bytes, "beside-slow-readers")
-            fast, peak_fast, _ = beside(None, "beside-fast-readers")
-        else:
-            fast, peak_fast, _ = beside(None, "beside-fast-readers")
-            slow, peak_slow, outcomes = beside(args.chunk_bytes, "beside-slow-readers")
+        # Rounds alternate the order (a machine that warms up or gets busier evens out); the
+        # figures are the medians over rounds.
+        fast_runs, slow_runs, outcomes = [], [], []
+        for round_index in range(args.rounds):
+            slow_first = args.slow_first != (round_index % 2 == 1)
+            for slow_phase in (True, False) if slow_first else (False, True):
+                if slow_phase:
+                    level, peak, ends = beside(args.chunk_bytes, f"slow-{round_index}")
+                    slow_runs.append((level, peak))
+                    outcomes += ends
+                else:
+                    fast_runs.append(beside(None, f"fast-{round_index}")[:2])
+            print(f"round {round_index + 1}: TPOT p50 beside fast "
+                  f"{fast_runs[-1][0]['summary']['tpot_ms']['p50']:.2f} ms, beside slow "
+                  f"{slow_runs[-1][0]['summary']['tpot_ms']['p50']:.2f} ms", flush=True)
+        fast, peak_fast = _median_run(fast_runs)
+        slow, peak_slow = _median_run(slow_runs)
         end_rss = rss_bytes(process.pid)
         sampler.stop_event.set()
 
