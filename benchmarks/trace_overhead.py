@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/trace_overhead.py                   # 16 clients, 3 rounds
     .venv/bin/python benchmarks/trace_overhead.py --rounds 1 --num-requests 8 --output-len 16
+    .venv/bin/python benchmarks/trace_overhead.py --engine-only --rounds 5   # LLM, no HTTP
 
 The server is started with tracing on (the default) and with --no-request-trace, alternately,
 --rounds times each (alternating evens out a machine that warms up or gets busier), each alone on
@@ -9,6 +10,10 @@ the machine, and measured with `tokenmill bench` (benchmarks/serve_load.py's mac
 /v1/completions at --concurrency clients, fixed prompt and output lengths with ignore_eos. It
 prints output tokens/s and TPOT per run, the median of each setting and the ratio; the target is
 tracing costing at most 2% of decode tokens/s at 16 clients.
+
+``--engine-only`` measures the engine alone (``LLM.generate`` of --concurrency requests at once,
+tracing on and off in two engines of one process, alternating): no HTTP client sharing the cores,
+so a difference of a per cent or two stands out of the noise.
 """
 
 from __future__ import annotations
@@ -39,6 +44,35 @@ def measure(tracing: bool, args: argparse.Namespace, round_index: int) -> dict:
     return level["summary"]
 
 
+def measure_engine(args: argparse.Namespace) -> None:
+    import time
+
+    from tokenmill import LLM, SamplingParams
+
+    os.environ.setdefault("TOKENMILL_NUM_THREADS", str(args.threads))
+    engines = {tracing: LLM(kv_cache_memory=args.kv_cache_memory, num_threads=args.threads,
+                            request_trace=tracing) for tracing in (True, False)}
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
+    prompts = [[1000 + (i * 37 + j) % 30000 for j in range(args.input_len)]
+               for i in range(args.concurrency)]
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for tracing in (True, False):  # warm-up: first steps build kernels and caches
+        engines[tracing].generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)
+    for round_index in range(args.rounds):
+        for tracing in (True, False) if round_index % 2 == 0 else (False, True):
+            start = time.perf_counter()
+            engines[tracing].generate(prompts, params, use_tqdm=False)
+            rate = args.concurrency * args.output_len / (time.perf_counter() - start)
+            rates[tracing].append(rate)
+            print(f"round {round_index + 1} tracing {'on ' if tracing else 'off'}: "
+                  f"{rate:.1f} output tok/s", flush=True)
+    on, off = statistics.median(rates[True]), statistics.median(rates[False])
+    print(f"\nCPU: {cpu_name()}; engine only, {args.concurrency} requests at once, "
+          f"{args.input_len}-token prompts, {args.output_len} output tokens, {args.rounds} runs "
+          f"each; median tok/s tracing on {on:.1f}, off {off:.1f}, on/off {on / off:.3f}")
+    print(f"tracing overhead on decode tokens/s: {(1 - on / off) * 100:+.1f}% (target <= 2%)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=16)
@@ -50,7 +84,12 @@ def main() -> None:
     parser.add_argument("--kv-cache-memory", type=int, default=2**29)
     parser.add_argument("--tokenmill-args", default="", help="extra flags for tokenmill serve")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/trace_overhead"))
+    parser.add_argument("--engine-only", action="store_true",
+                        help="measure LLM.generate in this process instead of served HTTP")
     args = parser.parse_args()
+    if args.engine_only:
+        measure_engine(args)
+        return
 
     runs: dict[bool, list[dict]] = {True: [], False: []}
     for round_index in range(args.rounds):

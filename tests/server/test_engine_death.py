@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 
 import httpx
+import pytest
 
 from tests.server.conftest import MODEL
 from tests.server_fixture import ServerProcess
+from tokenmill.config import EngineConfig
 from tokenmill.engine.fault_injection import FAULT_STEP_ENV
+from tokenmill.errors import EngineDeadError
+from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.state import ServerSettings, ServerState
 
 BODY = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0,
         "ignore_eos": True}
@@ -72,3 +78,15 @@ def test_with_restart_it_answers_503_then_serves_again() -> None:
     finally:
         assert server.stop() == 0
     assert "loading a new engine" in server.log()
+
+
+def test_a_dead_engine_turns_every_route_503_until_the_process_exits() -> None:
+    """Between the death and the exit (too short to catch over HTTP above): the phase is "dead",
+    and /health and every route that needs the engine answer 503 naming the cause."""
+    state = ServerState(ServerSettings(engine=EngineConfig()), ServerMetrics())
+    state.engine = SimpleNamespace(is_running=False,  # a fault: the engine thread has died
+                                   dead_error=RuntimeError("boom in the engine thread"))
+    assert state.phase == "dead"
+    with pytest.raises(EngineDeadError, match="boom in the engine thread") as dead:
+        state.require_engine()
+    assert dead.value.status_code == 503
