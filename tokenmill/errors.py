@@ -34,6 +34,8 @@ class TokenmillError(Exception):
 
     status_code: int = 500
     error_type: str = "internal_error"
+    request_id: str | None = None
+    """The response id a request got before it failed (sent as ``x-request-id``), if any."""
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)

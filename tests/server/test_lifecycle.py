@@ -100,6 +100,7 @@ def test_full_waiting_queue_gives_429_with_retry_after(small_server):
         refused = httpx.post(url + "/v1/completions", json={**LONG, "stream": False})
         assert refused.status_code == 429, refused.text
         assert int(refused.headers["retry-after"]) >= 1
+        assert refused.headers["x-request-id"].startswith("cmpl-")  # quotable, like an answer's
         error = refused.json()["error"]
         assert error["type"] == "rate_limit_error"
         assert "max_waiting_requests=1" in error["message"]

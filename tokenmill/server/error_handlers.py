@@ -31,6 +31,8 @@ _LOC_NOISE = {"str", "int", "float", "bool", "list", "dict", "none", "function-a
 
 def error_response(exc: TokenmillError) -> JSONResponse:
     headers = {}
+    if exc.request_id is not None:  # e.g. a 429: the client can still quote the id
+        headers["x-request-id"] = exc.request_id
     if isinstance(exc, RequestRejectedError):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_seconds)))
     return JSONResponse(error_payload(exc), status_code=exc.status_code, headers=headers)

@@ -101,6 +101,8 @@ class RequestGroup:
         if errors:
             for stream in streams:
                 await stream.aclose()
+            if isinstance(errors[0], TokenmillError):
+                errors[0].request_id = base_id
             raise errors[0]
         return cls(streams, metrics, base_id)
 
