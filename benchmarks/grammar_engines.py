@@ -1,6 +1,6 @@
 """Which grammar engine to build constrained decoding on: llguidance or xgrammar, on this CPU.
 
-    /work/main/.venv/bin/pip install llguidance==1.9.1 xgrammar==0.2.9   # not in pyproject yet
+    .venv/bin/pip install llguidance==1.9.1 xgrammar==0.2.9   # not in pyproject yet
     TOKENMILL_NUM_THREADS=1 .venv/bin/python benchmarks/grammar_engines.py [--repeats 3] [--batch 16]
 
 Uses the built-in model's tokenizer (the one tokenmill serves with). For each case (JSON schemas of
