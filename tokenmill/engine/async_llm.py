@@ -151,9 +151,8 @@ class AsyncLLM:
             # Refused, the engine died, or the caller went away (cancelled) while the engine
             # thread may be adding the request right now: abort it after the add, in inbox order,
             # so it never keeps generating and holding KV blocks for no one.
-            self._inbox.put(_Finish([c.request_id for c in children]))
             self.traces.discard(request_id)  # request traces
-            self._forget(request_id)
+            self._abort_in_core(request_id, [c.request_id for c in children])
             raise
         finally:
             self._admitting.pop(request_id, None)
@@ -170,11 +169,8 @@ class AsyncLLM:
             await stream.aclose()
 
     async def abort(self, request_id: str) -> None:
-        if request_id not in self._streams:
-            return
-        child_ids = self.output_processor.child_ids(request_id)
-        self._forget(request_id)
-        self._inbox.put(_Finish(child_ids))
+        if request_id in self._streams:
+            self._abort_in_core(request_id, self.output_processor.child_ids(request_id))
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Take no new requests, let running ones finish within ``timeout`` s, abort the rest."""
@@ -204,6 +200,11 @@ class AsyncLLM:
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped after an internal error: {self._dead!r}")
 
+    def _abort_in_core(self, request_id: str, child_ids: list[str]) -> None:
+        """The frontend forgets the request now; the core frees its blocks at its next command."""
+        self._forget(request_id)
+        self._inbox.put(_Finish(child_ids))
+
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
         self.output_processor.abort(request_id)
@@ -224,10 +225,9 @@ class AsyncLLM:
             self._inbox.put(_Finish(processed.stopped_request_ids, stopped=True))
         for output in processed.request_outputs:
             stream = self._streams.get(output.request_id)
-            if stream is not None and not stream.put(output):
-                child_ids = self.output_processor.child_ids(output.request_id)
-                self._forget(output.request_id)  # the reader fell too far behind
-                self._inbox.put(_Finish(child_ids))
+            if stream is not None and not stream.put(output):  # the reader fell too far behind
+                self._abort_in_core(output.request_id,
+                                    self.output_processor.child_ids(output.request_id))
                 continue
             if output.finished:
                 self._streams.pop(output.request_id, None)
@@ -239,7 +239,7 @@ class AsyncLLM:
                 logger.exception("output listener failed")
 
     def _on_engine_dead(self, error: BaseException) -> None:
-        if self._dead is not None and self._dead is not error:
+        if self._dead is not None:
             return  # already reported
         self._dead = error
         dead = EngineDeadError(f"the engine stopped after an internal error: {error!r}")

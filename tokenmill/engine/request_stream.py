@@ -60,8 +60,7 @@ class RequestStream:
 
     def fail(self, error: BaseException) -> None:
         """End the stream with an error (what was generated but not read is dropped)."""
-        if self._closed and self._error is None and self._pending is not None \
-                and self._pending.finished:
+        if self._pending is not None and self._pending.finished:
             return  # it finished first: let the reader have the answer
         self._closed = True
         self._error = error
