@@ -55,17 +55,18 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     kv_cache: torch.Tensor | None, meta: AttentionMetadata, scale: float
                     ) -> torch.Tensor:
     """``query`` [T, heads, d], ``key``/``value`` [T, kv_heads, d] -> output [T, heads, d]."""
+    if meta.decode is not None and meta.decode_kernel is not None and not meta.prefills:
+        # a decode-only step (rows 0..B-1 in order): the kernel writes the new K/V into their
+        # slots itself, and there is no gather into a batch, no scatter back
+        batch = meta.decode
+        return meta.decode_kernel.paged_decode_attention(
+            query, kv_cache[0], kv_cache[1], batch.block_table, batch.seq_lens,
+            scale, meta.sliding_window or 0, key, value, meta.slot_mapping)
     if kv_cache is not None:
         _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
         slots = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
         slots[0].index_copy_(0, meta.slot_mapping, key)
         slots[1].index_copy_(0, meta.slot_mapping, value)
-    if meta.decode is not None and meta.decode_kernel is not None and not meta.prefills:
-        # a decode-only step (rows 0..B-1 in order): no gather into a batch, no scatter back
-        batch = meta.decode
-        return meta.decode_kernel.paged_decode_attention(
-            query.contiguous(), kv_cache[0], kv_cache[1], batch.block_table, batch.seq_lens,
-            scale, meta.sliding_window or 0)
     output = torch.empty_like(query)
     for span in meta.prefills:
         rows = slice(span.query_start, span.query_start + span.query_len)
@@ -82,7 +83,7 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if meta.decode is not None and meta.decode_kernel is not None:
         batch = meta.decode
         out = meta.decode_kernel.paged_decode_attention(
-            query[batch.token_rows].contiguous(), kv_cache[0], kv_cache[1], batch.block_table,
+            query[batch.token_rows], kv_cache[0], kv_cache[1], batch.block_table,
             batch.seq_lens, scale, meta.sliding_window or 0)
         output[batch.token_rows] = out
     elif meta.decode is not None:

@@ -1,96 +1,456 @@
 // Decode attention straight from the paged KV cache: one query token per sequence, K/V read in
-// place through the block table (no gathered copy), one pass over K and one over V.
-// Parallel over (sequence, kv head); the query heads of a GQA group share each K/V read.
+// place through the block table (no gathered copy).
+//
+// Work is split into items of (sequence, kv head, range of positions) so that even one sequence
+// keeps every thread busy (split-K, "flash decoding"): a single stream has only num_kv_heads
+// (3 for SmolLM2) heads, fewer than or not a multiple of the threads. Each item attends its range
+// for all the query heads of its GQA group (they share every K/V row read) and leaves a partial
+// result (max score m, sum of exp l, unnormalized sum of exp * V); the partials of a (sequence,
+// head) are merged afterwards by rescaling with exp(m_i - max m). With one range per head the
+// item normalizes and writes its output directly.
+//
+// Inner loops: with AVX-512 (compiled with -march=native, so decided per machine at build time)
+// K/V rows are widened to float32 16 lanes at a time and FMA'd against the query held in
+// registers; the exp is a vectorized Cephes-style polynomial. Elsewhere plain loops that the
+// compiler vectorizes as it can. The PyTorch path (attention.py) is the reference both are
+// tested against.
+//
+// The new token's K/V can be written into its cache slot by the same call (decode-only steps),
+// which saves two index_copy_ dispatches per layer.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
-#include <limits>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
-template <typename scalar_t>
-static void decode_kernel(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
-                          const int64_t* block_table, const int64_t* seq_lens, float* out,
-                          int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
-                          int64_t head_dim, int64_t block_size, int64_t max_blocks, double scale,
-                          int64_t sliding_window) {
-  const int64_t group = num_heads / num_kv_heads;
-  // cache strides for [num_blocks, block_size, kv_heads, head_dim]
-  const int64_t token_stride = num_kv_heads * head_dim;
-  const int64_t block_stride = block_size * token_stride;
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf(group * head_dim), acc(group * head_dim);
+namespace {
+
+constexpr int64_t kMaxGroup = 16;       // query heads per kv head handled in registers/arrays
+constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kMinSplitLen = 64;    // fewer positions than this per item do not pay a merge
+constexpr int64_t kChunk = 256;         // positions scored at a time (the scores stay in L1)
+// The running max starts here, not at -inf: the build uses -ffast-math (finite math only).
+constexpr float kNoScore = -1e30f;
+
+inline float to_float(float v) { return v; }
+inline float to_float(double v) { return float(v); }
+inline float to_float(at::BFloat16 v) {
+  const uint32_t bits = uint32_t(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+inline float to_float(at::Half v) { return float(v); }
+
+inline void from_float(float v, float* out) { *out = v; }
+inline void from_float(float v, double* out) { *out = v; }
+inline void from_float(float v, at::BFloat16* out) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  out->x = v != v ? uint16_t{0x7FC0} : uint16_t(rounded);
+}
+inline void from_float(float v, at::Half* out) { *out = at::Half(v); }
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const double* p) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_loadu_pd(p))),
+                            _mm512_cvtpd_ps(_mm512_loadu_pd(p + 8)), 1);
+}
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// exp(x) for x <= 0 (scores minus their max): range reduction by ln 2, degree-5 polynomial,
+// exponent by scalef; about 2 ulp, -inf and very negative x give 0.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+struct Shape {
+  int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks, group;
+  int64_t token_stride, block_stride;  // in elements, for [num_blocks, block_size, kv_heads, d]
+};
+
+// Partial result of one item for its group's query heads.
+struct Partial {
+  float* max;  // [group]
+  float* sum;  // [group]
+  float* acc;  // [group, head_dim]
+};
+
+// Attend positions [p0, p1) of one sequence's kv head `kvh` for the query heads of its group.
+// q: [group, head_dim] float32, already scaled.
+// Generic path: any group size and head dim (the specialized one below covers the common ones).
+template <typename T>
+void attend_range_generic(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
+                  int64_t kvh, int64_t p0, int64_t p1, const Shape& s, Partial out) {
+  const int64_t G = s.group, D = s.head_dim;
+  alignas(64) float scores[kMaxGroup * kChunk];
+  for (int64_t g = 0; g < G; ++g) {
+    out.max[g] = kNoScore;
+    out.sum[g] = 0.0f;
+  }
+  std::fill(out.acc, out.acc + G * D, 0.0f);
+  for (int64_t c0 = p0; c0 < p1; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, p1 - c0);
+    // scores[g][i] = q_g . k_(c0+i)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t pos = c0 + i;
+      const T* kp = k_cache + table[pos / s.block_size] * s.block_stride +
+                    (pos % s.block_size) * s.token_stride + kvh * D;
+#if defined(__AVX512F__)
+      if (D % 16 == 0) {
+        for (int64_t g = 0; g < G; ++g) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t d = 0; d < D; d += 16)
+            acc = _mm512_fmadd_ps(load16(kp + d), _mm512_loadu_ps(q + g * D + d), acc);
+          scores[g * kChunk + i] = _mm512_reduce_add_ps(acc);
+        }
+        continue;
+      }
+#endif
+      for (int64_t g = 0; g < G; ++g) {
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; ++d) dot += q[g * D + d] * to_float(kp[d]);
+        scores[g * kChunk + i] = dot;
+      }
+    }
+    // online softmax across chunks: rescale what was accumulated when the max grows
+    for (int64_t g = 0; g < G; ++g) {
+      float* row = scores + g * kChunk;
+      float peak = out.max[g];
+      for (int64_t i = 0; i < n; ++i) peak = std::max(peak, row[i]);
+      const float rescale = std::exp(out.max[g] - peak);  // 0 on the first chunk
+      float total = 0.0f;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      const __m512 vpeak = _mm512_set1_ps(peak);
+      __m512 vtotal = _mm512_setzero_ps();
+      for (; i + 16 <= n; i += 16) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(row + i), vpeak));
+        _mm512_storeu_ps(row + i, e);
+        vtotal = _mm512_add_ps(vtotal, e);
+      }
+      total = _mm512_reduce_add_ps(vtotal);
+#endif
+      for (; i < n; ++i) {
+        row[i] = std::exp(row[i] - peak);
+        total += row[i];
+      }
+      out.sum[g] = out.sum[g] * rescale + total;
+      out.max[g] = peak;
+      if (rescale != 1.0f)
+        for (int64_t d = 0; d < D; ++d) out.acc[g * D + d] *= rescale;
+    }
+    // acc[g] += sum_i p[g][i] * v_(c0+i)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t pos = c0 + i;
+      const T* vp = v_cache + table[pos / s.block_size] * s.block_stride +
+                    (pos % s.block_size) * s.token_stride + kvh * D;
+#if defined(__AVX512F__)
+      if (D % 16 == 0) {
+        for (int64_t d = 0; d < D; d += 16) {
+          const __m512 v = load16(vp + d);
+          for (int64_t g = 0; g < G; ++g) {
+            float* a = out.acc + g * D + d;
+            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * kChunk + i]), v,
+                                                _mm512_loadu_ps(a)));
+          }
+        }
+        continue;
+      }
+#endif
+      for (int64_t g = 0; g < G; ++g) {
+        const float p = scores[g * kChunk + i];
+        float* a = out.acc + g * D;
+        for (int64_t d = 0; d < D; ++d) a[d] += p * to_float(vp[d]);
+      }
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// Calls fn(i, row) for positions p0 .. p1-1 (i = pos - p0) of one kv head, walking the block table
+// a block at a time (no division per position).
+template <typename T, typename Fn>
+inline void for_rows(const T* cache, const int64_t* table, int64_t kvh, int64_t p0, int64_t p1,
+                     const Shape& s, const Fn& fn) {
+  for (int64_t pos = p0; pos < p1;) {
+    const int64_t offset = pos % s.block_size;
+    const int64_t count = std::min(s.block_size - offset, p1 - pos);
+    const T* row = cache + table[pos / s.block_size] * s.block_stride + offset * s.token_stride +
+                   kvh * s.head_dim;
+    for (int64_t j = 0; j < count; ++j, row += s.token_stride) fn(pos - p0 + j, row);
+    pos += count;
+  }
+}
+
+// The common shapes, G query heads per kv head and NV * 16 = head_dim: the queries and the
+// accumulators live in registers, scores in an L1 buffer.
+template <typename T, int G, int NV>
+void attend_range_fixed(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
+                        int64_t kvh, int64_t p0, int64_t p1, const Shape& s, Partial out) {
+  alignas(64) float scores[G][kChunk];
+  __m512 qv[G][NV], acc[G][NV];
+  float peak[G], total[G];
+  for (int g = 0; g < G; ++g) {
+    peak[g] = kNoScore;
+    total[g] = 0.0f;
+    for (int v = 0; v < NV; ++v) {
+      qv[g][v] = _mm512_loadu_ps(q + g * NV * 16 + v * 16);
+      acc[g][v] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t c0 = p0; c0 < p1; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, p1 - c0);
+    for_rows(k_cache, table, kvh, c0, c0 + n, s, [&](int64_t i, const T* kp) {
+      __m512 k[NV];
+      for (int v = 0; v < NV; ++v) k[v] = load16(kp + v * 16);
+      for (int g = 0; g < G; ++g) {
+        __m512 dot = _mm512_mul_ps(k[0], qv[g][0]);
+        for (int v = 1; v < NV; ++v) dot = _mm512_fmadd_ps(k[v], qv[g][v], dot);
+        scores[g][i] = _mm512_reduce_add_ps(dot);
+      }
+    });
+    for (int g = 0; g < G; ++g) {
+      float* row = scores[g];
+      float top = peak[g];
+      for (int64_t i = 0; i < n; ++i) top = std::max(top, row[i]);
+      const float rescale = std::exp(peak[g] - top);  // 0 on the first chunk
+      const __m512 vtop = _mm512_set1_ps(top);
+      __m512 vsum = _mm512_setzero_ps();
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(row + i), vtop));
+        _mm512_storeu_ps(row + i, e);
+        vsum = _mm512_add_ps(vsum, e);
+      }
+      if (i < n) {
+        const __mmask16 tail = __mmask16((1u << (n - i)) - 1);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + i), vtop));
+        _mm512_mask_storeu_ps(row + i, tail, e);
+        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(tail, e));
+      }
+      total[g] = total[g] * rescale + _mm512_reduce_add_ps(vsum);
+      peak[g] = top;
+      if (rescale != 1.0f)
+        for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_mul_ps(acc[g][v], _mm512_set1_ps(rescale));
+    }
+    for_rows(v_cache, table, kvh, c0, c0 + n, s, [&](int64_t i, const T* vp) {
+      __m512 val[NV];
+      for (int v = 0; v < NV; ++v) val[v] = load16(vp + v * 16);
+      for (int g = 0; g < G; ++g) {
+        const __m512 p = _mm512_set1_ps(scores[g][i]);
+        for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(p, val[v], acc[g][v]);
+      }
+    });
+  }
+  for (int g = 0; g < G; ++g) {
+    out.max[g] = peak[g];
+    out.sum[g] = total[g];
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out.acc + (g * NV + v) * 16, acc[g][v]);
+  }
+}
+#endif
+
+template <typename T>
+using AttendFn = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, int64_t,
+                          int64_t, const Shape&, Partial);
+
+template <typename T, int NV>
+AttendFn<T> pick_group(int64_t group) {
+#if defined(__AVX512F__)
+  switch (group) {
+    case 1: return &attend_range_fixed<T, 1, NV>;
+    case 2: return &attend_range_fixed<T, 2, NV>;
+    case 3: return &attend_range_fixed<T, 3, NV>;
+    case 4: return &attend_range_fixed<T, 4, NV>;
+    case 5: return &attend_range_fixed<T, 5, NV>;
+    case 6: return &attend_range_fixed<T, 6, NV>;
+    case 7: return &attend_range_fixed<T, 7, NV>;
+    case 8: return &attend_range_fixed<T, 8, NV>;
+    default: break;
+  }
+#endif
+  return &attend_range_generic<T>;
+}
+
+// The specialized kernel for float32/bfloat16 caches with head dim 64 or 128, else the generic one.
+template <typename T>
+AttendFn<T> pick_attend(const Shape& s) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
+    if (s.head_dim == 64) return pick_group<T, 4>(s.group);
+    if (s.head_dim == 128) return pick_group<T, 8>(s.group);
+  }
+  return &attend_range_generic<T>;
+}
+
+template <typename T>
+void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_table,
+                   const int64_t* seq_lens, T* out, int64_t num_seqs, const Shape& s, float scale,
+                   int64_t sliding_window) {
+  const int64_t G = s.group, D = s.head_dim, KVH = s.num_kv_heads;
+  // Splits per (sequence, kv head): enough items for every thread (4 each, for balance), but
+  // never fewer than kMinSplitLen positions per split.
+  int64_t longest = 0;
+  for (int64_t b = 0; b < num_seqs; ++b) longest = std::max(longest, seq_lens[b]);
+  if (sliding_window > 0) longest = std::min(longest, sliding_window);
+  const int64_t wanted = (4 * at::get_num_threads() + num_seqs * KVH - 1) / (num_seqs * KVH);
+  const int64_t splits = std::max<int64_t>(1, std::min(wanted, longest / kMinSplitLen));
+  const int64_t record = G * (D + 2);  // max, sum, acc per query head
+  const AttendFn<T> attend = pick_attend<T>(s);
+  std::vector<float> partials(splits > 1 ? num_seqs * KVH * splits * record : 0);
+
+  auto query_of = [&](int64_t seq, int64_t kvh, float* qf) {
+    for (int64_t g = 0; g < G; ++g) {
+      const T* qh = q + (seq * s.num_heads + kvh * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(qh[d]) * scale;
+    }
+  };
+  auto write_out = [&](int64_t seq, int64_t kvh, int64_t g, const float* acc, float inv) {
+    T* o = out + (seq * s.num_heads + kvh * G + g) * D;
+    for (int64_t d = 0; d < D; ++d) from_float(acc[d] * inv, o + d);
+  };
+
+  at::parallel_for(0, num_seqs * KVH * splits, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float qf[kMaxGroup * kMaxHeadDim];
+    alignas(64) float local[kMaxGroup * (kMaxHeadDim + 2)];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t seq = item / num_kv_heads, kvh = item % num_kv_heads;
+      const int64_t split = item % splits, kvh = (item / splits) % KVH;
+      const int64_t seq = item / (splits * KVH);
       const int64_t len = seq_lens[seq];
       const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, len - sliding_window) : 0;
-      const int64_t n = len - first;
-      scores.assign(group * n, 0.0f);
-      for (int64_t g = 0; g < group; ++g) {
-        const scalar_t* qh = q + (seq * num_heads + kvh * group + g) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = float(qh[d]) * float(scale);
-      }
-      const int64_t* table = block_table + seq * max_blocks;
-      for (int64_t pos = first; pos < len; ++pos) {
-        const scalar_t* kp = k_cache + table[pos / block_size] * block_stride +
-                             (pos % block_size) * token_stride + kvh * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qf.data() + g * head_dim;
-          float dot = 0.0f;
-          for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * float(kp[d]);
-          scores[g * n + (pos - first)] = dot;
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* row = scores.data() + g * n;
-        float peak = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < n; ++i) peak = std::max(peak, row[i]);
+      const int64_t per = (len - first + splits - 1) / splits;
+      const int64_t p0 = std::min(len, first + split * per), p1 = std::min(len, p0 + per);
+      float* rec = splits > 1 ? partials.data() + item * record : local;
+      Partial part{rec, rec + G, rec + 2 * G};
+      query_of(seq, kvh, qf);
+      attend(qf, k_cache, v_cache, block_table + seq * s.max_blocks, kvh, p0, p1, s, part);
+      if (splits == 1)
+        for (int64_t g = 0; g < G; ++g) write_out(seq, kvh, g, part.acc + g * D, 1.0f / part.sum[g]);
+    }
+  });
+  if (splits == 1) return;
+  // merge the splits of each (sequence, kv head)
+  at::parallel_for(0, num_seqs * KVH, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[kMaxHeadDim];
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const float* first = partials.data() + pair * splits * record;
+      for (int64_t g = 0; g < G; ++g) {
+        float peak = kNoScore;
+        for (int64_t i = 0; i < splits; ++i) peak = std::max(peak, first[i * record + g]);
+        std::fill(acc, acc + D, 0.0f);
         float total = 0.0f;
-        for (int64_t i = 0; i < n; ++i) { row[i] = std::exp(row[i] - peak); total += row[i]; }
-        const float inv = 1.0f / total;
-        for (int64_t i = 0; i < n; ++i) row[i] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t pos = first; pos < len; ++pos) {
-        const scalar_t* vp = v_cache + table[pos / block_size] * block_stride +
-                             (pos % block_size) * token_stride + kvh * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * n + (pos - first)];
-          float* a = acc.data() + g * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * float(vp[d]);
+        for (int64_t i = 0; i < splits; ++i) {
+          const float* rec = first + i * record;
+          if (rec[G + g] == 0.0f) continue;  // an empty range (short sequence)
+          const float w = std::exp(rec[g] - peak);
+          total += w * rec[G + g];
+          const float* part = rec + 2 * G + g * D;
+          for (int64_t d = 0; d < D; ++d) acc[d] += w * part[d];
         }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* o = out + (seq * num_heads + kvh * group + g) * head_dim;
-        std::copy(acc.begin() + g * head_dim, acc.begin() + (g + 1) * head_dim, o);
+        write_out(pair / KVH, pair % KVH, g, acc, 1.0f / total);
       }
     }
   });
 }
 
+// Write each sequence's new K/V row ([B, KVH, D]) into its cache slot.
+template <typename T>
+void write_new_kv(const T* key, const T* value, const int64_t* slots, T* k_cache, T* v_cache,
+                  int64_t num_seqs, int64_t row_elems) {
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    std::memcpy(k_cache + slots[b] * row_elems, key + b * row_elems, row_elems * sizeof(T));
+    std::memcpy(v_cache + slots[b] * row_elems, value + b * row_elems, row_elems * sizeof(T));
+  }
+}
+
+}  // namespace
+
 // q [B, H, D]; k_cache / v_cache [num_blocks, block_size, KVH, D]; block_table [B, max_blocks];
 // seq_lens [B] (tokens to attend, the new one included) -> [B, H, D] in q's dtype.
+// With key/value [B, KVH, D] and slots [B], first writes the new tokens' K/V into the cache.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_table, torch::Tensor seq_lens,
-                                     double scale, int64_t sliding_window) {
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "paged_decode_attention needs contiguous tensors");
+                                     double scale, int64_t sliding_window,
+                                     const std::optional<torch::Tensor>& key,
+                                     const std::optional<torch::Tensor>& value,
+                                     const std::optional<torch::Tensor>& slots) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [B, H, D], the caches 4-D");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "paged_decode_attention needs contiguous caches");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "q and the caches must have one dtype");
+  const auto qc = q.contiguous();
   auto table = block_table.to(torch::kLong).contiguous();
   auto lens = seq_lens.to(torch::kLong).contiguous();
-  auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat));
+  Shape s{};
+  s.num_heads = q.size(1);
+  s.head_dim = q.size(2);
+  s.num_kv_heads = k_cache.size(2);
+  s.block_size = k_cache.size(1);
+  s.max_blocks = table.size(1);
+  TORCH_CHECK(s.num_heads % s.num_kv_heads == 0, "heads must be a multiple of kv heads");
+  s.group = s.num_heads / s.num_kv_heads;
+  TORCH_CHECK(s.group <= kMaxGroup && s.head_dim <= kMaxHeadDim,
+              "paged_decode_attention: at most ", kMaxGroup, " query heads per kv head and head "
+              "dim ", kMaxHeadDim);
+  s.token_stride = s.num_kv_heads * s.head_dim;
+  s.block_stride = s.block_size * s.token_stride;
+  const int64_t num_seqs = q.size(0);
+  auto out = torch::empty(q.sizes(), q.options());
+  if (num_seqs == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
+    if (key.has_value()) {
+      TORCH_CHECK(value.has_value() && slots.has_value(), "key, value and slots go together");
+      const auto kc = key->contiguous(), vc = value->contiguous();
+      const auto sl = slots->to(torch::kLong).contiguous();
+      TORCH_CHECK(kc.numel() == num_seqs * s.token_stride && vc.numel() == kc.numel() &&
+                      sl.numel() == num_seqs && kc.scalar_type() == q.scalar_type() &&
+                      vc.scalar_type() == q.scalar_type(),
+                  "key/value must be [B, KVH, D] in q's dtype and slots [B]");
+      write_new_kv(kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), sl.data_ptr<int64_t>(),
+                   k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), num_seqs,
+                   s.token_stride);
+    }
+    decode_kernel<scalar_t>(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
                             v_cache.data_ptr<scalar_t>(), table.data_ptr<int64_t>(),
-                            lens.data_ptr<int64_t>(), out.data_ptr<float>(), q.size(0), q.size(1),
-                            k_cache.size(2), q.size(2), k_cache.size(1), table.size(1), scale,
-                            sliding_window);
+                            lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), num_seqs, s,
+                            float(scale), sliding_window);
   });
-  return out.to(q.scalar_type());
+  return out;
 }
 
 // The GIL is released while a kernel runs: the server's event loop (detokenizing, writing
 // streams) shares the process with the engine thread and must not wait for a whole step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, py::call_guard<py::gil_scoped_release>(),
-        "decode attention through a block table, reading the paged KV cache in place");
+        "decode attention through a block table, reading the paged KV cache in place",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"),
+        py::arg("seq_lens"), py::arg("scale"), py::arg("sliding_window"),
+        py::arg("key") = py::none(), py::arg("value") = py::none(), py::arg("slots") = py::none());
 }
