@@ -20,6 +20,7 @@ from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch_config import ArchConfig
+from tokenmill.models.llama_decode_stack import LlamaDecodeStack
 from tokenmill.quant.registry import QuantMethod, get_quant_method
 
 # checkpoint sub-module -> (fused module, shard name)
@@ -116,11 +117,15 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (None if arch.tie_word_embeddings else
                         Linear(arch.hidden_size, arch.vocab_size, False, dtype, device))
         self.requires_grad_(False)
+        self.decode_stack: LlamaDecodeStack | None = None  # built once the weights are loaded
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden]`` for a flattened batch of sequences."""
         hidden = self.embed_tokens(input_ids)
+        stack = self.decode_stack
+        if stack is not None and stack.can_run(hidden, meta, kv_caches):
+            return stack(hidden, positions, meta, kv_caches)
         residual = None
         for index, layer in enumerate(self.layers):
             hidden, residual = layer(positions, hidden, meta,
@@ -164,6 +169,7 @@ class LlamaForCausalLM(nn.Module):
                 module.finalize(module_name, head_method)
         if self.lm_head is None:
             self.embed_tokens.tie_head()  # now, so a quantized table is held once from the start
+        self.decode_stack = LlamaDecodeStack.build(self)
 
     def weight_report(self) -> dict[str, int]:
         """Bytes of weights by format ("gguf:Q4_1", "float32", ...): the start-up banner's line."""

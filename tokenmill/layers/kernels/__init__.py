@@ -11,13 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenmill.layers.kernels.extension import NativeExtension
-
-PAGED_ATTENTION = NativeExtension("tokenmill_paged_attention", "paged_attention.cpp",
-                                  ["-O3", "-march=native", "-ffast-math"],
-                                  "native paged attention")
+from tokenmill.layers.kernels.extension import native_module
 
 
 def paged_attention_module() -> Any | None:
-    """The compiled module, or None when it cannot be built here."""
-    return PAGED_ATTENTION.module()
+    """The compiled kernels (``paged_decode_attention``), or None when they cannot be built."""
+    return native_module()

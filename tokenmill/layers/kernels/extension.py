@@ -1,7 +1,14 @@
-"""Build a native kernel once per process (torch's C++ extension builder, gcc + ninja), or say once
-why it could not be built so callers fall back to their PyTorch path.
+"""Build the native kernels once per process (torch's C++ extension builder, gcc + ninja), or say once
+why they could not be built so callers fall back to their PyTorch paths.
 
-The build is cached per machine under ``TORCH_EXTENSIONS_DIR``; a later process only loads it.
+All kernels are one extension, ``tokenmill_native`` (native.h lists its files): the decoder stack
+chains the quantized matmul, the fused ops and the attention kernel in C++, so they must link
+together. The build is cached per machine under ``TORCH_EXTENSIONS_DIR`` (ninja rebuilds only the
+files that changed); a later process only loads it. ``-march=native``: the build is per machine,
+so each file may use what this CPU has (the quantized matmul still carries AVX-512 and AVX2
+kernels behind function-level target pragmas, chosen at run time, so tests can force either).
+``-ffp-contract=off``: no fused multiply-adds the source did not ask for, so the fused ops round
+like their PyTorch reference paths.
 """
 
 from __future__ import annotations
@@ -15,9 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 class NativeExtension:
-    def __init__(self, name: str, source: str, cflags: list[str], what: str):
+    def __init__(self, name: str, sources: list[str], cflags: list[str], what: str):
         self.name = name
-        self.source = Path(__file__).with_name(source)
+        self.sources = [Path(__file__).with_name(source) for source in sources]
         self.cflags = cflags
         self.what = what  # for the warning: "native paged attention"
         self._lock = threading.Lock()
@@ -42,7 +49,7 @@ class NativeExtension:
             from torch.utils.cpp_extension import load
 
             # -fopenmp makes at::parallel_for use torch's own OpenMP pool
-            self._module = load(name=self.name, sources=[str(self.source)],
+            self._module = load(name=self.name, sources=[str(source) for source in self.sources],
                                 extra_cflags=[*self.cflags, "-fopenmp"],
                                 extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # no compiler, no ninja, unsupported platform ...
@@ -52,3 +59,16 @@ class NativeExtension:
             logger.warning("%s unavailable (%s); using the PyTorch path", self.what,
                            text.splitlines()[0] if text else repr(exc))
             logger.debug("%s build failure", self.what, exc_info=exc)
+
+
+NATIVE = NativeExtension(
+    "tokenmill_native",
+    ["bindings.cpp", "quant_matmul.cpp", "quant_matmul_avx512.cpp", "quant_matmul_avx2.cpp",
+     "fused_ops.cpp", "paged_attention.cpp", "decoder_stack.cpp"],
+    ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fno-math-errno"],
+    "native CPU kernels")
+
+
+def native_module() -> Any | None:
+    """The compiled kernels, or None when they cannot be built here."""
+    return NATIVE.module()

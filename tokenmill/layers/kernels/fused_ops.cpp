@@ -6,6 +6,8 @@
 // reference path (norm.py, rotary.py, activation.py) rounds, so both paths agree in bfloat16 up to
 // summation order and exp's last bit. Rows run on the calling thread until there are enough of them
 // to pay for a parallel region (a few µs, far more when the cores are shared).
+#include "native.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -276,13 +278,4 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor query, torch::Tenso
       }
     });
   });
-}
-
-// The GIL is released while a kernel runs: the server's event loop (detokenizing, writing
-// streams) shares the process with the engine thread and must not wait for a whole step.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>(), "weight * x / rms(x), fp32 inside");
-  m.def("add_rms_norm", &add_rms_norm, py::call_guard<py::gil_scoped_release>(), "residual += x in place, then rms_norm(residual)");
-  m.def("silu_and_mul", &silu_and_mul, py::call_guard<py::gil_scoped_release>(), "silu(gate) * up of a fused [..., 2d] projection");
-  m.def("rotary_embedding", &rotary_embedding, py::call_guard<py::gil_scoped_release>(), "rotate-half rotary on query and key in place");
 }

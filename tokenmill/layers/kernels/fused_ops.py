@@ -16,23 +16,16 @@ from typing import Any
 
 import torch
 
-from tokenmill.layers.kernels.extension import NativeExtension
+from tokenmill.layers.kernels.extension import native_module
 
 ENABLE_ENV = "TOKENMILL_FUSED_OPS"
 
 _enabled = os.environ.get(ENABLE_ENV, "1") != "0"
-# -ffp-contract=off: no fused multiply-adds, so float32 results round like the PyTorch path's
-# separate multiply and add.
-FUSED_OPS = NativeExtension("tokenmill_fused_ops", "fused_ops.cpp",
-                            ["-O3", "-march=native", "-mprefer-vector-width=512",
-                             "-ffp-contract=off", "-fno-math-errno"], "native fused ops")
-
-
 def fused_ops_module() -> Any | None:
     """The compiled module when fused ops are on and it builds here, else None (PyTorch path)."""
     if not _enabled:
         return None
-    return FUSED_OPS.module()
+    return native_module()
 
 
 def usable(x: torch.Tensor) -> Any | None:

@@ -17,6 +17,8 @@
 //
 // The new token's K/V can be written into its cache slot by the same call (decode-only steps),
 // which saves two index_copy_ dispatches per layer.
+#include "native.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -443,14 +445,4 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                             float(scale), sliding_window);
   });
   return out;
-}
-
-// The GIL is released while a kernel runs: the server's event loop (detokenizing, writing
-// streams) shares the process with the engine thread and must not wait for a whole step.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, py::call_guard<py::gil_scoped_release>(),
-        "decode attention through a block table, reading the paged KV cache in place",
-        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"),
-        py::arg("seq_lens"), py::arg("scale"), py::arg("sliding_window"),
-        py::arg("key") = py::none(), py::arg("value") = py::none(), py::arg("slots") = py::none());
 }

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from tokenmill.layers.kernels.extension import NativeExtension
+from tokenmill.layers.kernels.extension import NATIVE
 from tokenmill.quant.weight import BLOCK, QuantizedWeight, dequantize
 
 logger = logging.getLogger(__name__)
@@ -60,17 +60,11 @@ _isa: str | None = None
 _features: frozenset[str] = frozenset()
 
 
-# No -march=native: the AVX-512 and AVX2 kernels carry their own target attributes, so one build
-# runs (and can be forced to either path) on any x86-64 machine.
-QUANT_MATMUL = NativeExtension("tokenmill_quant_matmul", "quant_matmul.cpp",
-                               ["-O3", "-fno-math-errno"], "native quantized matmul")
-
-
 def quant_matmul_module() -> Any | None:
     """The compiled extension, or None when it cannot be built here (then: reference path)."""
     global _module, _features
-    if _module is None and not QUANT_MATMUL.decided:
-        _module = QUANT_MATMUL.module()
+    if _module is None and not NATIVE.decided:
+        _module = NATIVE.module()
         if _module is not None:
             _features = frozenset(_module.cpu_features())
     return _module
@@ -104,6 +98,11 @@ def kernel_isa() -> str:
         _isa = _detect_isa()
         logger.info("quantized matmul kernel: %s", _isa)
     return _isa
+
+
+def isa_code() -> int:
+    """``kernel_isa()`` as the native code takes it: 2 AVX-512 VNNI, 1 AVX2, 0 reference."""
+    return _ISA_CODES.get(_isa or kernel_isa(), 0)
 
 
 def set_isa(name: str | None) -> str:
