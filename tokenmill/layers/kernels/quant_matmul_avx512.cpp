@@ -20,6 +20,7 @@ void tile_avx512(const Layout& w, const Activations& a, int64_t tile, int64_t m0
   const uint16_t* mins = reinterpret_cast<const uint16_t*>(base + w.mins_offset);
   const int64_t bpg = w.group_size / kBlock;
   const __m512i nibble = _mm512_set1_epi8(0x0f);
+  prefetch_tile_meta(w, tile);
   __m512 y[MT];
   for (int m = 0; m < MT; ++m) y[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < w.groups(); ++g) {
@@ -27,6 +28,8 @@ void tile_avx512(const Layout& w, const Activations& a, int64_t tile, int64_t m0
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * kTileN)));
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
       const uint8_t* wp = base + b * (BITS == 4 ? 256 : 512);
+      for (int line = 0; line < (BITS == 4 ? 4 : 8); ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchBytes + 64 * line), _MM_HINT_T0);
       __m512i acc[MT][NACC];
       for (int m = 0; m < MT; ++m)
         for (int r = 0; r < NACC; ++r) acc[m][r] = _mm512_setzero_si512();
