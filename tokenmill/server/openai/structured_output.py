@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.structured_output.spec import GrammarSpec
@@ -30,14 +30,6 @@ _SCHEMA_DOC = "A JSON Schema (an object); the output is JSON valid against it."
 JsonSchemaObject = Annotated[dict[str, Any], Field(description=_SCHEMA_DOC)]
 
 
-class TextResponseFormat(_Strict):
-    type: Literal["text"]
-
-
-class JsonObjectResponseFormat(_Strict):
-    type: Literal["json_object"]
-
-
 class JsonSchemaDefinition(_Strict):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
@@ -47,14 +39,26 @@ class JsonSchemaDefinition(_Strict):
         "Accepted for compatibility: tokenmill always enforces the schema."))
 
 
-class JsonSchemaResponseFormat(_Strict):
-    type: Literal["json_schema"]
-    json_schema: JsonSchemaDefinition
+# One model rather than a union discriminated by "type": pydantic puts the tag into error
+# locations ("response_format.json_schema.json_schema.name"), and errors name fields as sent.
+class ResponseFormat(_Strict):
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"type": {"enum": ["text", "json_object"]},
+                        "json_schema": {"type": "null"}}},
+        {"properties": {"type": {"const": "json_schema"}}, "required": ["json_schema"]}]})
 
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaDefinition | None = Field(default=None, description=(
+        'Required with type "json_schema", refused with the others.'))
 
-ResponseFormat = Annotated[
-    TextResponseFormat | JsonObjectResponseFormat | JsonSchemaResponseFormat,
-    Field(discriminator="type")]
+    @model_validator(mode="after")
+    def _json_schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise InvalidRequestError(
+                'response_format.json_schema is required with type "json_schema" and only '
+                "allowed with it", param="response_format.json_schema")
+        return self
+
 
 Choices = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
 NonEmptyText = Annotated[str, Field(min_length=1)]
@@ -98,9 +102,9 @@ class StructuredOutputFields(_Strict):
 def _constraints(body: StructuredOutputFields) -> list[tuple[str, GrammarSpec]]:
     found: list[tuple[str, GrammarSpec]] = []
     response_format = body.response_format
-    if isinstance(response_format, JsonObjectResponseFormat):
+    if response_format is not None and response_format.type == "json_object":
         found.append(("response_format", GrammarSpec.json_object("response_format")))
-    elif isinstance(response_format, JsonSchemaResponseFormat):
+    elif response_format is not None and response_format.json_schema is not None:
         param = "response_format.json_schema.schema"
         found.append((param, GrammarSpec.json_schema(response_format.json_schema.schema_,
                                                      param)))
