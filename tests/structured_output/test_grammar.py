@@ -18,10 +18,10 @@ from tokenmill.layers.sampler import Sampler, SamplingBatch
 from tokenmill.loader.tokenizer import load_tokenizer
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured_output.bitmask import (
-    allowed_tokens,
     apply_grammar_bitmask,
     bitmask_words,
     build_grammar_bitmask,
+    grammar_bias,
 )
 from tokenmill.structured_output.compiler import GrammarCompiler
 from tokenmill.structured_output.spec import MAX_SPEC_CHARS, GrammarSpec
@@ -44,7 +44,7 @@ def compiler(tokenizer) -> GrammarCompiler:
 def allowed(matcher, vocab: int = 49152) -> set[int]:
     mask = np.zeros((1, bitmask_words(vocab)), dtype=np.int32)
     matcher.fill_bitmask(mask, 0)
-    return set(np.flatnonzero(allowed_tokens(torch.from_numpy(mask), vocab)[0].numpy()).tolist())
+    return set(np.flatnonzero(grammar_bias(mask, vocab)[0].numpy() == 0).tolist())
 
 
 def feed(matcher, tokenizer, text: str) -> list[int]:
@@ -198,9 +198,14 @@ def test_bitmask_unpacks_like_llguidance(compiler):
     logits = np.random.default_rng(0).standard_normal((1, 49152)).astype(np.float32)
     reference = logits.copy()
     apply_token_bitmask_inplace(reference, built.bitmask)
-    ours = apply_grammar_bitmask(torch.from_numpy(logits.copy()), torch.tensor([0]),
-                                 torch.from_numpy(built.bitmask))
+    ours = apply_grammar_bitmask(torch.from_numpy(logits.copy()), [0], built.bitmask)
     assert torch.equal(ours, torch.from_numpy(reference))
+    # a random mask, and a vocabulary wider than the mask (the extra tokens are not allowed)
+    words = np.random.default_rng(1).integers(-2**31, 2**31, (3, 4)).astype(np.int32)
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little").astype(bool)
+    bias = grammar_bias(words, 140).numpy()
+    assert bias.shape == (3, 140)
+    assert np.array_equal(bias[:, :128] == 0, bits) and np.all(bias[:, 128:] == -np.inf)
     assert build_grammar_bitmask([]) is None
 
 
@@ -211,7 +216,7 @@ def test_sampler_masks_only_the_constrained_rows():
     mask[0, 1] = 1 << 3  # only token 35 allowed
     params = [SamplingParams(temperature=0)] * 3
     batch = SamplingBatch(params, [[1]] * 3, [[]] * 3, [[]] * 3, grammar_rows=[1],
-                          grammar_bitmask=torch.from_numpy(mask))
+                          grammar_bitmask=mask)
     tokens, _ = Sampler(torch.device("cpu"))(logits, batch)
     free = logits.argmax(dim=-1).tolist()
     assert tokens == [free[0], 35, free[2]]
@@ -224,6 +229,6 @@ def test_grammar_wins_over_a_min_tokens_ban():
     mask = np.zeros((1, 2), dtype=np.int32)
     mask[0, 0] = 1 << 2
     batch = SamplingBatch([SamplingParams(temperature=0.7, seed=1)], [[1]], [[]], [[2]],
-                          grammar_rows=[0], grammar_bitmask=torch.from_numpy(mask))
+                          grammar_rows=[0], grammar_bitmask=mask)
     tokens, _ = Sampler(torch.device("cpu"))(logits, batch)
     assert tokens == [2]

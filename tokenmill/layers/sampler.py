@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tokenmill.sampling_params import SamplingParams
@@ -37,7 +38,7 @@ class SamplingBatch:
     output_token_ids: list[list[int]]
     banned_token_ids: list[list[int]]  # eos / stop ids while min_tokens is not reached
     grammar_rows: list[int] = field(default_factory=list)  # rows sampled under a grammar
-    grammar_bitmask: torch.Tensor | None = None  # int32 [len(grammar_rows), ceil(vocab / 32)]
+    grammar_bitmask: np.ndarray | None = None  # int32 [len(grammar_rows), ceil(vocab / 32)]
 
     @property
     def num_rows(self) -> int:
@@ -60,8 +61,7 @@ class Sampler:
         logits = self._apply_bias_and_bans(logits, batch)
         if batch.grammar_bitmask is not None:
             # last, so no bias or penalty can bring back a token the grammar forbids
-            rows = torch.tensor(batch.grammar_rows, dtype=torch.long, device=self.device)
-            logits = apply_grammar_bitmask(logits, rows, batch.grammar_bitmask.to(self.device))
+            logits = apply_grammar_bitmask(logits, batch.grammar_rows, batch.grammar_bitmask)
 
         greedy = torch.tensor([p.is_greedy for p in params], device=self.device)
         tokens = logits.argmax(dim=-1)

@@ -45,32 +45,39 @@ def build_grammar_bitmask(constrained: list[tuple[str, GrammarMatcher]]
     return GrammarBitmask([request_id for request_id, _ in constrained], bitmask)
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
+# -inf as float32 bits (0xFF800000): ``(bit - 1) & _NEG_INF_BITS`` is 0.0 for an allowed token and
+# -inf for a forbidden one, in integer ops only.
+_NEG_INF_BITS = np.int32(-8388608)
 
 
-def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """int32 [rows, words] -> bool [rows, vocab_size]; tokens past the mask are not allowed."""
-    rows, words = bitmask.shape
-    bits = _BITS.to(bitmask.device)
-    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).view(rows, words * 32).bool()
-    if words * 32 >= vocab_size:
-        return allowed[:, :vocab_size]
-    padding = torch.zeros(rows, vocab_size - words * 32, dtype=torch.bool, device=bitmask.device)
-    return torch.cat([allowed, padding], dim=1)
+def grammar_bias(bitmask: np.ndarray, vocab_size: int) -> torch.Tensor:
+    """int32 [rows, words] -> float32 [rows, vocab_size]: 0 where allowed, -inf where not.
+
+    Added to the logits rather than used as a bool mask: numpy unpacks the bits and builds the
+    bias with integer ops, and one float add applies it, ~0.4 ms for 16 rows of a 49k vocabulary
+    on one core, where ``masked_fill`` with a bool mask took ~7 ms. Tokens past the mask's width
+    are not allowed."""
+    words = bitmask.shape[1]
+    bits = np.unpackbits(np.ascontiguousarray(bitmask).view(np.uint8), axis=1,
+                         bitorder="little").astype(np.int32)
+    if words * 32 < vocab_size:
+        bits = np.pad(bits, ((0, 0), (0, vocab_size - words * 32)))
+    bias = ((bits[:, :vocab_size] - 1) & _NEG_INF_BITS).view(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(bias))
 
 
-def apply_grammar_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor
+def apply_grammar_bitmask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarray
                           ) -> torch.Tensor:
     """Set the logits of disallowed tokens to -inf in the given rows (in place), and return them.
 
     A row that the other logit processing already emptied (min_tokens banning end-of-sequence
     when the grammar allows only that) keeps the grammar's choice: the grammar wins, so the
     output stays valid and the request can end."""
-    allowed = allowed_tokens(bitmask, logits.shape[1])
-    selected = logits.index_select(0, rows)
-    masked = selected.masked_fill(~allowed, float("-inf"))
-    empty = torch.isinf(masked).all(dim=-1) & allowed.any(dim=-1)
+    bias = grammar_bias(bitmask, logits.shape[1]).to(logits.device)
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    masked = logits.index_select(0, index) + bias
+    empty = (masked.amax(dim=-1) == float("-inf")) & (bias.amax(dim=-1) == 0)
     if bool(empty.any()):
-        masked[empty] = torch.where(allowed[empty], 0.0, float("-inf"))
-    logits.index_copy_(0, rows, masked)
+        masked[empty] = bias[empty]
+    logits.index_copy_(0, index, masked)
     return logits

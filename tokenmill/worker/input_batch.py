@@ -128,7 +128,7 @@ def _sampling_batch(requests: list[Request], grammar: GrammarBitmask | None) -> 
     if grammar is not None:
         row_of = {r.request_id: row for row, r in enumerate(requests)}
         grammar_rows = [row_of[request_id] for request_id in grammar.request_ids]
-        grammar_bitmask = torch.from_numpy(grammar.bitmask)
+        grammar_bitmask = grammar.bitmask
     return SamplingBatch(
         params=[r.sampling_params for r in requests],
         prompt_token_ids=[r.prompt_token_ids for r in requests],
