@@ -95,6 +95,9 @@ def test_sampling_params_round_trip_a_spec():
      "minimum (5) is greater than maximum (2)"),
     (GrammarSpec.regex("[a-", "guided_regex"), "unclosed character class"),
     (GrammarSpec.grammar("start: foo", "guided_grammar"), "unknown name"),
+    (GrammarSpec.grammar("root ::= [", "guided_grammar"), "GBNF"),
+    (GrammarSpec.json_schema({"x-guidance": {"whitespace_flexible": "yes"}}, "guided_json"),
+     "expected a boolean"),
 ])
 def test_compile_errors_name_the_field_and_the_problem(compiler, spec, text):
     with pytest.raises(InvalidRequestError) as caught:

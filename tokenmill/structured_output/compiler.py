@@ -142,7 +142,10 @@ class GrammarCompiler:
     def _build(self, spec: GrammarSpec, started: float) -> CompiledGrammar:
         from llguidance import LLMatcher
 
-        grammar = llguidance_grammar(spec)
+        try:
+            grammar = llguidance_grammar(spec)
+        except (ValueError, TypeError) as exc:  # what llguidance raises for input it cannot read
+            raise InvalidRequestError(_explain(spec, str(exc)), param=spec.param) from None
         template = LLMatcher(self.ll_tokenizer(), grammar, log_level=0)
         if template.is_error():
             raise InvalidRequestError(_explain(spec, template.get_error()), param=spec.param)
