@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.errors import InvalidSamplingParamsError
+from tokenmill.structured_output.spec import GrammarSpec
 
 # Below this a temperature is numerically indistinguishable from greedy (dividing logits by it
 # overflows), so such requests are treated as greedy, as vLLM does.
@@ -96,6 +97,9 @@ class SamplingParams:
     """Return the log probability of each chosen token plus this many top alternatives (0..20)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the decoded text."""
+    structured_output: GrammarSpec | None = None
+    """Constrain the output to a JSON Schema, a regex, a choice list or a grammar (see
+    ``tokenmill.structured_output``); the output ends with "stop" once it is complete."""
 
     def __post_init__(self) -> None:
         # Frozen: normalised values are written with object.__setattr__, once, here.
@@ -166,6 +170,10 @@ class SamplingParams:
 
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             _as_bool(name, getattr(self, name))
+
+        if self.structured_output is not None:
+            # a mapping is what to_dict() wrote (or a YAML file holds)
+            put("structured_output", GrammarSpec.from_dict(self.structured_output))
 
     @staticmethod
     def _validated_logit_bias(raw: Any) -> dict[int, float] | None:

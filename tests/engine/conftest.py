@@ -96,7 +96,8 @@ def add_requests(llm: Any, prompts: list[str | list[int]],
     for index, (prompt, p) in enumerate(zip(prompts, params_list)):
         request_id = f"{prefix}-{index}"
         text, ids = llm.input_processor.tokenize_prompt(prompt)
-        children = llm.input_processor.make_requests(request_id, ids, p, cache_salt)
+        children = llm.input_processor.make_requests(
+            request_id, ids, p, cache_salt, grammar=llm.input_processor.compile_grammar(p))
         for child in children:
             llm.engine.add_request(child)
         llm.output_processor.add_request(request_id, text, children)

@@ -129,14 +129,17 @@ class AsyncLLM:
                           request_id: str | None = None, cache_salt: str | None = None,
                           arrival_time: float | None = None) -> RequestStream:
         """Validate and admit a request; raises (400 / 429 / 503 errors) before anything streams."""
-        self._check_alive()
-        if not self._accepting:
-            raise EngineNotReadyError("the server is shutting down and takes no new requests")
+        self._check_accepting()
         loop = self._bind_loop()
         request_id = request_id or f"req-{next(self._ids)}"
         text, prompt_ids = self.input_processor.tokenize_prompt(prompt)
+        grammar = None
+        if params.structured_output is not None:
+            # compiled on a worker thread (cached): neither the loop nor the engine waits for it
+            grammar = await self.input_processor.grammars.compile_async(params.structured_output)
+            self._check_accepting()  # the engine may have died or begun shutting down meanwhile
         children = self.input_processor.make_requests(request_id, prompt_ids, params, cache_salt,
-                                                      arrival_time)
+                                                      arrival_time, grammar=grammar)
         admitted = loop.create_future()
         stream = RequestStream(request_id, len(prompt_ids),
                                self.config.scheduler.max_unread_tokens, self.abort)
@@ -185,6 +188,7 @@ class AsyncLLM:
                 stream.fail(EngineNotReadyError("the server shut down before this request "
                                                 "finished"))
         self._inbox.put(None)
+        self.input_processor.grammars.close()
         await asyncio.to_thread(self._thread.join, 10)
 
     # ----------------------------------------------------------------- event-loop side
@@ -195,6 +199,11 @@ class AsyncLLM:
         elif self._loop is not loop:
             raise RuntimeError("AsyncLLM is bound to another event loop")
         return loop
+
+    def _check_accepting(self) -> None:
+        self._check_alive()
+        if not self._accepting:
+            raise EngineNotReadyError("the server is shutting down and takes no new requests")
 
     def _check_alive(self) -> None:
         if self._dead is not None:

@@ -14,10 +14,11 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
-from tokenmill.engine.scheduler_output import EngineCoreOutput
+from tokenmill.engine.scheduler_output import EngineCoreOutput, SchedulerOutput
 from tokenmill.engine.stats import SchedulerStats
 from tokenmill.errors import ConfigError
 from tokenmill.loader.model_source import ModelSource, open_model_source
+from tokenmill.structured_output.bitmask import GrammarBitmask, build_grammar_bitmask
 from tokenmill.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
+        scheduler_output.grammar_bitmask = grammar_bitmask(scheduler_output)
         runner_output = self.runner.execute(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 
@@ -59,6 +61,24 @@ class EngineCore:
 
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.get_stats()
+
+
+def grammar_bitmask(scheduler_output: SchedulerOutput) -> GrammarBitmask | None:
+    """The masks of this step's constrained requests that sample (a partial prefill does not).
+
+    Each matcher must have consumed exactly its request's output: the scheduler feeds it every
+    sampled token, and preemption keeps the output, so a recomputed request resumes in step."""
+    constrained = []
+    for request in scheduler_output.scheduled_requests:
+        if request.grammar is None:
+            continue
+        rid = request.request_id
+        end = scheduler_output.num_computed_tokens[rid] + scheduler_output.num_scheduled_tokens[rid]
+        if end == request.num_tokens:
+            assert request.grammar.num_consumed == request.num_output_tokens, (
+                f"{request} grammar is out of step: {request.grammar}")
+            constrained.append((request.request_id, request.grammar))
+    return build_grammar_bitmask(constrained)
 
 
 def resolve_max_model_len(config: EngineConfig, source: ModelSource) -> int:

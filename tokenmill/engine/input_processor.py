@@ -1,5 +1,8 @@
 """Frontend side of a request's arrival: text or token ids in, validated engine ``Request``s out.
 
+A request with structured output gets its grammar compiled here (``compile_grammar``: a cache hit, or
+a compile that ``AsyncLLM`` runs off the event loop), and each child request its own matcher.
+
 A request with ``n > 1`` becomes n child requests with the same prompt; they share the prompt's KV
 blocks through the prefix cache. A seeded request gives child i the seed ``seed + i`` so the
 samples differ from each other yet reproduce run after run.
@@ -15,6 +18,7 @@ from tokenmill.engine.request import Request
 from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.tokenizer import Tokenizer
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured_output.compiler import CompiledGrammar, GrammarCompiler
 
 
 def child_request_id(parent_id: str, index: int) -> str:
@@ -25,6 +29,13 @@ class InputProcessor:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.grammars = GrammarCompiler(tokenizer, vocab_size)
+
+    def compile_grammar(self, params: SamplingParams) -> CompiledGrammar | None:
+        """The request's compiled grammar, None if it has none. Blocks while compiling: the
+        server calls ``grammars.compile_async`` instead."""
+        spec = params.structured_output
+        return None if spec is None else self.grammars.compile(spec)
 
     def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -56,11 +67,14 @@ class InputProcessor:
 
     def make_requests(self, request_id: str, prompt_token_ids: list[int],
                       params: SamplingParams, cache_salt: str | None = None,
-                      arrival_time: float | None = None) -> list[Request]:
+                      arrival_time: float | None = None,
+                      grammar: CompiledGrammar | None = None) -> list[Request]:
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty; give at least one token",
                                       param="prompt")
         self._check_token_ids(params)
+        assert (grammar is None) == (params.structured_output is None), \
+            "compile the request's structured_output first (compile_grammar)"
         arrival = time.time() if arrival_time is None else arrival_time
         # Models with several end tokens (Llama 3: <|end_of_text|>, <|eot_id|>) stop on any of them.
         stop_ids = list(params.stop_token_ids)
@@ -74,5 +88,6 @@ class InputProcessor:
                 child_request_id(request_id, index), prompt_token_ids, child_params,
                 eos_token_id=self.tokenizer.eos_token_id, arrival_time=arrival,
                 cache_salt=cache_salt,
+                grammar=None if grammar is None else grammar.new_matcher(),
             ))
         return children

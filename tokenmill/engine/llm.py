@@ -63,8 +63,9 @@ class LLM:
         for prompt, params in zip(prompts, params_list):
             text, ids = self.input_processor.tokenize_prompt(prompt)
             request_id = f"offline-{next(self._ids)}"
-            pending.append((request_id, text,
-                            self.input_processor.make_requests(request_id, ids, params, cache_salt)))
+            grammar = self.input_processor.compile_grammar(params)  # offline: compile in line
+            pending.append((request_id, text, self.input_processor.make_requests(
+                request_id, ids, params, cache_salt, grammar=grammar)))
         order = {request_id: index for index, (request_id, _, _) in enumerate(pending)}
         added: list[str] = []
         try:

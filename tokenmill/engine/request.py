@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from tokenmill.engine.stats import RequestStats
 from tokenmill.engine.trace import RequestTrace
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.structured_output.matcher import GrammarMatcher
 
 
 class RequestStatus(enum.Enum):
@@ -48,6 +52,7 @@ class Request:
         eos_token_id: int | None = None,
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        grammar: GrammarMatcher | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -74,6 +79,9 @@ class Request:
                                   else arrival_time)
         self.trace: RequestTrace | None = None
         """Its scheduling timeline, created by the scheduler when request tracing is on."""
+        self.grammar = grammar
+        """Where its output is in its grammar (structured output); it has consumed exactly
+        ``output_token_ids``. Touched on the engine thread only."""
 
     @property
     def arrival_time(self) -> float:

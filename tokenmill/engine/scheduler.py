@@ -9,7 +9,12 @@ batches of decodes and prefill chunks, prefix-cache hits and preemption by recom
 * a prefix hit starts a request with ``num_computed_tokens > 0``;
 * when blocks run out, the most recently admitted running request is preempted: its blocks are
   freed, ``num_computed_tokens`` drops to 0 and it waits at the front of the queue; its output
-  tokens stay, so it resumes by recomputing prompt + output and continues where it was.
+  tokens stay, so it resumes by recomputing prompt + output and continues where it was (and so
+  does its grammar matcher, which has consumed exactly that output).
+
+Structured output: ``update_from_output`` feeds each sampled token to the request's grammar matcher;
+a request whose grammar is complete finishes with "stop" (no end-of-sequence step needed), one that
+hits max_tokens first with "length".
 
 Why this cannot deadlock: admission rejects any request that could not fit in the pool alone, the
 oldest running request always gets tokens first and may preempt every younger one, so it finishes;
@@ -30,6 +35,7 @@ always hold what they claim, and the late result of the aborted request is dropp
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -49,6 +55,8 @@ from tokenmill.engine.trace import (
     WaitCause,
 )
 from tokenmill.errors import InvalidRequestError, PromptTooLongError, RequestRejectedError
+
+logger = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -325,6 +333,16 @@ class Scheduler:
                 return RequestStatus.FINISHED_STOPPED
             if token_id in params.stop_token_ids:
                 request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        grammar = request.grammar
+        if grammar is not None:
+            if not grammar.accept(token_id):
+                # Cannot happen while the sampler applies the mask; if it does, end this request
+                # alone rather than emit output the grammar forbids.
+                logger.error("request %s: token %d broke its grammar (%s): %s; aborting it",
+                             request.request_id, token_id, grammar.describe, grammar.error)
+                return RequestStatus.FINISHED_ABORTED
+            if grammar.is_finished:
                 return RequestStatus.FINISHED_STOPPED
         assert request.max_tokens is not None
         if (request.num_output_tokens >= request.max_tokens

@@ -2,7 +2,8 @@
 
 ``schedule() -> SchedulerOutput -> runner -> RunnerOutput -> update_from_output() ->
 list[EngineCoreOutput]``. Plain dataclasses with no torch in them, so each side can be tested with
-hand-written values.
+hand-written values. The core adds the step's grammar bitmask (structured output) to the
+``SchedulerOutput`` before the runner sees it: an id list and a numpy array, never a matcher.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenmill.engine.request import Request
+from tokenmill.structured_output.bitmask import GrammarBitmask
 
 
 @dataclass
@@ -28,6 +30,9 @@ class SchedulerOutput:
     """Finished or aborted since the previous step: the runner can drop their per-request state."""
     preempted_request_ids: set[str] = field(default_factory=set)
     """Preempted in this step (blocks freed); they come back later as if new, recomputing."""
+    grammar_bitmask: GrammarBitmask | None = None
+    """Allowed next tokens of the requests that sample under a grammar this step (set by the
+    core after scheduling; None when no such request samples)."""
 
     @property
     def is_empty(self) -> bool:

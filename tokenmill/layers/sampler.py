@@ -2,17 +2,21 @@
 
 All rows of a step are processed with whole-batch tensor ops; Python only loops over rows that
 carry a per-request seed (to draw their noise from their own generator) or ask for log probabilities.
+Rows under a grammar (structured output) get the step's token bitmask applied after every other
+logit change, so only allowed tokens can be drawn; log probabilities stay the model's own.
 Sampling uses the exponential-race form of the Gumbel trick, ``argmax(p / E)`` with ``E ~ Exp(1)``,
 so a seeded request's draw depends only on its seed and its output position, never on the batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured_output.bitmask import apply_grammar_bitmask
 
 _SEED_STRIDE = 1_000_003  # mixes (seed, output position) into one generator seed
 
@@ -33,6 +37,8 @@ class SamplingBatch:
     prompt_token_ids: list[list[int]]
     output_token_ids: list[list[int]]
     banned_token_ids: list[list[int]]  # eos / stop ids while min_tokens is not reached
+    grammar_rows: list[int] = field(default_factory=list)  # rows sampled under a grammar
+    grammar_bitmask: np.ndarray | None = None  # int32 [len(grammar_rows), ceil(vocab / 32)]
 
     @property
     def num_rows(self) -> int:
@@ -53,6 +59,9 @@ class Sampler:
                         if any(p.logprobs is not None for p in params) else None)
         logits = self._apply_penalties(logits.clone(), batch)
         logits = self._apply_bias_and_bans(logits, batch)
+        if batch.grammar_bitmask is not None:
+            # last, so no bias or penalty can bring back a token the grammar forbids
+            logits = apply_grammar_bitmask(logits, batch.grammar_rows, batch.grammar_bitmask)
 
         greedy = torch.tensor([p.is_greedy for p in params], device=self.device)
         tokens = logits.argmax(dim=-1)

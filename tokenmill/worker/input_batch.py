@@ -2,7 +2,8 @@
 
 Every scheduled request contributes ``num_new_tokens`` rows to one flattened batch; its KV slots
 come from its block table. A request whose new tokens reach the end of its known tokens also
-contributes a row to sampling (a partial prefill chunk does not).
+contributes a row to sampling (a partial prefill chunk does not); the step's grammar bitmask, keyed
+by request id, is mapped onto those sampling rows.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler_output import SchedulerOutput
 from tokenmill.layers.attention import AttentionMetadata, DecodeBatch, PrefillSpan, attention_mask
 from tokenmill.layers.sampler import SamplingBatch
+from tokenmill.structured_output.bitmask import GrammarBitmask
 
 
 @dataclass
@@ -89,7 +91,7 @@ class InputBatchBuilder:
             attention=attention,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
             sample_requests=sample_requests,
-            sampling=_sampling_batch(sample_requests),
+            sampling=_sampling_batch(sample_requests, output.grammar_bitmask),
         )
 
     def _decode_batch(self, rows: list[int], tables: list[torch.Tensor], lengths_: list[int]
@@ -111,7 +113,7 @@ class InputBatchBuilder:
         )
 
 
-def _sampling_batch(requests: list[Request]) -> SamplingBatch:
+def _sampling_batch(requests: list[Request], grammar: GrammarBitmask | None) -> SamplingBatch:
     banned: list[list[int]] = []
     for request in requests:
         params = request.sampling_params
@@ -121,9 +123,17 @@ def _sampling_batch(requests: list[Request]) -> SamplingBatch:
             if request.eos_token_id is not None and not params.ignore_eos:
                 ids.append(request.eos_token_id)
         banned.append(ids)
+    grammar_rows: list[int] = []
+    grammar_bitmask = None
+    if grammar is not None:
+        row_of = {r.request_id: row for row, r in enumerate(requests)}
+        grammar_rows = [row_of[request_id] for request_id in grammar.request_ids]
+        grammar_bitmask = grammar.bitmask
     return SamplingBatch(
         params=[r.sampling_params for r in requests],
         prompt_token_ids=[r.prompt_token_ids for r in requests],
         output_token_ids=[r.output_token_ids for r in requests],
         banned_token_ids=banned,
+        grammar_rows=grammar_rows,
+        grammar_bitmask=grammar_bitmask,
     )

@@ -4,9 +4,11 @@ Models are strict (``"0.5"`` is not a number, ``true`` is not an integer) and fo
 as OpenAI does, so a typo such as ``max_token`` is a 400 naming it rather than silently ignored.
 Beyond OpenAI's fields they accept the engine's extras (vLLM's names): ``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
-``include_stop_str_in_output``, ``skip_special_tokens`` and ``cache_salt``. A few OpenAI fields
-that change nothing here (``user``, ``metadata``, ``store``, ...) are accepted and ignored; ones we
-cannot honour (``suffix``, ``tools``, a JSON ``response_format``, ``best_of`` > n) are refused.
+``include_stop_str_in_output``, ``skip_special_tokens`` and ``cache_salt``. Structured output
+(``response_format``, vLLM's ``structured_outputs`` and ``guided_*``) comes from
+``structured_output.py`` and is taken by both endpoints. A few OpenAI fields that change nothing
+here (``user``, ``metadata``, ``store``, ...) are accepted and ignored; ones we cannot honour
+(``suffix``, ``tools``, ``best_of`` > n) are refused.
 
 Ranges are checked by ``SamplingParams`` (one source of truth); these models check shapes only,
 but their published schema (``/openapi.json``) states the real unions and ranges through the types
@@ -45,6 +47,7 @@ from tokenmill.server.openai.schema_types import (
     not_together,
     only_with,
 )
+from tokenmill.server.openai.structured_output import StructuredOutputFields
 
 # Union-typed fields (prompt, stop, content) are validated by hand: pydantic's union errors name
 # every member type, which reads worse than one sentence saying what is allowed. Checks across
@@ -59,10 +62,6 @@ class _Strict(BaseModel):
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's name; accepted, usage is sent at the end only
-
-
-class ResponseFormat(_Strict):
-    type: Literal["text"]
 
 
 def _check_stop(value: Any) -> Any:
@@ -83,7 +82,7 @@ def _token_ids(value: Any) -> list[int] | None:
     return None
 
 
-class SamplingFields(_Strict):
+class SamplingFields(StructuredOutputFields):
     """Fields both endpoints share; ``to_sampling_kwargs`` maps them onto ``SamplingParams``."""
 
     model: ModelName
@@ -134,6 +133,7 @@ class SamplingFields(_Strict):
             "stop_token_ids": self.stop_token_ids or [],
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "skip_special_tokens": self.skip_special_tokens,
+            "structured_output": self.grammar_spec(),
         }
         # Unset fields keep SamplingParams' defaults (temperature 1, top_p 1, as OpenAI's).
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
@@ -246,7 +246,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: OutputLength | None = None
     logprobs: bool = False
     top_logprobs: NumLogprobs | None = None
-    response_format: ResponseFormat | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
     store: bool | None = None
