@@ -130,9 +130,15 @@ class SchedulerConfig:
         "are coalesced, so memory per request stays bounded by this.", default=8192
     )
 
+    max_prompt_logprobs_len: int = _help(
+        "Longest prompt whose log probabilities a request may ask for (echo with logprobs, "
+        "prompt_logprobs); longer ones are refused with 400. Bounds the response size; memory "
+        "is bounded anyway (logits are computed a few rows at a time).", default=4096
+    )
+
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_waiting_requests",
-                     "max_unread_tokens"):
+                     "max_unread_tokens", "max_prompt_logprobs_len"):
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"{name}={value} must be at least 1", param=name)

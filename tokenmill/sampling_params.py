@@ -88,13 +88,18 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the text."""
     max_tokens: int | None = 16
-    """Most tokens to generate; None means up to the model's context length."""
+    """Most tokens to generate; None means up to the model's context length. 0 generates nothing:
+    the prompt is only run through the model (to score it with ``prompt_logprobs``)."""
     min_tokens: int = 0
     """End-of-sequence and stop tokens are ignored until this many tokens were generated."""
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token (for benchmarks)."""
     logprobs: int | None = None
     """Return the log probability of each chosen token plus this many top alternatives (0..20)."""
+    prompt_logprobs: int | None = None
+    """Return the log probability of each prompt token (after the first) given the tokens before
+    it, its rank, and this many top alternatives (0..20). Computed in the prefill pass; such a
+    request does not read the prefix cache (the cached part would have no logits)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the decoded text."""
     structured_output: GrammarSpec | None = None
@@ -152,9 +157,10 @@ class SamplingParams:
         put("stop_token_ids", self._validated_stop_token_ids(self.stop_token_ids))
 
         if self.max_tokens is not None:
-            put("max_tokens", _as_int("max_tokens", self.max_tokens, "an integer >= 1 or null"))
-            if self.max_tokens < 1:
-                raise _fail("max_tokens", self.max_tokens, "an integer >= 1 or null")
+            allowed = "an integer >= 0 or null"
+            put("max_tokens", _as_int("max_tokens", self.max_tokens, allowed))
+            if self.max_tokens < 0:
+                raise _fail("max_tokens", self.max_tokens, allowed)
         put("min_tokens", _as_int("min_tokens", self.min_tokens, "an integer >= 0"))
         if self.min_tokens < 0:
             raise _fail("min_tokens", self.min_tokens, "an integer >= 0")
@@ -162,11 +168,13 @@ class SamplingParams:
             raise _fail("min_tokens", self.min_tokens,
                         f"at most max_tokens ({self.max_tokens})")
 
-        if self.logprobs is not None:
-            allowed = f"an integer in [0, {MAX_LOGPROBS}] or null"
-            put("logprobs", _as_int("logprobs", self.logprobs, allowed))
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise _fail("logprobs", self.logprobs, allowed)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                allowed = f"an integer in [0, {MAX_LOGPROBS}] or null"
+                put(name, _as_int(name, value, allowed))
+                if not 0 <= getattr(self, name) <= MAX_LOGPROBS:
+                    raise _fail(name, value, allowed)
 
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             _as_bool(name, getattr(self, name))

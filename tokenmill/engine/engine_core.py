@@ -74,7 +74,7 @@ def grammar_bitmask(scheduler_output: SchedulerOutput) -> GrammarBitmask | None:
             continue
         rid = request.request_id
         end = scheduler_output.num_computed_tokens[rid] + scheduler_output.num_scheduled_tokens[rid]
-        if end == request.num_tokens:
+        if request.samples_at(end):
             assert request.grammar.num_consumed == request.num_output_tokens, (
                 f"{request} grammar is out of step: {request.grammar}")
             constrained.append((request.request_id, request.grammar))

@@ -44,6 +44,8 @@ class _RequestState:
     num_finished: int = 0
     want_logprobs: bool = False
     child_index: dict[str, int] = field(default_factory=dict)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    embedding: list[float] | None = None
 
     @property
     def finished(self) -> bool:
@@ -86,6 +88,7 @@ class OutputProcessor:
     def process(self, core_outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
         deltas: dict[str, list[CompletionOutput]] = {}  # parent id -> this step's completions
         stopped: list[str] = []
+        new_prompt_logprobs: set[str] = set()
         for core_output in core_outputs:
             parent_id = self._parent_of.get(core_output.request_id)
             if parent_id is None:
@@ -101,6 +104,12 @@ class OutputProcessor:
                                      finish_reason=s.finish_reason, stop_reason=s.stop_reason)
                     for i, s in enumerate(state.samples)]
             delta = deltas[parent_id][index]
+            if core_output.prompt_logprobs is not None and state.prompt_logprobs is None:
+                # every child scores the prompt (n > 1): the first to finish it answers for all
+                state.prompt_logprobs = [None, *core_output.prompt_logprobs]
+                new_prompt_logprobs.add(parent_id)
+            if core_output.pooled is not None:
+                state.embedding = core_output.pooled
             state.num_cached_tokens = max(state.num_cached_tokens, core_output.num_cached_tokens)
             delta.delta_text = sample.detokenizer.update(core_output.new_token_ids,
                                                          core_output.finished)
@@ -129,7 +138,10 @@ class OutputProcessor:
                 request_id=parent_id, prompt=state.prompt,
                 prompt_token_ids=state.prompt_token_ids, outputs=completions,
                 finished=state.finished, num_cached_tokens=state.num_cached_tokens,
-                metrics=[c.stats for c in state.children] if state.finished else []))
+                metrics=[c.stats for c in state.children] if state.finished else [],
+                prompt_logprobs=(state.prompt_logprobs if state.finished
+                                 or parent_id in new_prompt_logprobs else None),
+                embedding=state.embedding))
         return ProcessedOutputs(results, stopped)
 
     def abort(self, request_id: str) -> None:

@@ -40,6 +40,12 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     metrics: list[RequestStats] = field(default_factory=list)  # one per sample, when finished
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """One entry per prompt token, None for the first (nothing predicts it); set in the output
+    where the prompt was scored (the first with a token, or the only one for max_tokens 0) and
+    again in the final output."""
+    embedding: list[float] | None = None
+    """A pooling request's vector, not normalized (its one and final output)."""
 
     @property
     def num_generated_tokens(self) -> int:

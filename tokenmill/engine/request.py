@@ -15,7 +15,11 @@ from tokenmill.engine.trace import RequestTrace
 from tokenmill.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from tokenmill.layers.sampler import TokenLogprobs
     from tokenmill.structured_output.matcher import GrammarMatcher
+
+POOLING_METHODS = ("last", "mean")
+"""How a pooling (embedding) request turns its prompt's hidden states into one vector."""
 
 
 class RequestStatus(enum.Enum):
@@ -53,6 +57,7 @@ class Request:
         arrival_time: float | None = None,
         cache_salt: str | None = None,
         grammar: GrammarMatcher | None = None,
+        pooling: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -82,6 +87,18 @@ class Request:
         self.grammar = grammar
         """Where its output is in its grammar (structured output); it has consumed exactly
         ``output_token_ids``. Touched on the engine thread only."""
+        self.prompt_logprobs: list[TokenLogprobs] = []
+        """Log probabilities of prompt tokens 1.. (``sampling_params.prompt_logprobs``), appended
+        by each prefill chunk; handed to the frontend once, with the output that ends the prompt.
+        Survives preemption, so a recomputed prompt only adds the rows it still lacks."""
+        self.num_prompt_logprobs = 0
+        """Prompt positions scored so far (including those already handed over)."""
+        assert pooling is None or pooling in POOLING_METHODS, pooling
+        self.pooling = pooling
+        """An embedding request: no token is sampled; the prompt's final hidden states are pooled
+        ("last" token or "mean" over the prompt) into ``pooled``."""
+        self.pooled: list[float] | None = None
+        """The pooled vector so far (mean pooling: the running sum of the computed rows)."""
 
     @property
     def arrival_time(self) -> float:
@@ -106,6 +123,29 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def is_prompt_only(self) -> bool:
+        """Nothing to sample: it ends once its prompt is computed (max_tokens 0, or pooling)."""
+        return self.pooling is not None or self.max_tokens == 0
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Reusing cached KV skips those positions' forward pass; a request that needs every
+        prompt row's output (prompt logprobs, mean pooling) must compute them, as vLLM does."""
+        return self.sampling_params.prompt_logprobs is None and self.pooling != "mean"
+
+    def samples_at(self, end: int) -> bool:
+        """Whether a step computing its tokens up to ``end`` samples a token for it."""
+        return end == self.num_tokens and not self.is_prompt_only
+
+    def prompt_logprob_positions(self, start: int, end: int) -> range:
+        """Positions in ``[start, end)`` whose output scores the next prompt token and is still
+        missing (row ``p`` holds the log probability of prompt token ``p + 1``)."""
+        if self.sampling_params.prompt_logprobs is None:
+            return range(0)
+        first = max(start, self.num_prompt_logprobs)
+        return range(first, max(first, min(end, self.num_prompt_tokens - 1)))
 
     @property
     def finish_reason(self) -> str | None:

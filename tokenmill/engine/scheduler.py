@@ -104,6 +104,14 @@ class Scheduler:
             raise InvalidRequestError("the prompt is empty; give at least one token",
                                       param="prompt")
         max_tokens = request.sampling_params.max_tokens
+        if request.pooling is not None:
+            max_tokens = 0
+        limit = self.scheduler_config.max_prompt_logprobs_len
+        if request.sampling_params.prompt_logprobs is not None and num_prompt > limit:
+            raise PromptTooLongError(
+                f"prompt log probabilities are computed for prompts of at most {limit} tokens "
+                f"(max_prompt_logprobs_len); this prompt has {num_prompt}",
+                param="prompt_logprobs")
         if max_tokens is None:
             max_tokens = self.max_model_len - num_prompt
             if max_tokens < 1:
@@ -118,7 +126,7 @@ class Scheduler:
                 param="max_tokens" if num_prompt < self.max_model_len else "prompt")
         # The last sampled token is never run through the model, so its KV needs no slot.
         bm = self.block_manager
-        num_blocks_needed = bm.num_blocks_for_tokens(num_prompt + max_tokens - 1)
+        num_blocks_needed = bm.num_blocks_for_tokens(num_prompt + max(max_tokens - 1, 0))
         if num_blocks_needed > bm.num_blocks:
             raise PromptTooLongError(
                 f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) needs "
@@ -178,7 +186,8 @@ class Scheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < max_num_seqs:
                 request = self.waiting[0]
-                hit = self.block_manager.get_computed_blocks(request)
+                hit = (self.block_manager.get_computed_blocks(request)
+                       if request.reads_prefix_cache else ComputedBlocks())
                 num_new = min(request.num_tokens - hit.num_tokens, budget)
                 if not self.block_manager.allocate_slots(request, num_new, hit):
                     if tracing:
@@ -299,6 +308,10 @@ class Scheduler:
             if self.requests.get(request_id) is not request:
                 continue  # aborted while the step ran; its blocks are already free
             request.num_computed_tokens += scheduler_output.num_scheduled_tokens[request_id]
+            self._collect_prompt_outputs(request, runner_output)
+            if request.is_prompt_only and request.num_computed_tokens == request.num_tokens:
+                outputs.append(self._finish_prompt_only(request, now))
+                continue
             token_id = sampled.get(request_id)
             if token_id is None:
                 assert request.num_computed_tokens < request.num_tokens, (
@@ -323,8 +336,49 @@ class Scheduler:
                 stop_reason=request.stop_reason,
                 logprobs=logprobs.get(request_id),
                 num_cached_tokens=request.num_cached_tokens,
+                prompt_logprobs=self._take_prompt_logprobs(request),
             ))
         return outputs
+
+    @staticmethod
+    def _collect_prompt_outputs(request: Request, runner_output: RunnerOutput) -> None:
+        """Append this step's prompt rows (logprobs, pooled sums) to the request."""
+        rows = runner_output.prompt_logprobs.get(request.request_id)
+        if rows:
+            request.prompt_logprobs.extend(rows)
+            request.num_prompt_logprobs += len(rows)
+        pooled = runner_output.pooled.get(request.request_id)
+        if pooled is not None:
+            if request.pooling == "mean" and request.pooled is not None:
+                request.pooled = [a + b for a, b in zip(request.pooled, pooled)]
+            else:
+                request.pooled = pooled
+
+    @staticmethod
+    def _take_prompt_logprobs(request: Request) -> list | None:
+        """The prompt's scores, handed over once (the first output after the prompt ends)."""
+        if request.sampling_params.prompt_logprobs is None or request.num_output_tokens > 1:
+            return None
+        rows, request.prompt_logprobs = request.prompt_logprobs, []
+        return rows
+
+    def _finish_prompt_only(self, request: Request, now: float) -> EngineCoreOutput:
+        """A request with nothing to sample ends when its prompt is computed: "length" for
+        max_tokens 0 (what OpenAI answers to echo with max_tokens 0), "stop" for pooling."""
+        pooled = request.pooled
+        if request.pooling == "mean" and pooled is not None:
+            pooled = [value / request.num_prompt_tokens for value in pooled]
+        status = (RequestStatus.FINISHED_STOPPED if request.pooling is not None
+                  else RequestStatus.FINISHED_LENGTH)
+        if request.stats.first_token_time is None:
+            request.stats.first_token_time = now
+        request.stats.last_token_time = now
+        self.running.remove(request)
+        self._finish(request, status, now)
+        return EngineCoreOutput(
+            request_id=request.request_id, new_token_ids=[], finish_reason=request.finish_reason,
+            num_cached_tokens=request.num_cached_tokens,
+            prompt_logprobs=self._take_prompt_logprobs(request), pooled=pooled)
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params

@@ -9,9 +9,13 @@ hand-written values. The core adds the step's grammar bitmask (structured output
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tokenmill.engine.request import Request
 from tokenmill.structured_output.bitmask import GrammarBitmask
+
+if TYPE_CHECKING:
+    from tokenmill.layers.sampler import TokenLogprobs
 
 
 @dataclass
@@ -46,6 +50,11 @@ class RunnerOutput:
     prefill chunk samples nothing."""
     logprobs: dict[str, object] | None = None
     """Passed through to the frontend untouched (the sampler decides its shape)."""
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    """This step's rows of prompt log probabilities (``Request.prompt_logprob_positions``)."""
+    pooled: dict[str, list[float]] = field(default_factory=dict)
+    """Pooling requests: this chunk's sum of hidden rows ("mean"), or the last prompt row
+    ("last", only in the step that ends the prompt)."""
 
 
 @dataclass
@@ -58,6 +67,10 @@ class EngineCoreOutput:
     """The stop token id (or stop string) that ended it; None for end-of-sequence or length."""
     logprobs: object | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    """Scores of prompt tokens 1.., sent once: with the output that ends the prompt."""
+    pooled: list[float] | None = None
+    """A pooling request's vector (not normalized), in its one and final output."""
 
     @property
     def finished(self) -> bool:

@@ -28,6 +28,20 @@ class ModelInputs:
     sample_rows: torch.Tensor  # rows of the flattened batch whose logits are sampled
     sample_requests: list[Request]
     sampling: SamplingBatch
+    prompt_rows: list[PromptRows]
+    """Requests whose prompt rows this step are scored or pooled (not sampled)."""
+
+
+@dataclass
+class PromptRows:
+    """Rows of one request's prefill chunk whose outputs it asked for (prompt logprobs or
+    pooling): ``rows`` of the flattened batch, and the prompt token each row predicts."""
+
+    request_id: str
+    rows: range
+    next_token_ids: list[int]
+    num_top: int | None
+    """Top alternatives per scored row; None: the rows are pooled, not scored."""
 
 
 class InputBatchBuilder:
@@ -53,6 +67,7 @@ class InputBatchBuilder:
         decode_lens: list[int] = []
         sample_rows: list[int] = []
         sample_requests: list[Request] = []
+        prompt_rows: list[PromptRows] = []
         row = 0
         for request in output.scheduled_requests:
             rid = request.request_id
@@ -75,8 +90,9 @@ class InputBatchBuilder:
                     mask = attention_mask(request_positions, end, self.sliding_window)
                     mask = mask.to(self.device)
                 prefills.append(PrefillSpan(row, num_new, end, blocks.to(self.device), mask))
+            prompt_rows.extend(_prompt_rows(request, row, start, end))
             row += num_new
-            if end == request.num_tokens:
+            if request.samples_at(end):
                 sample_rows.append(row - 1)
                 sample_requests.append(request)
 
@@ -92,6 +108,7 @@ class InputBatchBuilder:
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
             sample_requests=sample_requests,
             sampling=_sampling_batch(sample_requests, output.grammar_bitmask),
+            prompt_rows=prompt_rows,
         )
 
     def _decode_batch(self, rows: list[int], tables: list[torch.Tensor], lengths_: list[int]
@@ -111,6 +128,24 @@ class InputBatchBuilder:
             seq_lens=lengths.to(self.device),
             mask=mask[:, None, None, :].to(self.device),
         )
+
+
+def _prompt_rows(request: Request, first_row: int, start: int, end: int) -> list[PromptRows]:
+    """The outputs ``request`` wants from its positions ``[start, end)`` of this step."""
+    wanted: list[PromptRows] = []
+    rid = request.request_id
+    positions = request.prompt_logprob_positions(start, end)
+    if positions:
+        wanted.append(PromptRows(
+            rid, range(first_row + positions.start - start, first_row + positions.stop - start),
+            request.prompt_token_ids[positions.start + 1: positions.stop + 1],
+            request.sampling_params.prompt_logprobs))
+    if request.pooling == "mean":
+        wanted.append(PromptRows(rid, range(first_row, first_row + end - start), [], None))
+    elif request.pooling == "last" and end == request.num_tokens:
+        wanted.append(PromptRows(rid, range(first_row + end - start - 1,
+                                            first_row + end - start), [], None))
+    return wanted
 
 
 def _sampling_batch(requests: list[Request], grammar: GrammarBitmask | None) -> SamplingBatch:

@@ -17,6 +17,7 @@ from tokenmill.loader.model_source import ModelSource
 from tokenmill.models.registry import build_model
 from tokenmill.worker.input_batch import InputBatchBuilder
 from tokenmill.worker.kv_cache import KVCacheSpec, allocate_kv_cache, plan_kv_cache
+from tokenmill.worker.prompt_logprobs import score_prompt_rows
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +69,19 @@ class ModelRunner:
             return RunnerOutput()
         inputs = self.inputs.build(scheduler_output)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention, self.kv_caches)
+        output = RunnerOutput()
+        for wanted in inputs.prompt_rows:
+            if wanted.num_top is None:
+                rows = hidden[wanted.rows.start: wanted.rows.stop].float()
+                output.pooled[wanted.request_id] = rows.sum(dim=0).tolist()
+            else:
+                output.prompt_logprobs[wanted.request_id] = score_prompt_rows(
+                    self.model, hidden, wanted.rows, wanted.next_token_ids, wanted.num_top)
         if not inputs.sample_requests:
-            return RunnerOutput()
+            return output
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
         tokens, logprobs = self.sampler(logits, inputs.sampling)
         ids = [r.request_id for r in inputs.sample_requests]
-        return RunnerOutput(
-            sampled_token_ids=dict(zip(ids, tokens)),
-            logprobs={rid: lp for rid, lp in zip(ids, logprobs) if lp is not None} or None,
-        )
+        output.sampled_token_ids = dict(zip(ids, tokens))
+        output.logprobs = {rid: lp for rid, lp in zip(ids, logprobs) if lp is not None} or None
+        return output
