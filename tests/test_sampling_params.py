@@ -45,8 +45,9 @@ BAD_VALUES = [
     ("n", 0, "[1, 128]"),
     ("n", 129, "[1, 128]"),  # OpenAI's limit: a huge n would stall admission
     ("n", True, "[1, 128]"),
-    ("max_tokens", -1, ">= 0"),
-    ("max_tokens", "16", ">= 0"),
+    ("max_tokens", 0, "with prompt_logprobs"),
+    ("max_tokens", -1, ">= 1"),
+    ("max_tokens", "16", ">= 1"),
     ("prompt_logprobs", 21, "[0, 20]"),
     ("min_tokens", -1, ">= 0"),
     ("presence_penalty", 2.5, "[-2, 2]"),

@@ -89,7 +89,7 @@ class SamplingParams:
     """Keep the matched stop string at the end of the text."""
     max_tokens: int | None = 16
     """Most tokens to generate; None means up to the model's context length. 0 generates nothing:
-    the prompt is only run through the model (to score it with ``prompt_logprobs``)."""
+    the prompt is only run through the model to score it (needs ``prompt_logprobs``)."""
     min_tokens: int = 0
     """End-of-sequence and stop tokens are ignored until this many tokens were generated."""
     ignore_eos: bool = False
@@ -157,9 +157,11 @@ class SamplingParams:
         put("stop_token_ids", self._validated_stop_token_ids(self.stop_token_ids))
 
         if self.max_tokens is not None:
-            allowed = "an integer >= 0 or null"
+            # 0 only scores the prompt: without prompt_logprobs it would compute nothing useful
+            allowed = ("an integer >= 1 or null (0 only to score the prompt: with "
+                       "prompt_logprobs, or echo with logprobs on /v1/completions)")
             put("max_tokens", _as_int("max_tokens", self.max_tokens, allowed))
-            if self.max_tokens < 0:
+            if self.max_tokens < 0 or (self.max_tokens == 0 and self.prompt_logprobs is None):
                 raise _fail("max_tokens", self.max_tokens, allowed)
         put("min_tokens", _as_int("min_tokens", self.min_tokens, "an integer >= 0"))
         if self.min_tokens < 0:

@@ -109,8 +109,8 @@ class Scheduler:
         limit = self.scheduler_config.max_prompt_logprobs_len
         if request.sampling_params.prompt_logprobs is not None and num_prompt > limit:
             raise PromptTooLongError(
-                f"prompt log probabilities are computed for prompts of at most {limit} tokens "
-                f"(max_prompt_logprobs_len); this prompt has {num_prompt}",
+                f"prompt_logprobs: prompt log probabilities are computed for prompts of at "
+                f"most {limit} tokens (max_prompt_logprobs_len); this prompt has {num_prompt}",
                 param="prompt_logprobs")
         if max_tokens is None:
             max_tokens = self.max_model_len - num_prompt

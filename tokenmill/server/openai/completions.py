@@ -1,6 +1,10 @@
 """``POST /v1/completions``: text or token-id prompts, one engine request per prompt.
 
-Choice indices follow OpenAI: prompt ``p``'s ``i``-th sample is choice ``p * n + i``. Everything is
+Choice indices follow OpenAI: prompt ``p``'s ``i``-th sample is choice ``p * n + i``. With ``echo``
+and ``logprobs`` the prompt's tokens are scored in the prefill pass and lead the choice's
+``logprobs`` (the first with ``None``, as OpenAI answers); ``max_tokens: 0`` then scores the prompt
+only (lm-evaluation-harness's loglikelihood requests). vLLM's ``prompt_logprobs`` adds its own
+``prompt_logprobs`` list to each choice. Everything is
 validated and admitted before the response starts, so a bad request gets its status code; an error
 after that (shutdown) arrives as an ``error`` event in the stream.
 """
@@ -14,7 +18,14 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
-from tokenmill.server.openai.logprobs import TokenTexts, completion_logprobs
+from tokenmill.errors import InvalidRequestError
+from tokenmill.layers.sampler import TokenLogprobs
+from tokenmill.server.openai.logprobs import (
+    TokenTexts,
+    completion_logprobs,
+    echo_logprobs,
+    vllm_prompt_logprobs,
+)
 from tokenmill.server.openai.protocol import CompletionRequest
 from tokenmill.server.openai.serving import (
     RequestGroup,
@@ -52,6 +63,9 @@ class _Completion:
                 self.prompt_ids.append(list(prompt))
                 self.prompt_texts.append(None)
         self.text_offsets: dict[int, int] = {}
+        self.prompt_scores: dict[int, list[TokenLogprobs | None]] = {}
+        """Prompt index -> its prompt logprobs, once the engine has sent them (they come once,
+        and every choice of that prompt renders them)."""
 
     async def start(self) -> RequestGroup:
         body = self.body
@@ -62,8 +76,15 @@ class _Completion:
                 max_tokens = default_max_tokens(self.engine, self.state.kv_pool_tokens, len(ids))
             params.append(build_sampling_params(body, max_tokens=max_tokens,
                                                 logprobs=body.logprobs))
-        return await RequestGroup.start(self.engine, self.state.metrics, self.request_id,
-                                        self.prompt_ids, params, body.cache_salt)
+        try:
+            return await RequestGroup.start(self.engine, self.state.metrics, self.request_id,
+                                            self.prompt_ids, params, body.cache_salt)
+        except InvalidRequestError as exc:
+            if exc.param == "prompt_logprobs" and body.prompt_logprobs is None:
+                # the prompt is scored because of echo + logprobs: name what the client sent
+                message = exc.message.replace("prompt_logprobs:", "echo with logprobs:", 1)
+                raise type(exc)(message, param="echo", code=exc.code) from None
+            raise
 
     def prompt_text(self, prompt_index: int) -> str:
         text = self.prompt_texts[prompt_index]
@@ -78,18 +99,40 @@ class _Completion:
 
     def choice(self, prompt_index: int, completion: CompletionOutput, text: str,
                logprobs: list | None, first: bool) -> dict[str, Any]:
-        index = prompt_index * self.body.n + completion.index
-        if self.body.echo and first:
+        body = self.body
+        index = prompt_index * body.n + completion.index
+        echoed = body.echo and first
+        if echoed:
             text = self.prompt_text(prompt_index) + text
         rendered_logprobs = None
+        if echoed and body.logprobs is not None:
+            # the prompt's tokens first (offsets from 0), then the completion's after them
+            rendered_logprobs, self.text_offsets[index] = echo_logprobs(
+                self.prompt_ids[prompt_index], self.prompt_scores[prompt_index], self.texts,
+                body.logprobs)
         if logprobs is not None:
-            rendered_logprobs, self.text_offsets[index] = completion_logprobs(
+            generated, self.text_offsets[index] = completion_logprobs(
                 logprobs, self.texts, self.text_offsets.get(index, 0))
-        return {"index": index, "text": text, "logprobs": rendered_logprobs,
-                "finish_reason": completion.finish_reason,
-                "stop_reason": completion.stop_reason}
+            if rendered_logprobs is None:
+                rendered_logprobs = generated
+            else:
+                for key, values in generated.items():
+                    rendered_logprobs[key].extend(values)
+        choice = {"index": index, "text": text, "logprobs": rendered_logprobs,
+                  "finish_reason": completion.finish_reason,
+                  "stop_reason": completion.stop_reason}
+        if body.prompt_logprobs is not None and first:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(
+                self.prompt_scores[prompt_index], self.texts, body.prompt_logprobs)
+        return choice
+
+    def note_prompt_scores(self, prompt_index: int, output: RequestOutput) -> None:
+        if output.prompt_logprobs is not None:
+            self.prompt_scores[prompt_index] = output.prompt_logprobs
 
     def response(self, finals: list[RequestOutput]) -> dict[str, Any]:
+        for prompt_index, output in enumerate(finals):
+            self.note_prompt_scores(prompt_index, output)
         choices = [self.choice(p, c, c.text, c.logprobs, True)
                    for p, output in enumerate(finals) for c in output.outputs]
         choices.sort(key=lambda c: c["index"])
@@ -116,6 +159,7 @@ class _Completion:
         done: set[int] = set()
         async for prompt_index, output in group.outputs():
             latest[prompt_index] = output
+            self.note_prompt_scores(prompt_index, output)
             choices = []
             for completion in output.outputs:
                 index = prompt_index * self.body.n + completion.index

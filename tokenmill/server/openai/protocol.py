@@ -4,7 +4,8 @@ Models are strict (``"0.5"`` is not a number, ``true`` is not an integer) and fo
 as OpenAI does, so a typo such as ``max_token`` is a 400 naming it rather than silently ignored.
 Beyond OpenAI's fields they accept the engine's extras (vLLM's names): ``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
-``include_stop_str_in_output``, ``skip_special_tokens`` and ``cache_salt``. Structured output
+``include_stop_str_in_output``, ``skip_special_tokens``, ``cache_salt`` and (completions)
+``prompt_logprobs``. Structured output
 (``response_format``, vLLM's ``structured_outputs`` and ``guided_*``) comes from
 ``structured_output.py`` and is taken by both endpoints. A few OpenAI fields that change nothing
 here (``user``, ``metadata``, ``store``, ...) are accepted and ignored; ones we cannot honour
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.openai.schema_types import (
+    CompletionLength,
     LogitBias,
     MessageContent,
     MinP,
@@ -44,7 +46,6 @@ from tokenmill.server.openai.schema_types import (
     cross_field_rules,
     exactly_one,
     integral,
-    not_together,
     only_with,
 )
 from tokenmill.server.openai.structured_output import StructuredOutputFields
@@ -145,12 +146,14 @@ class SamplingFields(StructuredOutputFields):
 
 class CompletionRequest(SamplingFields):
     model_config = ConfigDict(json_schema_extra=cross_field_rules(
-        only_with("stream_options", "stream"), not_together("echo", "logprobs")))
+        only_with("stream_options", "stream")))
 
     prompt: Prompt
-    max_tokens: OutputLength | None = 16  # OpenAI's documented default for /v1/completions
+    # OpenAI's documented default; 0 generates nothing (echo + logprobs then scores the prompt)
+    max_tokens: CompletionLength | None = 16
     echo: bool = False
     logprobs: NumLogprobs | None = None
+    prompt_logprobs: NumLogprobs | None = None  # vLLM's: scores of the prompt tokens, top-k
     best_of: NumChoices | None = None
     suffix: Suffix | None = None
 
@@ -181,11 +184,18 @@ class CompletionRequest(SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of is not supported unless it equals n",
                                       param="best_of")
-        if self.echo and self.logprobs is not None:
-            raise InvalidRequestError("echo together with logprobs is not supported: the "
-                                      "engine does not compute log probabilities of prompt "
-                                      "tokens", param="echo")
         return self
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """Top alternatives the engine must return per prompt token (echo with logprobs, or
+        prompt_logprobs; the larger of the two), None when the prompt is not scored."""
+        wanted = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs)
+                  if k is not None]
+        return max(wanted) if wanted else None
+
+    def to_sampling_kwargs(self) -> dict[str, Any]:
+        return {**super().to_sampling_kwargs(), "prompt_logprobs": self.num_prompt_logprobs}
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""

@@ -59,6 +59,9 @@ NumChoices = Annotated[int, _INTEGRAL, WithJsonSchema(_integer(minimum=1, maximu
 MinTokens = Annotated[int, _INTEGRAL, WithJsonSchema(_integer(minimum=0))]
 OutputLength = Annotated[int, _INTEGRAL, WithJsonSchema(
     _integer(minimum=1, **{BOUND_MARKER: OUTPUT_LENGTH_BOUND}))]
+# /v1/completions takes 0: with echo it scores the prompt and generates nothing (OpenAI's form).
+CompletionLength = Annotated[int, _INTEGRAL, WithJsonSchema(
+    _integer(minimum=0, **{BOUND_MARKER: OUTPUT_LENGTH_BOUND}))]
 NumLogprobs = Annotated[int, _INTEGRAL, WithJsonSchema(
     _integer(minimum=0, maximum=MAX_LOGPROBS))]
 TokenId = Annotated[int, _INTEGRAL, WithJsonSchema(_TOKEN_ID)]
