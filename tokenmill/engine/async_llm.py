@@ -127,8 +127,13 @@ class AsyncLLM:
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams,
                           request_id: str | None = None, cache_salt: str | None = None,
-                          arrival_time: float | None = None) -> RequestStream:
-        """Validate and admit a request; raises (400 / 429 / 503 errors) before anything streams."""
+                          arrival_time: float | None = None, pooling: str | None = None
+                          ) -> RequestStream:
+        """Validate and admit a request; raises (400 / 429 / 503 errors) before anything streams.
+
+        ``pooling`` ("last" or "mean") makes it an embedding request: it goes through the same
+        admission and batches as generation, samples nothing, and its one output carries
+        ``embedding``."""
         self._check_accepting()
         loop = self._bind_loop()
         request_id = request_id or f"req-{next(self._ids)}"
@@ -139,7 +144,8 @@ class AsyncLLM:
             grammar = await self.input_processor.grammars.compile_async(params.structured_output)
             self._check_accepting()  # the engine may have died or begun shutting down meanwhile
         children = self.input_processor.make_requests(request_id, prompt_ids, params, cache_salt,
-                                                      arrival_time, grammar=grammar)
+                                                      arrival_time, grammar=grammar,
+                                                      pooling=pooling)
         admitted = loop.create_future()
         stream = RequestStream(request_id, len(prompt_ids),
                                self.config.scheduler.max_unread_tokens, self.abort)

@@ -68,7 +68,10 @@ class InputProcessor:
     def make_requests(self, request_id: str, prompt_token_ids: list[int],
                       params: SamplingParams, cache_salt: str | None = None,
                       arrival_time: float | None = None,
-                      grammar: CompiledGrammar | None = None) -> list[Request]:
+                      grammar: CompiledGrammar | None = None,
+                      pooling: str | None = None) -> list[Request]:
+        """The engine requests of one prompt (``n`` of them). ``pooling``: an embedding request
+        ("last" or "mean"), which samples nothing."""
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty; give at least one token",
                                       param="prompt")
@@ -89,5 +92,6 @@ class InputProcessor:
                 eos_token_id=self.tokenizer.eos_token_id, arrival_time=arrival,
                 cache_salt=cache_salt,
                 grammar=None if grammar is None else grammar.new_matcher(),
+                pooling=pooling,
             ))
         return children

@@ -30,7 +30,7 @@ from tokenmill.server import dashboard, trace_routes
 from tokenmill.server.cost_metrics import CostTracker
 from tokenmill.server.error_handlers import error_response, install_error_handlers
 from tokenmill.server.metrics import ServerMetrics
-from tokenmill.server.openai import chat, completions, models, tokenize
+from tokenmill.server.openai import chat, completions, embeddings, models, tokenize
 from tokenmill.server.openapi import READ_RESPONSES, install_openapi
 from tokenmill.server.request_logger import banner, finished_request_logger
 from tokenmill.server.state import ServerSettings, ServerState, server_state
@@ -45,6 +45,9 @@ EngineFactory = Callable[[Any], AsyncLLM]
 async def _load_engine(app: FastAPI, factory: EngineFactory) -> None:
     state: ServerState = app.state.server
     settings = state.settings
+    if settings.engine.model.task == "embed":
+        await _load_embedder(app)
+        return
     try:
         engine = await asyncio.to_thread(_build_engine, factory, settings.engine)
     except BaseException as exc:  # noqa: BLE001 - reported, and the server told to stop
@@ -68,6 +71,29 @@ async def _load_engine(app: FastAPI, factory: EngineFactory) -> None:
     state.engine = engine
     state.restarting = False
     logger.info(banner(info, settings.address, settings.engine.resolved_num_threads()))
+
+
+async def _load_embedder(app: FastAPI) -> None:
+    """``--task embed``: a sentence-transformers model instead of the engine."""
+    from tokenmill.server.embedding_model import SentenceEmbeddingModel
+
+    state: ServerState = app.state.server
+    model = state.settings.engine.model
+    try:
+        embedder = await asyncio.to_thread(SentenceEmbeddingModel, model.model,
+                                           model.served_model_name, model.device)
+    except BaseException as exc:  # noqa: BLE001 - reported, and the server told to stop
+        state.load_error = exc
+        message = exc.message if isinstance(exc, TokenmillError) else repr(exc)
+        logger.error("the embedding model failed to load: %s", message)
+        on_failure = getattr(app.state, "on_load_failure", None)
+        if on_failure is not None:
+            on_failure(exc)
+        return
+    state.embedder = embedder
+    logger.info("serving embedding model %s (%s; %d dimensions, inputs up to %d tokens) on "
+                "%s/v1/embeddings", embedder.name, embedder.path, embedder.dim,
+                embedder.max_seq_length, state.settings.address)
 
 
 def _build_engine(factory: EngineFactory, config: Any) -> AsyncLLM:
@@ -137,7 +163,7 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLL
     app.state.server = ServerState(settings, ServerMetrics())
     install_error_handlers(app)
     install_openapi(app, lambda: app.state.server.engine)
-    for module in (completions, chat, models, tokenize):
+    for module in (completions, chat, embeddings, models, tokenize):
         app.include_router(module.router)
     app.include_router(dashboard.router)  # GET /dashboard and /dashboard/data
     app.include_router(trace_routes.router)  # GET /v1/requests/{id}/trace
@@ -150,10 +176,10 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLL
     async def health(request: Request) -> Response:
         state = server_state(request)
         try:
-            engine = state.require_engine()
+            state.require_ready()
         except TokenmillError as exc:
             return error_response(exc)
-        return JSONResponse({"status": "ok", "model": engine.model_name})
+        return JSONResponse({"status": "ok", "model": state.model_name})
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},

@@ -13,11 +13,17 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from tokenmill.config import EngineConfig
-from tokenmill.errors import EngineDeadError, EngineNotReadyError, UnknownModelError
+from tokenmill.errors import (
+    EngineDeadError,
+    EngineNotReadyError,
+    InvalidRequestError,
+    UnknownModelError,
+)
 from tokenmill.server.stats_history import StatsHistory
 
 if TYPE_CHECKING:
     from tokenmill.engine.async_llm import AsyncLLM
+    from tokenmill.server.embedding_model import SentenceEmbeddingModel
     from tokenmill.server.metrics import ServerMetrics
 
 
@@ -49,6 +55,8 @@ class ServerState:
         self.history = StatsHistory()
         """What the dashboard shows; sampled by a task of the app's lifespan."""
         self.engine: AsyncLLM | None = None
+        self.embedder: SentenceEmbeddingModel | None = None
+        """Set instead of ``engine`` on ``--task embed``: only /v1/embeddings is served."""
         self.load_error: BaseException | None = None
         self.draining = False
         self.restarting = False
@@ -61,6 +69,8 @@ class ServerState:
     def phase(self) -> str:
         if self.load_error is not None:
             return "failed"
+        if self.embedder is not None:
+            return "draining" if self.draining else "ready"
         if self.engine is None:
             return "restarting" if self.restarting else "loading"
         if not self.engine.is_running:
@@ -69,6 +79,25 @@ class ServerState:
 
     def require_engine(self) -> AsyncLLM:
         """The running engine, or the error that says why requests cannot be served now."""
+        self.require_ready()
+        if self.embedder is not None:
+            raise InvalidRequestError(
+                f"this server serves the embedding model {self.embedder.name!r} (--task embed): "
+                "only /v1/embeddings and /v1/models answer; serve a generative model without "
+                "--task embed to generate text", param="model", code="model_not_supported")
+        assert self.engine is not None
+        return self.engine
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use in ``model`` (call ``require_ready`` first)."""
+        if self.embedder is not None:
+            return self.embedder.name
+        assert self.engine is not None
+        return self.engine.model_name
+
+    def require_ready(self) -> None:
+        """Raise the error that says why nothing can be served now, if anything does."""
         phase = self.phase
         if phase == "loading":
             raise EngineNotReadyError("the model is still loading; retry in a few seconds")
@@ -83,14 +112,12 @@ class ServerState:
                                   f"({self.engine.dead_error!r}); the server is exiting")
         if phase == "draining":
             raise EngineNotReadyError("the server is shutting down and takes no new requests")
-        assert self.engine is not None
-        return self.engine
 
     def check_model(self, name: str | None) -> None:
-        engine = self.require_engine()
-        if name is not None and name != engine.model_name:
+        self.require_ready()
+        if name is not None and name != self.model_name:
             raise UnknownModelError(f"model {name!r} is not served here; this server serves "
-                                    f"{engine.model_name!r}", param="model",
+                                    f"{self.model_name!r}", param="model",
                                     code="model_not_found")
 
 
