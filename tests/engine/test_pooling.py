@@ -13,8 +13,8 @@ from tokenmill.layers.attention import causal_metadata
 from tokenmill.sampling_params import SamplingParams
 
 TEXTS = ["A short sentence about cats.",
-         "Embeddings map text to vectors; this one is long enough to span several chunks of "
-         "sixteen tokens each, so the mean is summed over more than one step of the engine."]
+         ("Embeddings map text to vectors; this one is long enough to span several chunks of "
+          "sixteen tokens each, so the mean is summed over more than one step of the engine.")]
 
 
 def hidden_states(llm: Any, ids: list[int]) -> torch.Tensor:

@@ -96,6 +96,12 @@ GENERATION_RESPONSES = {
 }
 """/v1/completions and /v1/chat/completions: validated, then admitted into the engine."""
 
+EMBEDDING_RESPONSES = {
+    200: {"description": "One vector per input, in input order (OpenAI's embedding list)."},
+    **error_responses(InvalidRequestError, RequestRejectedError, *_NEEDS_ENGINE),
+}
+"""/v1/embeddings: validated, then admitted into the engine (or the --task embed model)."""
+
 ENGINE_RESPONSES = error_responses(InvalidRequestError, *_NEEDS_ENGINE)
 """Routes that validate a body and need the engine, but do not queue (tokenize, detokenize)."""
 

@@ -28,7 +28,7 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.openai.schema_types import ModelName
 from tokenmill.server.openai.serving import RequestGroup, new_request_id, respond
-from tokenmill.server.openapi import GENERATION_RESPONSES
+from tokenmill.server.openapi import EMBEDDING_RESPONSES
 from tokenmill.server.state import ServerState, server_state
 
 router = APIRouter()
@@ -153,8 +153,13 @@ async def _embed_with_engine(state: ServerState, body: EmbeddingRequest,
     _check_lengths([len(p) for p in prompts], engine.max_model_len, "the model's context")
     config = state.settings.engine.model
     params = [SamplingParams(max_tokens=1)] * len(prompts)  # nothing is sampled (pooling)
-    group = await RequestGroup.start(engine, state.metrics, new_request_id("embd"), prompts,
-                                     params, None, pooling=config.pooling)
+    try:
+        group = await RequestGroup.start(engine, state.metrics, new_request_id("embd"), prompts,
+                                         params, None, pooling=config.pooling)
+    except InvalidRequestError as exc:
+        if exc.param != "prompt":
+            raise
+        raise type(exc)(exc.message, param="input", code=exc.code) from None
 
     def answer(finals: list[Any]) -> dict[str, Any]:
         vectors = np.array([final.embedding for final in finals], dtype=np.float32)
@@ -169,7 +174,7 @@ def _no_stream() -> Any:
     raise AssertionError("embeddings are never streamed")
 
 
-@router.post("/v1/embeddings", responses=GENERATION_RESPONSES)
+@router.post("/v1/embeddings", responses=EMBEDDING_RESPONSES)
 async def create_embeddings(body: EmbeddingRequest, request: Request) -> Any:
     state = server_state(request)
     state.check_model(body.model)
