@@ -18,6 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server (completions, chat, metrics).",
         description="Serve a model over the OpenAI API: /v1/completions, /v1/chat/completions, "
+                    "/v1/embeddings, "
                     "/v1/models, /tokenize, /detokenize, /health, /metrics.")
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
     parser.add_argument("--port", type=int, default=8000, help="Port to listen on.")
