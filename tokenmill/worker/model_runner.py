@@ -16,7 +16,7 @@ from tokenmill.layers.sampler import Sampler
 from tokenmill.loader.model_source import ModelSource
 from tokenmill.models.registry import build_model
 from tokenmill.worker.input_batch import InputBatchBuilder
-from tokenmill.worker.kv_cache import KVCacheSpec, allocate_kv_cache, plan_kv_cache
+from tokenmill.worker.kv_cache import KVCacheSpec, allocate_kv_cache, copy_blocks, plan_kv_cache
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class ModelRunner:
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         if scheduler_output.is_empty:
             return RunnerOutput()
+        copy_blocks(self.kv_caches, scheduler_output.block_copies)
         inputs = self.inputs.build(scheduler_output)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention, self.kv_caches)
         if not inputs.sample_requests:
