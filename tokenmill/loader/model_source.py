@@ -4,9 +4,9 @@ tensor stream and a tokenizer, whichever the file format. Models only ever see t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
