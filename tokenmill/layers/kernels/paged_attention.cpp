@@ -19,7 +19,6 @@
 // which saves two index_copy_ dispatches per layer.
 #include "native.h"
 
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
