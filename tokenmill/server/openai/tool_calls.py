@@ -7,8 +7,8 @@
   them, as transformers' templates for Qwen, Llama 3.1, Mistral, Hermes do); otherwise a fallback
   system prompt lists them as JSON and asks for calls in the parser's format (Hermes'
   ``<tool_call>`` by default). Earlier calls and ``tool`` results in the conversation are passed
-  to such a template as they are, or written in that same format (results as
-  ``<tool_response>`` blocks in a user turn) for the fallback.
+  to such a template as they are; for the fallback, earlier calls are written in the parser's
+  format and each result as a user turn ``The function NAME returned: RESULT``.
 * the grammar: ``tool_choice`` ``required`` or a named function becomes a JSON-schema
   ``GrammarSpec``, so the output is a call whose arguments are valid against the tool's
   ``parameters``; ``auto`` and ``none`` leave the output free.
@@ -48,6 +48,10 @@ FALLBACK_PROMPT = """You can call functions to help answer. The functions, as JS
 {tools}
 </tools>
 {instructions}"""
+
+# Plain words rather than a markup block: a model without tool training (the fallback's audience)
+# tends to copy a <tool_response> block back instead of answering from it.
+FALLBACK_RESULT = "The function {name} returned: {content}"
 
 
 def template_takes_tools(chat_template: str | None) -> bool:
@@ -258,8 +262,8 @@ def _for_template(message: ChatMessage, messages: list[ChatMessage], native: boo
         if native:
             entry.update(tool_call_id=message.tool_call_id, name=name)
         else:
-            entry = {"role": "user", "content": f"<tool_response>\n{entry['content']}\n"
-                                                f"</tool_response>"}
+            entry = {"role": "user", "content": FALLBACK_RESULT.format(
+                name=name, content=entry["content"])}
     return entry
 
 
