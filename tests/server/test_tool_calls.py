@@ -186,6 +186,10 @@ def test_follow_up_turn_with_the_tool_result(client):
         assert name in SCHEMAS
         json.loads(arguments)
     assert (choice.finish_reason == "tool_calls") == bool(choice.message.tool_calls)
+    # streamed, "auto" (the parser's held-back path) gives the same answer
+    streamed = run_with_client(client.base_url.scheme + "://" + client.base_url.netloc.decode(),
+                               lambda c: _create(c, True, messages=conversation))
+    assert streamed == (_calls(choice.message), choice.finish_reason, choice.message.content)
 
 
 CHAT_PATH = "/v1/chat/completions"
