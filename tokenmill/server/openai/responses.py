@@ -30,7 +30,7 @@ from tokenmill.engine.outputs import RequestOutput
 from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.server.error_handlers import validation_error
 from tokenmill.server.openai.chat import ChatRun
-from tokenmill.server.openai.responses_protocol import ResponsesRequest
+from tokenmill.server.openai.responses_protocol import NamedFunctionChoice, ResponsesRequest
 from tokenmill.server.openai.serving import RequestGroup, respond
 from tokenmill.server.openai.tool_call_stream import ArgumentsPiece, CallStart, ContentPiece, Piece
 from tokenmill.server.openapi import GENERATION_RESPONSES
@@ -82,8 +82,8 @@ class _Response:
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "temperature": body.temperature, "top_p": body.top_p,
             "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "tool_choice": (body.tool_choice.model_dump() if hasattr(body.tool_choice,
-                                                                     "model_dump")
+            "tool_choice": (body.tool_choice.model_dump()
+                            if isinstance(body.tool_choice, NamedFunctionChoice)
                             else body.tool_choice or "auto"),
             "tools": [{"type": "function", "name": t.name, "description": t.description,
                        "parameters": t.parameters, "strict": t.strict}

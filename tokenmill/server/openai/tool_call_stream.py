@@ -150,16 +150,27 @@ class AutoExtractor(Extractor):
         self.text = ""
         self.num_sent = 0
         """Characters of ``text`` already sent as content."""
+        self.sent_words = False
+        """Something other than whitespace went out: leading markers no longer count."""
+        self.holding = False
+        """A whole marker was seen: everything from it waits for ``finish`` (no more scans, so
+        a long held output costs nothing per token)."""
 
     def feed(self, text: str) -> list[Piece]:
         self.text += text
-        at_start = not self.text[:self.num_sent].strip()
-        start = self.parser.call_start(self.text[self.num_sent:], at_start)
-        end = len(self.text) if start is None else self.num_sent + start
-        if end <= self.num_sent:
+        if self.holding:
             return []
-        piece = ContentPiece(self.text[self.num_sent:end])
-        self.num_sent = end
+        rest = self.text[self.num_sent:]  # short: at most a cut-off marker was held back
+        start = self.parser.call_start(rest, at_start=not self.sent_words)
+        if start is not None:
+            markers = (*self.parser.markers, *self.parser.leading_markers)
+            self.holding = any(rest.startswith(m, start) for m in markers)
+        end = len(rest) if start is None else start
+        if end == 0:
+            return []
+        piece = ContentPiece(rest[:end])
+        self.num_sent += end
+        self.sent_words = self.sent_words or bool(piece.text.strip())
         return [piece]
 
     def finish(self) -> list[Piece]:

@@ -156,7 +156,8 @@ class ToolPlan:
                add_generation_prompt: bool) -> str:
         chat_template = engine.tokenizer.chat_template
         native = template_takes_tools(chat_template)
-        conversation = [_for_template(m, messages, native, self.parser) for m in messages]
+        names = {call.id: call.function.name for m in messages for call in m.tool_calls or []}
+        conversation = [_for_template(m, names, native, self.parser) for m in messages]
         extra: dict[str, Any] = {}
         if self.mode != "none" and self.tools:
             tools = [tool.model_dump(exclude_none=True) for tool in self.tools]
@@ -230,10 +231,6 @@ def _check_conversation(messages: list[ChatMessage]) -> None:
                     "tool_calls has", param=param)
 
 
-def _call_names(messages: list[ChatMessage]) -> dict[str, str]:
-    return {call.id: call.function.name for m in messages for call in m.tool_calls or []}
-
-
 def _arguments(text: str) -> Any:
     """Templates read arguments as a mapping (``| tojson``, ``.items()``); OpenAI sends text."""
     try:
@@ -242,7 +239,7 @@ def _arguments(text: str) -> Any:
         return text
 
 
-def _for_template(message: ChatMessage, messages: list[ChatMessage], native: bool,
+def _for_template(message: ChatMessage, call_names: dict[str, str], native: bool,
                   parser: ToolParser) -> dict[str, Any]:
     entry: dict[str, Any] = dict(message.for_template())
     if message.role == "assistant" and message.tool_calls:
@@ -258,7 +255,7 @@ def _for_template(message: ChatMessage, messages: list[ChatMessage], native: boo
             entry["content"] = "\n".join(filter(None, [entry["content"], written]))
     if message.role == "tool":
         assert message.tool_call_id is not None
-        name = _call_names(messages).get(message.tool_call_id, "")
+        name = call_names.get(message.tool_call_id, "")
         if native:
             entry.update(tool_call_id=message.tool_call_id, name=name)
         else:
