@@ -63,8 +63,8 @@ def compile_times(repeats: int) -> None:
               ("named set_thermostat", _plan(tool_choice={
                   "type": "function", "function": {"name": "set_thermostat"}}).grammar_spec())]
     print(f"\ngrammar compile, built-in tokenizer; median of {repeats}")
-    print("| grammar                      | chars | cold ms | cached us |")
-    print("|------------------------------|-------|---------|-----------|")
+    print("| grammar                       | chars | cold ms | cached us |")
+    print("|-------------------------------|-------|---------|-----------|")
     for name, spec in specs:
         cold, cached = [], []
         for _ in range(repeats):
@@ -75,7 +75,7 @@ def compile_times(repeats: int) -> None:
             compiler.compile(spec)
             cold.append(t1 - t0)
             cached.append(time.perf_counter() - t1)
-        print(f"| {name:<28} | {len(spec.value):>5} | {statistics.median(cold) * 1e3:7.2f} | "
+        print(f"| {name:<29} | {len(spec.value):>5} | {statistics.median(cold) * 1e3:7.2f} | "
               f"{statistics.median(cached) * 1e6:9.1f} |")
 
 
