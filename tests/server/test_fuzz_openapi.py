@@ -17,7 +17,8 @@ from tokenmill.bench.fuzz import fuzz_server
 from tokenmill.errors import EngineDeadError, EngineNotReadyError
 
 EXAMPLES_PER_MODE = 20  # per route, positive and negative each: ~200 requests, under a minute
-FUZZED_ROUTES = ["POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models",
+FUZZED_ROUTES = ["POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses",
+                 "GET /v1/models",
                  "GET /v1/requests/{request_id}/trace", "POST /tokenize", "POST /detokenize",
                  "GET /dashboard/data", "GET /health"]
 # Statuses by the error classes a route can raise (EngineDeadError's may change; the schema
@@ -27,6 +28,7 @@ _GENERATION = {"200", "400", "429", *_ENGINE}
 EXPECTED_STATUSES = {
     ("/v1/completions", "post"): _GENERATION,
     ("/v1/chat/completions", "post"): _GENERATION,
+    ("/v1/responses", "post"): _GENERATION,
     ("/v1/models", "get"): {"200", *_ENGINE},
     ("/tokenize", "post"): {"200", "400", *_ENGINE},
     ("/detokenize", "post"): {"200", "400", *_ENGINE},
