@@ -58,7 +58,7 @@ class Server:
     url: str
     pid: int | None = None
     rss_after_load: int | None = None
-    kv_bytes: int | None = None  # the KV pool it allocated, to separate it from weights in RSS
+    kv_bytes: int | None = None  # KV pool resident after load, to separate it from weights in RSS
 
 
 @dataclass
@@ -255,8 +255,9 @@ def main() -> None:
                                                ["--model", str(args.model)])
         with launched("tokenmill", tokenmill_command(port, args.kv_cache_memory, extra),
                       f"http://127.0.0.1:{port}", env) as process:
-            server = Server("tokenmill", f"http://127.0.0.1:{port}", process.pid,
-                            kv_bytes=args.kv_cache_memory)
+            # tokenmill's KV pool is torch.empty: none of it is resident right after load (pages
+            # are touched as blocks get used), so RSS after load is all weights and runtime.
+            server = Server("tokenmill", f"http://127.0.0.1:{port}", process.pid, kv_bytes=0)
             server.rss_after_load = settle(process.pid)
             results[server.name] = (server, measure(server, args, levels))
     if args.llama_server:

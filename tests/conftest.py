@@ -14,6 +14,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a
 warnings.filterwarnings("ignore", message=".*not writable.*")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_kernels():
+    """Build the native kernels once, before any test: a cold build (~1 min on 2 cores) must not
+    land inside a test's server start-up deadline. None when they cannot be built here."""
+    from tokenmill.layers.kernels.extension import native_module
+
+    return native_module()
+
+
 @pytest.fixture(scope="session")
 def builtin_source():
     from tokenmill.loader.model_source import open_model_source

@@ -15,6 +15,8 @@ def test_caps_whole_numbers_and_fills_null_lengths():
     assert chat["max_completion_tokens"] == 4
     assert "max_completion_tokens" not in bound_generation("/v1/chat/completions",
                                                            {"max_tokens": 3})
+    assert bound_generation("/v1/responses", {"input": "x"})["max_output_tokens"] == 4
+    assert bound_generation("/v1/responses", {"max_output_tokens": 900})["max_output_tokens"] == 4
 
 
 def test_leaves_invalid_values_invalid():

@@ -97,14 +97,67 @@ def test_cache_salt_isolates_tenants() -> None:
 
 def test_hit_is_capped_at_num_tokens_minus_one() -> None:
     bm = BlockManager(num_blocks=16, block_size=BLOCK)
-    tokens = list(range(16))  # exactly four full blocks
+    tokens = list(range(14))  # three full blocks and a partial one
     admit(bm, make_request("a", tokens))
+    bm.end_step()
     again = make_request("b", tokens)
     hit = bm.get_computed_blocks(again)
-    # All 16 tokens are cached, but the last one must run to produce logits: drop its block.
-    assert hit.num_tokens == 12 and len(hit.block_ids) == 3
-    assert bm.allocate_slots(again, 4, hit)
-    assert len(again.block_ids) == 4
+    assert hit.num_tokens == 12 and len(hit.block_ids) == 3 and hit.copy_source is None
+    assert bm.allocate_slots(again, 2, hit)
+    assert len(again.block_ids) == 4 and bm.take_block_copies() == []
+
+
+def test_a_whole_cached_prompt_copies_its_last_block() -> None:
+    """All 16 tokens cached: the last one must still run (its logits), so three blocks are shared
+    and the fourth is copied into a block of the request's own; the source is held until the
+    step has run."""
+    bm = BlockManager(num_blocks=16, block_size=BLOCK)
+    tokens = list(range(16))
+    first = make_request("a", tokens)
+    admit(bm, first)
+    bm.end_step()
+    again = make_request("b", tokens)
+    hit = bm.get_computed_blocks(again)
+    assert hit.num_tokens == 15 and hit.block_ids == first.block_ids[:3]
+    first_ids = list(first.block_ids)
+    assert hit.copy_source == first_ids[3]
+    bm.free(first)  # the source has no owner now, but the copy pins it
+    assert bm.allocate_slots(again, 1, hit)
+    (copy,) = bm.take_block_copies()
+    assert copy == (first_ids[3], again.block_ids[3])
+    assert again.block_ids[3] != first_ids[3]
+    assert bm.blocks[copy[0]].ref_cnt == 1 and copy[0] not in bm.free_queue
+    bm.end_step()
+    assert bm.blocks[copy[0]].ref_cnt == 0 and copy[0] in bm.free_queue
+    bm.free(again)
+    bm.check_no_leaks()
+
+
+def test_the_copy_source_is_not_evicted_by_the_allocation_it_serves() -> None:
+    bm = BlockManager(num_blocks=5, block_size=BLOCK)
+    tokens = list(range(16))
+    first = make_request("a", tokens)
+    admit(bm, first)
+    bm.end_step()
+    first_ids = list(first.block_ids)
+    bm.free(first)  # all five blocks free; the four cached ones are oldest in the queue
+    again = make_request("b", tokens)
+    hit = bm.get_computed_blocks(again)
+    assert bm.allocate_slots(again, 1, hit)
+    ((source, destination),) = bm.take_block_copies()
+    assert bm.blocks[source].block_hash is not None, "the source kept its KV"
+    assert destination not in first_ids
+    bm.end_step()
+    bm.free(again)
+    bm.check_no_leaks()
+
+
+def test_a_block_written_in_this_step_is_never_a_copy_source() -> None:
+    bm = BlockManager(num_blocks=16, block_size=BLOCK)
+    tokens = list(range(16))
+    admit(bm, make_request("a", tokens))  # same step: its KV is not computed yet
+    hit = bm.get_computed_blocks(make_request("b", tokens))
+    assert hit.num_tokens == 12 and hit.copy_source is None
 
 
 def test_freed_cached_blocks_are_revived_until_evicted_oldest_first() -> None:

@@ -72,7 +72,48 @@ def test_cache_salt_isolates_tenants(make_llm: Any, driver: Any, prefix_ids: lis
     assert computed == len(prompt) + MAX_TOKENS - 1, "a salted request recomputes everything"
     assert salted.outputs[0].token_ids == unsalted.outputs[0].token_ids
 
-    # The same tenant does reuse its own KV: every full block of the prompt.
-    again, _ = _run_alone(llm, driver, prompt, "tenant-b-again", cache_salt="tenant-b")
+    # The same tenant does reuse its own KV: every full block of the prompt (and when the prompt
+    # ends on a block boundary, its last block is copied so only the last token is computed).
+    again, computed = _run_alone(llm, driver, prompt, "tenant-b-again", cache_salt="tenant-b")
     block_size = llm.engine.scheduler.block_manager.block_size
-    assert again.num_cached_tokens == (len(prompt) - 1) // block_size * block_size
+    whole = len(prompt) % block_size == 0
+    expected = len(prompt) - 1 if whole else (len(prompt) - 1) // block_size * block_size
+    assert again.num_cached_tokens == expected
+    assert computed == len(prompt) - expected + MAX_TOKENS - 1
+    assert again.outputs[0].token_ids == unsalted.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("extra_tokens", [0, 5])
+def test_a_repeated_prompt_computes_only_its_last_token(make_llm: Any, plain_llm: Any,
+                                                        driver: Any, prefix_ids: list[int],
+                                                        extra_tokens: int) -> None:
+    """A prompt found whole in the cache (block-aligned: its last block is copied) computes one
+    token and continues exactly like a cold run; an unaligned one recomputes its partial block."""
+    llm = make_llm(enable_prefix_caching=True)
+    prompt = prefix_ids + _suffix(llm, 70)
+    block_size = llm.engine.scheduler.block_manager.block_size
+    prompt = prompt[: (len(prompt) - extra_tokens) // block_size * block_size + extra_tokens]
+    first, _ = _run_alone(llm, driver, prompt, "first")
+    again, computed = _run_alone(llm, driver, prompt, "again")
+    cold, _ = _run_alone(plain_llm, driver, prompt, "cold")
+    if extra_tokens == 0:
+        assert again.num_cached_tokens == len(prompt) - 1
+        assert computed == 1 + MAX_TOKENS - 1
+    else:
+        assert again.num_cached_tokens == len(prompt) // block_size * block_size
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids == cold.outputs[0].token_ids
+    llm.engine.scheduler.check_no_leaks()
+
+
+def test_siblings_admitted_together_do_not_copy_an_unwritten_block(make_llm: Any,
+                                                                   prefix_ids: list[int]) -> None:
+    """n=3 of a block-aligned prompt: the siblings share the first sibling's blocks within the
+    step, but its last block is not written yet, so none of them copies it; all three agree."""
+    llm = make_llm(enable_prefix_caching=True)
+    prompt = prefix_ids + _suffix(llm, 90)
+    prompt = prompt[: len(prompt) // 16 * 16]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, n=3)
+    (output,) = llm.generate([prompt], params, use_tqdm=False)
+    texts = {tuple(c.token_ids) for c in output.outputs}
+    assert len(texts) == 1
+    llm.engine.scheduler.check_no_leaks()

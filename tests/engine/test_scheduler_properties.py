@@ -80,6 +80,8 @@ class FakeRunner:
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         bs = self.block_size
+        for source, destination in out.block_copies:  # before the forward, as the runner does
+            self.slots[destination] = list(self.slots[source])
         # Like one layer of the model: every token's K/V is written before any attention reads.
         for request in out.scheduled_requests:
             rid = request.request_id
@@ -114,6 +116,7 @@ def check_invariants(scheduler: Scheduler, config: dict) -> None:
     for request in scheduler.requests.values():
         assert len(set(request.block_ids)) == len(request.block_ids)
         refs.update(request.block_ids)
+    refs.update(bm.pinned_block_ids)  # copy sources held until the step has run
     for block in bm.blocks:
         assert block.ref_cnt == refs[block.block_id], f"block {block.block_id} ref count drifted"
         assert (block.ref_cnt == 0) == (block.block_id in bm.free_queue)

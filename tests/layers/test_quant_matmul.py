@@ -179,3 +179,19 @@ def test_rows_read_back_from_the_packed_layout_equal_the_weight_rows(isa, bits, 
     got = qm.dequantize_packed_rows(packed, rows, torch.float32)
     assert got.shape == (2, 3, 160)
     assert torch.equal(got, weight.dequantize_rows(rows.reshape(-1)).view(2, 3, 160))
+
+
+def test_the_kernel_is_found_whichever_native_op_loaded_the_extension_first():
+    """All kernels are one extension: loading it through the fused ops (as the decoder stack
+    does) must not leave the quantized matmul on its reference path."""
+    import subprocess
+    import sys
+
+    if qm.quant_matmul_module() is None:
+        pytest.skip("no C++ toolchain here")
+    code = ("from tokenmill.layers.kernels import fused_ops, quant_matmul as qm\n"
+            "assert fused_ops.fused_ops_module() is not None\n"
+            "print(qm.kernel_isa())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=600, check=True)
+    assert result.stdout.strip().splitlines()[-1] != "reference"

@@ -18,6 +18,7 @@ from tokenmill.errors import EngineDeadError, EngineNotReadyError
 
 EXAMPLES_PER_MODE = 20  # per route, positive and negative each: ~200 requests, under a minute
 FUZZED_ROUTES = ["POST /v1/completions", "POST /v1/chat/completions", "POST /v1/embeddings",
+                 "POST /v1/responses",
                  "GET /v1/models",
                  "GET /v1/requests/{request_id}/trace", "POST /tokenize", "POST /detokenize",
                  "GET /dashboard/data", "GET /health"]
@@ -29,6 +30,7 @@ EXPECTED_STATUSES = {
     ("/v1/completions", "post"): _GENERATION,
     ("/v1/chat/completions", "post"): _GENERATION,
     ("/v1/embeddings", "post"): _GENERATION,
+    ("/v1/responses", "post"): _GENERATION,
     ("/v1/models", "get"): {"200", *_ENGINE},
     ("/tokenize", "post"): {"200", "400", *_ENGINE},
     ("/detokenize", "post"): {"200", "400", *_ENGINE},

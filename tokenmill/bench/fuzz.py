@@ -81,7 +81,7 @@ def bound_generation(path: str, body: Any, *, max_output_tokens: int = 4,
 
     for name in ("n", "best_of"):
         cap(name, max_choices)
-    for name in ("max_tokens", "max_completion_tokens", "min_tokens"):
+    for name in ("max_tokens", "max_completion_tokens", "min_tokens", "max_output_tokens"):
         cap(name, max_output_tokens)
     # A null or missing length means "up to the end of the context" (completions' missing one:
     # 16): thousands of tokens per request.
@@ -90,6 +90,8 @@ def bound_generation(path: str, body: Any, *, max_output_tokens: int = 4,
             body["max_completion_tokens"] = max_output_tokens
     elif path.endswith("/completions") and body.get("max_tokens") is None:
         body["max_tokens"] = max_output_tokens
+    elif path.endswith("/responses") and body.get("max_output_tokens") is None:
+        body["max_output_tokens"] = max_output_tokens
     return body
 
 

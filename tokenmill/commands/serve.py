@@ -13,12 +13,13 @@ from typing import Any
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from tokenmill.config import add_engine_arguments
+    from tokenmill.config import add_config_arguments, add_engine_arguments
+    from tokenmill.server.state import ToolSettings
 
     parser = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server (completions, chat, metrics).",
         description="Serve a model over the OpenAI API: /v1/completions, /v1/chat/completions, "
-                    "/v1/embeddings, "
+                    "/v1/embeddings, /v1/responses, "
                     "/v1/models, /tokenize, /detokenize, /health, /metrics.")
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
     parser.add_argument("--port", type=int, default=8000, help="Port to listen on.")
@@ -41,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         choices=["debug", "info", "warning", "error"])
     parser.add_argument("--access-log", action="store_true",
                         help="Also log every HTTP request (uvicorn's access log).")
+    add_config_arguments(parser, ToolSettings)
     add_engine_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -96,10 +98,10 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tokenmill.bench.cost import resolve_price
-    from tokenmill.config import engine_config_from_args
+    from tokenmill.config import config_from_args, engine_config_from_args
     from tokenmill.errors import ConfigError, TokenmillError
     from tokenmill.server.app import create_app
-    from tokenmill.server.state import ServerSettings
+    from tokenmill.server.state import ServerSettings, ToolSettings
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -116,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
                               price_per_hour=args.price_per_hour,
                               cost_window_seconds=args.cost_window_seconds,
                               otlp_endpoint=args.otlp_endpoint,
-                              restart_engine_on_failure=args.restart_engine_on_failure)
+                              restart_engine_on_failure=args.restart_engine_on_failure,
+                              tools=config_from_args(ToolSettings, args))
     app = create_app(settings)
     # The drain itself enforces --shutdown-timeout; uvicorn's own limit is only a backstop.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,

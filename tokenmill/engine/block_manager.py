@@ -10,6 +10,13 @@ Pure CPU and model-free: it hands out block ids; the model runner owns the tenso
   current step, as vLLM v1 does: the runner writes every token's K/V of a layer before that layer's
   attention reads, so a request admitted later in the same step (an ``n > 1`` sibling) may already
   point at those blocks.
+* A prompt found whole in the cache (a retry, the same question again, a benchmark's repeated
+  prompts) would still recompute its last block: the hit stops a token short, and a block is
+  shared whole or not at all. Instead the last cached block is *copied* into a block of the
+  request's own (``block_copies``, done by the runner before the forward) and only the last token
+  is computed, as llama.cpp's token-level prompt reuse does. The source stays pinned until the
+  step has run (``end_step``), and a block whose KV is only being written this step is never a
+  source.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ class ComputedBlocks:
 
     block_ids: list[int] = field(default_factory=list)
     num_tokens: int = 0
+    copy_source: int | None = None
+    """A cached block equal to the request's last prompt block: its KV is copied into a new block
+    of the request's, and ``num_tokens`` reaches ``num_tokens - 1`` of the request."""
 
 
 class BlockManager:
@@ -58,6 +68,9 @@ class BlockManager:
         """Cumulative tokens looked up at admission (like vLLM, counted in tokens)."""
         self.prefix_cache_hits = 0
         """Cumulative tokens of those found in the cache."""
+        self._block_copies: list[tuple[int, int]] = []  # (source, destination) for the runner
+        self._pinned_sources: list[int] = []  # copy sources held until the step has run
+        self._written_this_step: set[int] = set()  # registered now, KV not computed yet
 
     # ------------------------------------------------------------------ queries (change nothing)
     @property
@@ -76,6 +89,11 @@ class BlockManager:
     @property
     def num_cached_blocks(self) -> int:
         return len(self.cached_blocks)
+
+    @property
+    def pinned_block_ids(self) -> tuple[int, ...]:
+        """Copy sources held (one reference each) until the step that copies them has run."""
+        return tuple(self._pinned_sources)
 
     def num_blocks_for_tokens(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
@@ -97,6 +115,11 @@ class BlockManager:
             if block is None:
                 break
             block_ids.append(block.block_id)
+        if len(block_ids) == max_blocks and len(hashes) > max_blocks:
+            # the whole prompt is cached (it ends on a block boundary): copy the last block
+            last = self.cached_blocks.get(hashes[max_blocks])
+            if last is not None and last.block_id not in self._written_this_step:
+                return ComputedBlocks(block_ids, request.num_tokens - 1, last.block_id)
         return ComputedBlocks(block_ids, len(block_ids) * self.block_size)
 
     # ------------------------------------------------------------------ allocation
@@ -115,17 +138,21 @@ class BlockManager:
         num_new_blocks = max(0, self.num_blocks_for_tokens(total_tokens) - num_held)
         # Hit blocks with no owner sit in the free queue; reviving them takes them out of it.
         num_revived = sum(1 for block_id in hit.block_ids if self.blocks[block_id].ref_cnt == 0)
+        if hit.copy_source is not None and self.blocks[hit.copy_source].ref_cnt == 0:
+            num_revived += 1
         if num_new_blocks > len(self.free_queue) - num_revived:
             return False
+        if hit.copy_source is not None:
+            self._hold(hit.copy_source)  # before allocating, so it cannot be evicted for them
+            self._pinned_sources.append(hit.copy_source)
 
         for block_id in hit.block_ids:
-            block = self.blocks[block_id]
-            if block.ref_cnt == 0:
-                del self.free_queue[block_id]
-            block.ref_cnt += 1
+            self._hold(block_id)
         request.block_ids.extend(hit.block_ids)
         for _ in range(num_new_blocks):
             request.block_ids.append(self._pop_free_block().block_id)
+        if hit.copy_source is not None:
+            self._block_copies.append((hit.copy_source, request.block_ids[len(hit.block_ids)]))
 
         if computed is not None and self.enable_prefix_caching:
             self.prefix_cache_queries += request.num_tokens
@@ -133,6 +160,29 @@ class BlockManager:
         if self.enable_prefix_caching:
             self._register_full_blocks(request, total_tokens)
         return True
+
+    def _hold(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_cnt == 0:
+            del self.free_queue[block_id]
+        block.ref_cnt += 1
+
+    def take_block_copies(self) -> list[tuple[int, int]]:
+        """The (source, destination) block copies the runner must make before this step's
+        forward pass; the sources stay held until ``end_step``."""
+        copies, self._block_copies = self._block_copies, []
+        return copies
+
+    def end_step(self) -> None:
+        """The step has run: copy sources are released, this step's blocks hold their KV."""
+        for block_id in self._pinned_sources:
+            block = self.blocks[block_id]
+            assert block.ref_cnt > 0, f"copy source {block_id} was released twice"
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self.free_queue[block_id] = None
+        self._pinned_sources = []
+        self._written_this_step.clear()
 
     def _pop_free_block(self) -> KVBlock:
         block_id, _ = self.free_queue.popitem(last=False)
@@ -160,6 +210,7 @@ class BlockManager:
             if block.block_hash is None and block_hash not in self.cached_blocks:
                 block.block_hash = block_hash
                 self.cached_blocks[block_hash] = block
+                self._written_this_step.add(block.block_id)
         self._num_registered_blocks[request.request_id] = num_full
 
     # ------------------------------------------------------------------ release

@@ -235,6 +235,7 @@ class Scheduler:
             num_computed_tokens=num_computed,
             block_ids={r.request_id: list(r.block_ids) for r in scheduled},
             total_num_scheduled_tokens=total,
+            block_copies=self.block_manager.take_block_copies(),
             finished_request_ids=finished,
             preempted_request_ids=preempted,
         )
@@ -299,6 +300,7 @@ class Scheduler:
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: RunnerOutput) -> list[EngineCoreOutput]:
         """Advance progress, append sampled tokens, stop finished requests and free their blocks."""
+        self.block_manager.end_step()
         now = self.clock()
         sampled = runner_output.sampled_token_ids
         logprobs = runner_output.logprobs or {}

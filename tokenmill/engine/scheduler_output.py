@@ -34,6 +34,9 @@ class SchedulerOutput:
     """Finished or aborted since the previous step: the runner can drop their per-request state."""
     preempted_request_ids: set[str] = field(default_factory=set)
     """Preempted in this step (blocks freed); they come back later as if new, recomputing."""
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    """(source, destination) KV blocks to copy before the forward pass: a prompt found whole in
+    the prefix cache gets its last block copied (block_manager.py) and computes one token."""
     grammar_bitmask: GrammarBitmask | None = None
     """Allowed next tokens of the requests that sample under a grammar this step (set by the
     core after scheduling; None when no such request samples)."""

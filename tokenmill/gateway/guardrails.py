@@ -7,6 +7,11 @@ A block names the rule that fired and never echoes the matched text back.
 Output: streamed text is scanned in a rolling window; the last ``output_holdback_chars`` are held
 back, so a match no longer than that never reaches the client. When a rule fires the stream ends
 with ``finish_reason: content_filter``. All rules are data from the config.
+
+Tool calls: output rules apply to the answer's text (``content``) only, not to tool-call names or
+arguments, which pass through unchanged (streamed tool-call deltas too); input rules scan every
+message's text (``tool`` results included), not the ``tools`` definitions or earlier calls'
+arguments.
 """
 
 from __future__ import annotations
@@ -160,7 +165,9 @@ class GuardrailsStage:
                     keep = 0 if finished else min(len(text), self.holdback)
                     send, pending[index] = text[:len(text) - keep], text[len(text) - keep:]
                     tails[index] = (tail + send)[-self.window:]
-                    if send or finished or (choice.get("delta") or {}).get("role"):
+                    delta = choice.get("delta") or {}
+                    # a tool-call delta carries no text: it passes on as it came
+                    if send or finished or delta.get("role") or delta.get("tool_calls"):
                         out.append(with_choice_text(endpoint, choice, send, streamed=True))
                 if out:
                     yield {**event, "choices": out}

@@ -150,6 +150,8 @@ class StreamAssembler:
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.texts: dict[int, list[str]] = {}
+        self.tool_calls: dict[int, dict[int, dict[str, Any]]] = {}
+        """Per choice, its tool calls by index, put together from their deltas."""
         self.finish_reasons: dict[int, str | None] = {}
         self.usage: dict[str, Any] | None = None
         self.meta: dict[str, Any] = {}
@@ -165,8 +167,20 @@ class StreamAssembler:
             self.texts.setdefault(index, [])
             if text:
                 self.texts[index].append(text)
+            for delta in (choice.get("delta") or {}).get("tool_calls") or []:
+                self._add_tool_call(self.tool_calls.setdefault(index, {}), delta)
             if choice.get("finish_reason"):
                 self.finish_reasons[index] = choice["finish_reason"]
+
+    @staticmethod
+    def _add_tool_call(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
+        call = calls.setdefault(delta.get("index", 0), {
+            "id": delta.get("id"), "type": "function", "function": {"name": None,
+                                                                    "arguments": ""}})
+        function = delta.get("function") or {}
+        if function.get("name"):
+            call["function"]["name"] = function["name"]
+        call["function"]["arguments"] += function.get("arguments") or ""
 
     @property
     def text_chars(self) -> int:
@@ -178,6 +192,9 @@ class StreamAssembler:
             text = "".join(self.texts[index])
             if self.endpoint == CHAT:
                 choice = {"index": index, "message": {"role": "assistant", "content": text}}
+                calls = self.tool_calls.get(index)
+                if calls:
+                    choice["message"]["tool_calls"] = [calls[i] for i in sorted(calls)]
             else:
                 choice = {"index": index, "text": text}
             choice["finish_reason"] = self.finish_reasons.get(index)

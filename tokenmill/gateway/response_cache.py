@@ -2,7 +2,10 @@
 
 A hit is replayed in the shape the caller asked for: a JSON body, or stream chunks when the
 request said ``stream: true``. A miss is stored only once its answer finished normally (``stop``
-or ``length``), so a filtered, failed or abandoned answer is never served again.
+or ``length``), so a filtered, failed or abandoned answer is never served again. Answers holding
+tool calls are not stored: a call is an action the client takes, and a replay would repeat its id.
+Keys cover the whole request (``tools``, ``tool_choice``, ``response_format`` included), so a
+text answer is only reused for the same tools.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ def store_when_done(request: GatewayRequest, response: GatewayResponse,
         return response
 
     def save(body: dict[str, Any]) -> None:
+        if any((c.get("message") or {}).get("tool_calls") for c in body.get("choices", [])):
+            return
         finish = [c.get("finish_reason") for c in body.get("choices", [])]
         if finish and all(f in _STORABLE_FINISH for f in finish):
             store(CachedAnswer(copy.deepcopy(body), dict(request.extra_headers),

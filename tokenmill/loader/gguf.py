@@ -125,14 +125,15 @@ def _rope_scaling(arch_key: Any) -> RopeScaling:
     raise UnsupportedModelError(f"rope scaling {kind!r} in GGUF metadata is not supported")
 
 
-def iter_gguf_tensors(reader: Any, arch: ArchConfig, path: Path
+def iter_gguf_tensors(tensors: list[Any], arch: ArchConfig, path: Path
                       ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """Yield ``(hf_name, tensor)`` for every tensor, un-permuted: Q8_0/Q4_0/Q4_1 matrices as
     ``QuantizedWeight`` (their blocks kept bit for bit), everything else dequantized to float32."""
     from gguf.quants import dequantize
 
     dequantized_types: set[str] = set()
-    for tensor in reader.tensors:
+    while tensors:
+        tensor = tensors.pop(0)  # the list empties as the load goes: nothing keeps the mapping
         name = _hf_name(tensor.name, path)
         if name is None:
             continue  # e.g. rope_freqs: recomputed from the metadata

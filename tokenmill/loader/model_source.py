@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,7 +52,18 @@ def _gguf_source(path: Path, name: str) -> ModelSource:
     reader = open_gguf(path)
     arch = read_arch_config(reader, path)
     tokenizer = tokenizer_from_gguf(reader, path)
-    return ModelSource(path, name, arch, tokenizer, lambda: iter_gguf_tensors(reader, arch, path))
+    # Neither the reader nor its memory map outlives the load: the reader's metadata fields (the
+    # vocabulary and merges as ~500k small numpy views) held ~180 MB, and the mapped file pages
+    # another ~95 MB of resident memory, for the life of the server. The first load reads the
+    # tensors listed here; a later one (an engine restart) opens the file again.
+    listed = [list(reader.tensors)]
+    del reader
+
+    def weights() -> Iterator[tuple[str, Any]]:
+        tensors = listed.pop() if listed else list(open_gguf(path).tensors)
+        return iter_gguf_tensors(tensors, arch, path)
+
+    return ModelSource(path, name, arch, tokenizer, weights)
 
 
 def _folder_source(folder: Path) -> ModelSource:

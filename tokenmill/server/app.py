@@ -30,7 +30,7 @@ from tokenmill.server import dashboard, trace_routes
 from tokenmill.server.cost_metrics import CostTracker
 from tokenmill.server.error_handlers import error_response, install_error_handlers
 from tokenmill.server.metrics import ServerMetrics
-from tokenmill.server.openai import chat, completions, embeddings, models, tokenize
+from tokenmill.server.openai import chat, completions, embeddings, models, responses, tokenize
 from tokenmill.server.openapi import READ_RESPONSES, install_openapi
 from tokenmill.server.request_logger import banner, finished_request_logger
 from tokenmill.server.state import ServerSettings, ServerState, server_state
@@ -163,7 +163,7 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory = AsyncLL
     app.state.server = ServerState(settings, ServerMetrics())
     install_error_handlers(app)
     install_openapi(app, lambda: app.state.server.engine)
-    for module in (completions, chat, embeddings, models, tokenize):
+    for module in (completions, chat, responses, embeddings, models, tokenize):
         app.include_router(module.router)
     app.include_router(dashboard.router)  # GET /dashboard and /dashboard/data
     app.include_router(trace_routes.router)  # GET /v1/requests/{id}/trace

@@ -7,7 +7,7 @@ model loads; every endpoint that needs the engine goes through ``require_engine`
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -19,12 +19,29 @@ from tokenmill.errors import (
     InvalidRequestError,
     UnknownModelError,
 )
+from tokenmill.server.openai.tool_parsers import AUTO, PARSERS, check_parser_name
 from tokenmill.server.stats_history import StatsHistory
 
 if TYPE_CHECKING:
     from tokenmill.engine.async_llm import AsyncLLM
     from tokenmill.server.embedding_model import SentenceEmbeddingModel
     from tokenmill.server.metrics import ServerMetrics
+
+
+@dataclass(frozen=True)
+class ToolSettings:
+    """How tool calls are read from free output (``tool_choice: "auto"``); its fields are
+    ``tokenmill serve`` flags."""
+
+    tool_call_parser: str = field(default=AUTO, metadata={"help": (
+        "Format the model writes tool calls in: "
+        f"{', '.join([AUTO, *PARSERS])}. auto picks by the chat template "
+        "(<tool_call>: hermes, [TOOL_CALLS]: mistral, <|python_tag|>: llama3_json) and falls "
+        "back to hermes, the format the fallback tool prompt asks for.")})
+    """Format the model writes tool calls in (see ``tool_parsers``)."""
+
+    def __post_init__(self) -> None:
+        check_parser_name(self.tool_call_parser)
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,8 @@ class ServerSettings:
     """OTLP/HTTP collector URL for OpenTelemetry spans; None: no spans."""
     restart_engine_on_failure: bool = False
     """If the engine dies, load a new one in place instead of exiting with status 1."""
+    tools: ToolSettings = field(default_factory=ToolSettings)
+    """Tool-call reading (``--tool-call-parser``)."""
 
     @property
     def address(self) -> str:

@@ -68,3 +68,14 @@ def allocate_kv_cache(arch: ArchConfig, spec: KVCacheSpec, dtype: torch.dtype,
                       device: torch.device) -> list[torch.Tensor]:
     shape = (2, spec.num_blocks, spec.block_size, arch.num_key_value_heads, arch.head_dim)
     return [torch.empty(shape, dtype=dtype, device=device) for _ in range(arch.num_hidden_layers)]
+
+
+def copy_blocks(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]]) -> None:
+    """Copy whole blocks (K and V, every layer): ``copies`` holds (source, destination) ids."""
+    if not copies:
+        return
+    device = kv_caches[0].device
+    sources = torch.tensor([s for s, _ in copies], dtype=torch.long, device=device)
+    destinations = torch.tensor([d for _, d in copies], dtype=torch.long, device=device)
+    for cache in kv_caches:
+        cache.index_copy_(1, destinations, cache.index_select(1, sources))

@@ -14,9 +14,10 @@ from tokenmill.layers.kernels import paged_attention_module
 from tokenmill.layers.kernels.fused_ops import fused_ops_module
 from tokenmill.layers.sampler import Sampler
 from tokenmill.loader.model_source import ModelSource
+from tokenmill.malloc_trim import release_free_heap
 from tokenmill.models.registry import build_model
 from tokenmill.worker.input_batch import InputBatchBuilder
-from tokenmill.worker.kv_cache import KVCacheSpec, allocate_kv_cache, plan_kv_cache
+from tokenmill.worker.kv_cache import KVCacheSpec, allocate_kv_cache, copy_blocks, plan_kv_cache
 from tokenmill.worker.prompt_logprobs import score_prompt_rows
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class ModelRunner:
             # Built now (or found in the build cache), not on the first request: a cold build
             # takes ~25 s, which would otherwise land in that request's time to first token.
             fused_ops_module()
+            release_free_heap()  # what loading freed stays resident otherwise
 
     def _decode_kernel(self) -> Any:
         """The native paged-attention kernel when the config and the device allow it."""
@@ -67,6 +69,7 @@ class ModelRunner:
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         if scheduler_output.is_empty:
             return RunnerOutput()
+        copy_blocks(self.kv_caches, scheduler_output.block_copies)
         inputs = self.inputs.build(scheduler_output)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention, self.kv_caches)
         output = RunnerOutput()

@@ -2,9 +2,10 @@
 //
 // The GIL is released while a kernel runs: the server's event loop (detokenizing, writing
 // streams) shares the process with the engine thread and must not wait for a whole step.
+#include "decoder_stack.h"
 #include "native.h"
 
-void bind_decoder_stack(py::module_& m);  // decoder_stack.cpp
+#include <torch/extension.h>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
@@ -25,5 +26,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"),
         py::arg("seq_lens"), py::arg("scale"), py::arg("sliding_window"),
         py::arg("key") = py::none(), py::arg("value") = py::none(), py::arg("slots") = py::none());
-  bind_decoder_stack(m);
+  // all of a Llama model's decoder layers for one decode step (decoder_stack.h)
+  py::class_<DecoderStack>(m, "DecoderStack")
+      .def(py::init<int64_t, int64_t, int64_t, double, double, int64_t, torch::Tensor,
+                    torch::Tensor, torch::Tensor>(),
+           py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"),
+           py::arg("scale"), py::arg("sliding_window"), py::arg("cos"), py::arg("sin"),
+           py::arg("final_norm"))
+      .def("add_packed_linear", &DecoderStack::add_packed_linear)
+      .def("add_dense_linear", &DecoderStack::add_dense_linear)
+      .def("add_layer", &DecoderStack::add_layer)
+      .def_property_readonly("num_layers", &DecoderStack::num_layers)
+      // the GIL is released for the whole step: the server's event loop runs meanwhile
+      .def("forward", &DecoderStack::forward, release());
 }

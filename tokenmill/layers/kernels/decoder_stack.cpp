@@ -11,154 +11,98 @@
 // It only runs decode-only steps (one new token per sequence, the paged cache attended in place)
 // with few enough rows for the decode paths of the quantized kernel (int8 for bfloat16, exact for
 // float32 activations); the caller falls back to the Python layers otherwise.
-#include "native.h"
+#include "decoder_stack.h"
 
-#include <torch/extension.h>
+DecoderStack::DecoderStack(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                           double eps, double scale, int64_t sliding_window, torch::Tensor cos,
+                           torch::Tensor sin, torch::Tensor final_norm)
+    : num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps),
+      scale_(scale), sliding_window_(sliding_window), cos_(std::move(cos)), sin_(std::move(sin)),
+      final_norm_(std::move(final_norm)) {}
 
-#include <optional>
-#include <vector>
+int64_t DecoderStack::add_packed_linear(torch::Tensor data, int64_t n, int64_t k, int64_t bits,
+                                        int64_t group_size, bool has_min, int64_t tile_stride,
+                                        int64_t scales_offset, int64_t mins_offset,
+                                        std::optional<torch::Tensor> perm,
+                                        std::optional<torch::Tensor> bias) {
+  LinearWeight w;
+  w.packed = true;
+  w.data = std::move(data);
+  w.n = n;
+  w.k = k;
+  w.bits = bits;
+  w.group_size = group_size;
+  w.has_min = has_min;
+  w.tile_stride = tile_stride;
+  w.scales_offset = scales_offset;
+  w.mins_offset = mins_offset;
+  w.perm = std::move(perm);
+  if (bias.has_value()) w.bias = bias->to(torch::kFloat).contiguous();
+  linears_.push_back(std::move(w));
+  return int64_t(linears_.size()) - 1;
+}
 
-namespace {
+int64_t DecoderStack::add_dense_linear(torch::Tensor matrix,
+                                       std::optional<torch::Tensor> bias) {
+  LinearWeight w;
+  w.dense = std::move(matrix);
+  w.n = w.dense.size(0);
+  w.k = w.dense.size(1);
+  w.bias = std::move(bias);
+  linears_.push_back(std::move(w));
+  return int64_t(linears_.size()) - 1;
+}
 
-struct LinearWeight {
-  bool packed = false;
-  // packed 4/8-bit weight in the quantized kernel's layout
-  torch::Tensor data;
-  int64_t n = 0, k = 0, bits = 0, group_size = 0, tile_stride = 0, scales_offset = 0,
-          mins_offset = 0;
-  bool has_min = false;
-  std::optional<torch::Tensor> perm;
-  // or a dense [N, K] matrix in the activation dtype
-  torch::Tensor dense;
-  std::optional<torch::Tensor> bias;  // float32 for packed weights, activation dtype for dense
-};
+void DecoderStack::add_layer(torch::Tensor input_norm, int64_t qkv, int64_t o,
+                             torch::Tensor post_norm, int64_t gate_up, int64_t down) {
+  const int64_t count = int64_t(linears_.size());
+  for (int64_t index : {qkv, o, gate_up, down})
+    TORCH_CHECK(index >= 0 && index < count, "no linear layer ", index);
+  layers_.push_back(Layer{std::move(input_norm), std::move(post_norm), qkv, o, gate_up, down});
+}
 
-struct Layer {
-  torch::Tensor input_norm, post_norm;
-  int64_t qkv, o, gate_up, down;  // indices into DecoderStack::linears_
-};
-
-}  // namespace
-
-class DecoderStack {
- public:
-  DecoderStack(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
-               double scale, int64_t sliding_window, torch::Tensor cos, torch::Tensor sin,
-               torch::Tensor final_norm)
-      : num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps),
-        scale_(scale), sliding_window_(sliding_window), cos_(std::move(cos)),
-        sin_(std::move(sin)), final_norm_(std::move(final_norm)) {}
-
-  int64_t add_packed_linear(torch::Tensor data, int64_t n, int64_t k, int64_t bits,
-                            int64_t group_size, bool has_min, int64_t tile_stride,
-                            int64_t scales_offset, int64_t mins_offset,
-                            std::optional<torch::Tensor> perm, std::optional<torch::Tensor> bias) {
-    LinearWeight w;
-    w.packed = true;
-    w.data = std::move(data);
-    w.n = n;
-    w.k = k;
-    w.bits = bits;
-    w.group_size = group_size;
-    w.has_min = has_min;
-    w.tile_stride = tile_stride;
-    w.scales_offset = scales_offset;
-    w.mins_offset = mins_offset;
-    w.perm = std::move(perm);
-    if (bias.has_value()) w.bias = bias->to(torch::kFloat).contiguous();
-    linears_.push_back(std::move(w));
-    return int64_t(linears_.size()) - 1;
-  }
-
-  int64_t add_dense_linear(torch::Tensor matrix, std::optional<torch::Tensor> bias) {
-    LinearWeight w;
-    w.dense = std::move(matrix);
-    w.n = w.dense.size(0);
-    w.k = w.dense.size(1);
-    w.bias = std::move(bias);
-    linears_.push_back(std::move(w));
-    return int64_t(linears_.size()) - 1;
-  }
-
-  void add_layer(torch::Tensor input_norm, int64_t qkv, int64_t o, torch::Tensor post_norm,
-                 int64_t gate_up, int64_t down) {
-    const int64_t count = int64_t(linears_.size());
-    for (int64_t index : {qkv, o, gate_up, down})
-      TORCH_CHECK(index >= 0 && index < count, "no linear layer ", index);
-    layers_.push_back(Layer{std::move(input_norm), std::move(post_norm), qkv, o, gate_up, down});
-  }
-
-  int64_t num_layers() const { return int64_t(layers_.size()); }
-
-  // hidden [M, hidden] (the embeddings of the new tokens) -> the final norm's output [M, hidden].
-  // kv_caches: one [2, num_blocks, block_size, kv_heads, head_dim] per layer; block_table
-  // [M, max_blocks], seq_lens [M], slots [M] (where each new token's K/V goes); isa: the
-  // quantized kernel's code path, as quant_matmul.py decided it.
-  torch::Tensor forward(torch::Tensor hidden, const torch::Tensor& positions,
-                        const std::vector<torch::Tensor>& kv_caches,
-                        const torch::Tensor& block_table, const torch::Tensor& seq_lens,
-                        const torch::Tensor& slots, int64_t isa) {
-    TORCH_CHECK(kv_caches.size() == layers_.size(), "one KV cache per layer");
-    TORCH_CHECK(hidden.dim() == 2, "hidden must be [tokens, hidden]");
-    const int64_t m = hidden.size(0);
-    const int64_t q_heads = num_heads_, kv_heads = num_kv_heads_, d = head_dim_;
-    torch::Tensor residual;
-    for (size_t i = 0; i < layers_.size(); ++i) {
-      const Layer& layer = layers_[i];
-      torch::Tensor h;
-      if (i == 0) {
-        residual = hidden;
-        h = rms_norm(hidden, layer.input_norm, eps_);
-      } else {
-        h = add_rms_norm(hidden, residual, layer.input_norm, eps_);
-      }
-      auto qkv = linear(h, linears_[layer.qkv], isa).view({m, q_heads + 2 * kv_heads, d});
-      auto q = qkv.narrow(1, 0, q_heads);
-      auto k = qkv.narrow(1, q_heads, kv_heads);
-      auto v = qkv.narrow(1, q_heads + kv_heads, kv_heads);
-      rotary_embedding(positions, q, k, cos_, sin_);
-      const auto& cache = kv_caches[i];
-      auto attn = paged_decode_attention(q, cache.select(0, 0), cache.select(0, 1), block_table,
-                                         seq_lens, scale_, sliding_window_, k, v, slots);
-      auto o = linear(attn.reshape({m, q_heads * d}), linears_[layer.o], isa);
-      h = add_rms_norm(o, residual, layer.post_norm, eps_);
-      hidden = linear(silu_and_mul(linear(h, linears_[layer.gate_up], isa)), linears_[layer.down],
-                      isa);
+torch::Tensor DecoderStack::forward(torch::Tensor hidden, const torch::Tensor& positions,
+                                    const std::vector<torch::Tensor>& kv_caches,
+                                    const torch::Tensor& block_table,
+                                    const torch::Tensor& seq_lens, const torch::Tensor& slots,
+                                    int64_t isa) {
+  TORCH_CHECK(kv_caches.size() == layers_.size(), "one KV cache per layer");
+  TORCH_CHECK(hidden.dim() == 2, "hidden must be [tokens, hidden]");
+  const int64_t m = hidden.size(0);
+  const int64_t q_heads = num_heads_, kv_heads = num_kv_heads_, d = head_dim_;
+  torch::Tensor residual;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const Layer& layer = layers_[i];
+    torch::Tensor h;
+    if (i == 0) {
+      residual = hidden;
+      h = rms_norm(hidden, layer.input_norm, eps_);
+    } else {
+      h = add_rms_norm(hidden, residual, layer.input_norm, eps_);
     }
-    if (layers_.empty()) return rms_norm(hidden, final_norm_, eps_);
-    return add_rms_norm(hidden, residual, final_norm_, eps_);
+    auto qkv = linear(h, linears_[layer.qkv], isa).view({m, q_heads + 2 * kv_heads, d});
+    auto q = qkv.narrow(1, 0, q_heads);
+    auto k = qkv.narrow(1, q_heads, kv_heads);
+    auto v = qkv.narrow(1, q_heads + kv_heads, kv_heads);
+    rotary_embedding(positions, q, k, cos_, sin_);
+    const auto& cache = kv_caches[i];
+    auto attn = paged_decode_attention(q, cache.select(0, 0), cache.select(0, 1), block_table,
+                                       seq_lens, scale_, sliding_window_, k, v, slots);
+    auto o = linear(attn.reshape({m, q_heads * d}), linears_[layer.o], isa);
+    h = add_rms_norm(o, residual, layer.post_norm, eps_);
+    hidden = linear(silu_and_mul(linear(h, linears_[layer.gate_up], isa)), linears_[layer.down],
+                    isa);
   }
+  if (layers_.empty()) return rms_norm(hidden, final_norm_, eps_);
+  return add_rms_norm(hidden, residual, final_norm_, eps_);
+}
 
- private:
-  // What quant_matmul.quant_linear / DenseOp compute for a decode-sized x.
-  torch::Tensor linear(const torch::Tensor& x, const LinearWeight& w, int64_t isa) const {
-    if (!w.packed) return at::linear(x, w.dense, w.bias);
-    if (x.scalar_type() == torch::kFloat)
-      return exact_linear(x, w.data, w.n, w.k, w.bits, w.group_size, w.has_min, w.tile_stride,
-                          w.scales_offset, w.mins_offset, w.perm, w.bias, isa);
-    return int8_linear(x, w.data, w.n, w.k, w.bits, w.group_size, w.has_min, w.tile_stride,
-                       w.scales_offset, w.mins_offset, w.perm, w.bias, isa);
-  }
-
-  int64_t num_heads_, num_kv_heads_, head_dim_;
-  double eps_, scale_;
-  int64_t sliding_window_;
-  torch::Tensor cos_, sin_, final_norm_;
-  std::vector<LinearWeight> linears_;
-  std::vector<Layer> layers_;
-};
-
-void bind_decoder_stack(py::module_& m) {
-  py::class_<DecoderStack>(m, "DecoderStack")
-      .def(py::init<int64_t, int64_t, int64_t, double, double, int64_t, torch::Tensor,
-                    torch::Tensor, torch::Tensor>(),
-           py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"),
-           py::arg("scale"), py::arg("sliding_window"), py::arg("cos"), py::arg("sin"),
-           py::arg("final_norm"))
-      .def("add_packed_linear", &DecoderStack::add_packed_linear)
-      .def("add_dense_linear", &DecoderStack::add_dense_linear)
-      .def("add_layer", &DecoderStack::add_layer)
-      .def_property_readonly("num_layers", &DecoderStack::num_layers)
-      // the GIL is released for the whole step: the server's event loop runs meanwhile
-      .def("forward", &DecoderStack::forward, py::call_guard<py::gil_scoped_release>());
+torch::Tensor DecoderStack::linear(const torch::Tensor& x, const LinearWeight& w,
+                                   int64_t isa) const {
+  if (!w.packed) return at::linear(x, w.dense, w.bias);
+  if (x.scalar_type() == torch::kFloat)
+    return exact_linear(x, w.data, w.n, w.k, w.bits, w.group_size, w.has_min, w.tile_stride,
+                        w.scales_offset, w.mins_offset, w.perm, w.bias, isa);
+  return int8_linear(x, w.data, w.n, w.k, w.bits, w.group_size, w.has_min, w.tile_stride,
+                     w.scales_offset, w.mins_offset, w.perm, w.bias, isa);
 }

@@ -8,7 +8,6 @@
 // to pay for a parallel region (a few µs, far more when the cores are shared).
 #include "native.h"
 
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <algorithm>

@@ -19,7 +19,6 @@
 // which saves two index_copy_ dispatches per layer.
 #include "native.h"
 
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -108,8 +107,9 @@ struct Partial {
 // q: [group, head_dim] float32, already scaled.
 // Generic path: any group size and head dim (the specialized one below covers the common ones).
 template <typename T>
-void attend_range_generic(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
-                  int64_t kvh, int64_t p0, int64_t p1, const Shape& s, Partial out) {
+void attend_range_generic(const float* q, const T* /*q_raw*/, float /*scale*/, const T* k_cache,
+                          const T* v_cache, const int64_t* table, int64_t kvh, int64_t p0,
+                          int64_t p1, const Shape& s, Partial out) {
   const int64_t G = s.group, D = s.head_dim;
   alignas(64) float scores[kMaxGroup * kChunk];
   for (int64_t g = 0; g < G; ++g) {
@@ -211,11 +211,130 @@ inline void for_rows(const T* cache, const int64_t* table, int64_t kvh, int64_t 
   }
 }
 
+// Lane j of the result is the sum of the 16 lanes of v[j]: 45 shuffles and adds for 16 sums,
+// where 16 separate horizontal reductions take about three times as many.
+inline __m512 reduce16(const __m512 v[16]) {
+  __m512 pairs[8];  // per 128-bit lane k: [a(k0+k2), b(k0+k2), a(k1+k3), b(k1+k3)]
+  for (int i = 0; i < 8; ++i)
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  __m512 quads[4];  // per 128-bit lane k: the sums of lane k of four vectors
+  for (int i = 0; i < 4; ++i)
+    quads[i] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0xEE));
+  __m512 halves[2];  // [v0-3 (L0+L1), v0-3 (L2+L3), v4-7 (L0+L1), v4-7 (L2+L3)] and v8-15
+  for (int i = 0; i < 2; ++i)
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
+                              _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
+                       _mm512_shuffle_f32x4(halves[0], halves[1], 0xDD));
+}
+
+#if defined(__AVX512BF16__)
+// Scores of positions c0 .. c0+n-1 for a bfloat16 cache with the CPU's bf16 dot product
+// (vdpbf16ps: 32 products per instruction, K read as stored, no widening), 16 positions at a time
+// reduced together. The query is the model's own bf16 (exact); the scale is applied to the fp32
+// score, so the products are the same as widening both to fp32.
+template <int G, int NV>
+void score_chunk_bf16(const at::BFloat16* q_raw, float scale, const at::BFloat16* k_cache,
+                      const int64_t* table, int64_t kvh, int64_t c0, int64_t n, const Shape& s,
+                      float (*scores)[kChunk]) {
+  constexpr int NB = NV / 2;  // 32 bf16 values per register
+  alignas(64) static const uint16_t zero_row[NV * 16] = {};
+  const at::BFloat16* rows[kChunk + 16];
+  for_rows(k_cache, table, kvh, c0, c0 + n, s,
+           [&](int64_t i, const at::BFloat16* kp) { rows[i] = kp; });
+  const int64_t padded = (n + 15) / 16 * 16;
+  for (int64_t i = n; i < padded; ++i) rows[i] = reinterpret_cast<const at::BFloat16*>(zero_row);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int g = 0; g < G; ++g) {
+    __m512bh qb[NB];
+    for (int v = 0; v < NB; ++v)
+      qb[v] = (__m512bh)_mm512_loadu_si512(q_raw + (g * NV * 16 + v * 32));
+    for (int64_t i0 = 0; i0 < padded; i0 += 16) {
+      __m512 dots[16];
+      for (int j = 0; j < 16; ++j) {
+        const at::BFloat16* kp = rows[i0 + j];
+        __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(kp), qb[0]);
+        for (int v = 1; v < NB; ++v)
+          dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(kp + v * 32), qb[v]);
+        dots[j] = dot;
+      }
+      const __m512 sums = _mm512_mul_ps(reduce16(dots), vscale);
+      if (i0 + 16 <= n) {
+        _mm512_storeu_ps(&scores[g][i0], sums);
+      } else {
+        _mm512_mask_storeu_ps(&scores[g][i0], __mmask16((1u << (n - i0)) - 1), sums);
+      }
+    }
+  }
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// acc[g] += sum_i p[g][i] * v_(c0+i) for a bfloat16 cache, two positions per vdpbf16ps: the two
+// V rows are interleaved 16 bits at a time (v_i[d], v_i+1[d]) and multiplied by the pair
+// (p_i, p_i+1) rounded to bf16, as torch's bf16 attention rounds its probabilities. The
+// accumulators hold d in the interleaved order (store_interleaved puts it back).
+template <int G, int NV>
+void accumulate_values_bf16(const at::BFloat16* v_cache, const int64_t* table, int64_t kvh,
+                            int64_t c0, int64_t n, const Shape& s, float (*scores)[kChunk],
+                            __m512 (*acc)[NV]) {
+  constexpr int NB = NV / 2;
+  alignas(64) static const uint16_t zero_row[NV * 16] = {};
+  alignas(64) uint16_t probs[G][kChunk + 16];
+  for (int g = 0; g < G; ++g) {
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 valid = i + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+      const __m256bh packed = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(valid, &scores[g][i]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&probs[g][i]), (__m256i)packed);
+    }
+    probs[g][n] = 0;  // the partner of an odd last position
+  }
+  const at::BFloat16* rows[kChunk + 2];
+  for_rows(v_cache, table, kvh, c0, c0 + n, s,
+           [&](int64_t i, const at::BFloat16* vp) { rows[i] = vp; });
+  rows[n] = reinterpret_cast<const at::BFloat16*>(zero_row);
+  for (int64_t i = 0; i < n; i += 2) {
+    for (int h = 0; h < NB; ++h) {
+      const __m512i a = _mm512_loadu_si512(rows[i] + h * 32);
+      const __m512i b = _mm512_loadu_si512(rows[i + 1] + h * 32);
+      const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b);
+      const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+      for (int g = 0; g < G; ++g) {
+        uint32_t pair;
+        std::memcpy(&pair, &probs[g][i], 4);
+        const __m512bh p = (__m512bh)_mm512_set1_epi32(int32_t(pair));
+        acc[g][2 * h] = _mm512_dpbf16_ps(acc[g][2 * h], lo, p);
+        acc[g][2 * h + 1] = _mm512_dpbf16_ps(acc[g][2 * h + 1], hi, p);
+      }
+    }
+  }
+}
+
+// The accumulators of accumulate_values_bf16 in head-dim order: for each 32 values h, lane j of
+// the "lo" vector holds d = 32h + 8(j/4) + j%4 and the "hi" one d + 4.
+template <int NV>
+void store_interleaved(const __m512* acc, float* out) {
+  alignas(64) float lanes[2][16];
+  for (int h = 0; h < NV / 2; ++h) {
+    _mm512_store_ps(lanes[0], acc[2 * h]);
+    _mm512_store_ps(lanes[1], acc[2 * h + 1]);
+    for (int j = 0; j < 16; ++j) {
+      const int d = 32 * h + 8 * (j / 4) + j % 4;
+      out[d] = lanes[0][j];
+      out[d + 4] = lanes[1][j];
+    }
+  }
+}
+#endif
+
 // The common shapes, G query heads per kv head and NV * 16 = head_dim: the queries and the
 // accumulators live in registers, scores in an L1 buffer.
 template <typename T, int G, int NV>
-void attend_range_fixed(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
-                        int64_t kvh, int64_t p0, int64_t p1, const Shape& s, Partial out) {
+void attend_range_fixed(const float* q, const T* q_raw, float scale, const T* k_cache,
+                        const T* v_cache, const int64_t* table, int64_t kvh, int64_t p0,
+                        int64_t p1, const Shape& s, Partial out) {
   alignas(64) float scores[G][kChunk];
   __m512 qv[G][NV], acc[G][NV];
   float peak[G], total[G];
@@ -229,15 +348,22 @@ void attend_range_fixed(const float* q, const T* k_cache, const T* v_cache, cons
   }
   for (int64_t c0 = p0; c0 < p1; c0 += kChunk) {
     const int64_t n = std::min(kChunk, p1 - c0);
-    for_rows(k_cache, table, kvh, c0, c0 + n, s, [&](int64_t i, const T* kp) {
-      __m512 k[NV];
-      for (int v = 0; v < NV; ++v) k[v] = load16(kp + v * 16);
-      for (int g = 0; g < G; ++g) {
-        __m512 dot = _mm512_mul_ps(k[0], qv[g][0]);
-        for (int v = 1; v < NV; ++v) dot = _mm512_fmadd_ps(k[v], qv[g][v], dot);
-        scores[g][i] = _mm512_reduce_add_ps(dot);
-      }
-    });
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      score_chunk_bf16<G, NV>(q_raw, scale, k_cache, table, kvh, c0, n, s, scores);
+    } else
+#endif
+    {
+      for_rows(k_cache, table, kvh, c0, c0 + n, s, [&](int64_t i, const T* kp) {
+        __m512 k[NV];
+        for (int v = 0; v < NV; ++v) k[v] = load16(kp + v * 16);
+        for (int g = 0; g < G; ++g) {
+          __m512 dot = _mm512_mul_ps(k[0], qv[g][0]);
+          for (int v = 1; v < NV; ++v) dot = _mm512_fmadd_ps(k[v], qv[g][v], dot);
+          scores[g][i] = _mm512_reduce_add_ps(dot);
+        }
+      });
+    }
     for (int g = 0; g < G; ++g) {
       float* row = scores[g];
       float top = peak[g];
@@ -262,6 +388,12 @@ void attend_range_fixed(const float* q, const T* k_cache, const T* v_cache, cons
       if (rescale != 1.0f)
         for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_mul_ps(acc[g][v], _mm512_set1_ps(rescale));
     }
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      accumulate_values_bf16<G, NV>(v_cache, table, kvh, c0, n, s, scores, acc);
+      continue;
+    }
+#endif
     for_rows(v_cache, table, kvh, c0, c0 + n, s, [&](int64_t i, const T* vp) {
       __m512 val[NV];
       for (int v = 0; v < NV; ++v) val[v] = load16(vp + v * 16);
@@ -274,14 +406,20 @@ void attend_range_fixed(const float* q, const T* k_cache, const T* v_cache, cons
   for (int g = 0; g < G; ++g) {
     out.max[g] = peak[g];
     out.sum[g] = total[g];
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      store_interleaved<NV>(acc[g], out.acc + g * NV * 16);
+      continue;
+    }
+#endif
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out.acc + (g * NV + v) * 16, acc[g][v]);
   }
 }
 #endif
 
 template <typename T>
-using AttendFn = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, int64_t,
-                          int64_t, const Shape&, Partial);
+using AttendFn = void (*)(const float*, const T*, float, const T*, const T*, const int64_t*,
+                          int64_t, int64_t, int64_t, const Shape&, Partial);
 
 template <typename T, int NV>
 AttendFn<T> pick_group(int64_t group) {
@@ -351,7 +489,8 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
       float* rec = splits > 1 ? partials.data() + item * record : local;
       Partial part{rec, rec + G, rec + 2 * G};
       query_of(seq, kvh, qf);
-      attend(qf, k_cache, v_cache, block_table + seq * s.max_blocks, kvh, p0, p1, s, part);
+      attend(qf, q + (seq * s.num_heads + kvh * G) * D, scale, k_cache, v_cache,
+             block_table + seq * s.max_blocks, kvh, p0, p1, s, part);
       if (splits == 1)
         for (int64_t g = 0; g < G; ++g) write_out(seq, kvh, g, part.acc + g * D, 1.0f / part.sum[g]);
     }

@@ -61,7 +61,6 @@
 // quant_matmul.cpp (activation quantization, dispatch, parallel walk over tiles, entry points).
 #pragma once
 
-#include <torch/extension.h>
 #include <immintrin.h>
 
 #include <algorithm>

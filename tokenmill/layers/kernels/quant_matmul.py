@@ -63,7 +63,7 @@ _features: frozenset[str] = frozenset()
 def quant_matmul_module() -> Any | None:
     """The compiled extension, or None when it cannot be built here (then: reference path)."""
     global _module, _features
-    if _module is None and not NATIVE.decided:
+    if _module is None:  # once built, NATIVE.module() is a field read; a failed build stays None
         _module = NATIVE.module()
         if _module is not None:
             _features = frozenset(_module.cpu_features())

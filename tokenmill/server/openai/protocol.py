@@ -9,7 +9,8 @@ Beyond OpenAI's fields they accept the engine's extras (vLLM's names): ``top_k``
 (``response_format``, vLLM's ``structured_outputs`` and ``guided_*``) comes from
 ``structured_output.py`` and is taken by both endpoints. A few OpenAI fields that change nothing
 here (``user``, ``metadata``, ``store``, ...) are accepted and ignored; ones we cannot honour
-(``suffix``, ``tools``, ``best_of`` > n) are refused.
+(``suffix``, ``best_of`` > n) are refused. Tool calls (``tools``, ``tool_choice``, assistant
+``tool_calls``, ``tool`` messages) come from ``tool_protocol.py``.
 
 Ranges are checked by ``SamplingParams`` (one source of truth); these models check shapes only,
 but their published schema (``/openapi.json``) states the real unions and ranges through the types
@@ -49,6 +50,7 @@ from tokenmill.server.openai.schema_types import (
     only_with,
 )
 from tokenmill.server.openai.structured_output import StructuredOutputFields
+from tokenmill.server.openai.tool_protocol import ToolCall, ToolFields
 
 # Union-typed fields (prompt, stop, content) are validated by hand: pydantic's union errors name
 # every member type, which reads worse than one sentence saying what is allowed. Checks across
@@ -213,9 +215,13 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: MessageContent = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, description=(
+        "Assistant messages only: the calls the assistant made."))
+    tool_call_id: str | None = Field(default=None, description=(
+        "Tool messages only (and required there): the id of the call this result answers."))
 
     @field_validator("content", mode="before")
     @classmethod
@@ -247,7 +253,7 @@ class ChatMessage(_Strict):
         return {"role": role, "content": self.text()}
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(ToolFields, SamplingFields):
     model_config = ConfigDict(json_schema_extra=cross_field_rules(
         only_with("stream_options", "stream"), only_with("top_logprobs", "logprobs")))
 
@@ -256,8 +262,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: OutputLength | None = None
     logprobs: bool = False
     top_logprobs: NumLogprobs | None = None
-    tool_choice: Literal["none"] | None = None
-    parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
