@@ -132,8 +132,12 @@ def test_a_caller_cancelled_during_admission_leaves_nothing_generating(served: A
         held.release.set()
         with pytest.raises(asyncio.CancelledError):
             await admitting
-        await anext(running)  # at least one step after the cancelled admission
-        await anext(running)
+        # Outputs of earlier steps may already be waiting in the stream (a fast engine under
+        # load coalesces them), so read on until the abort is seen, a bounded number of steps.
+        for _ in range(50):
+            await anext(running)
+            if "goes-away#0" not in engine.core.scheduler.requests:
+                break
         assert "goes-away#0" not in engine.core.scheduler.requests
         await running.aclose()
         await _until(lambda: _idle(engine))
