@@ -176,13 +176,16 @@ class BlockManager:
     def end_step(self) -> None:
         """The step has run: copy sources are released, this step's blocks hold their KV."""
         for block_id in self._pinned_sources:
-            block = self.blocks[block_id]
-            assert block.ref_cnt > 0, f"copy source {block_id} was released twice"
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
-                self.free_queue[block_id] = None
+            self._release(block_id, "a copy source")
         self._pinned_sources = []
         self._written_this_step.clear()
+
+    def _release(self, block_id: int, holder: str) -> None:
+        block = self.blocks[block_id]
+        assert block.ref_cnt > 0, f"double free of block {block_id} by {holder}"
+        block.ref_cnt -= 1
+        if block.ref_cnt == 0:
+            self.free_queue[block_id] = None
 
     def _pop_free_block(self) -> KVBlock:
         block_id, _ = self.free_queue.popitem(last=False)
@@ -219,11 +222,7 @@ class BlockManager:
         # Tail blocks go to the queue first so they are evicted first: a prefix shared by many
         # requests outlives the per-request suffixes that hang off it.
         for block_id in reversed(request.block_ids):
-            block = self.blocks[block_id]
-            assert block.ref_cnt > 0, f"double free of block {block_id} by {request.request_id}"
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
-                self.free_queue[block_id] = None
+            self._release(block_id, request.request_id)
         request.block_ids = []
         self._num_registered_blocks.pop(request.request_id, None)
 
