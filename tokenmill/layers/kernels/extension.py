@@ -9,12 +9,24 @@ so each file may use what this CPU has (the quantized matmul still carries AVX-5
 kernels behind function-level target pragmas, chosen at run time, so tests can force either).
 ``-ffp-contract=off``: no fused multiply-adds the source did not ask for, so the fused ops round
 like their PyTorch reference paths.
+
+Concurrent builds: torch guards a build directory with a "baton", a plain ``lock`` file that a
+waiting process polls for ever. A builder that is killed mid-build (a test server stopped by its
+fixture, a session ended by a signal) leaves the file behind, and every later process, a CI run
+included, then hangs on its first kernel call. So builders here first take an ``flock`` on
+``<build dir>.flock``, which the kernel releases when its holder dies; whoever holds it is the only
+tokenmill builder alive, so a baton file it finds is stale and is removed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +60,13 @@ class NativeExtension:
         try:
             from torch.utils.cpp_extension import load
 
-            # -fopenmp makes at::parallel_for use torch's own OpenMP pool
-            self._module = load(name=self.name, sources=[str(source) for source in self.sources],
-                                extra_cflags=[*self.cflags, "-fopenmp"],
-                                extra_ldflags=["-fopenmp"], verbose=False)
+            build_directory = extension_build_directory(self.name)
+            with exclusive_build(build_directory):
+                # -fopenmp makes at::parallel_for use torch's own OpenMP pool
+                self._module = load(name=self.name, sources=[str(source) for source in self.sources],
+                                    extra_cflags=[*self.cflags, "-fopenmp"],
+                                    extra_ldflags=["-fopenmp"], build_directory=str(build_directory),
+                                    verbose=False)
         except Exception as exc:  # no compiler, no ninja, unsupported platform ...
             self._failed = True
             self._module = None
@@ -59,6 +74,35 @@ class NativeExtension:
             logger.warning("%s unavailable (%s); using the PyTorch path", self.what,
                            text.splitlines()[0] if text else repr(exc))
             logger.debug("%s build failure", self.what, exc_info=exc)
+
+
+def extension_build_directory(name: str) -> Path:
+    """Where torch's builder would put the extension: ``TORCH_EXTENSIONS_DIR`` if set, else its
+    per-user cache, one folder per Python version (these kernels are CPU-only)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(get_default_build_root(), f"{python}_cpu")
+    directory = Path(root) / name
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+@contextmanager
+def exclusive_build(build_directory: Path) -> Iterator[None]:
+    """Hold an flock for the build; while held, a leftover torch baton file is stale."""
+    with open(build_directory.with_name(build_directory.name + ".flock"), "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # waits only for a builder that is alive
+        try:
+            stale_baton = build_directory / "lock"
+            if stale_baton.exists():
+                logger.warning("removing %s left by a build that did not finish", stale_baton)
+                stale_baton.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 NATIVE = NativeExtension(
