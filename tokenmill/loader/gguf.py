@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from tokenmill.errors import CorruptModelFileError, ModelNotFoundError, UnsupportedModelError
+from tokenmill.loader.moe_metadata import GGUF_MOE_ARCHITECTURES, moe_from_gguf
 from tokenmill.models.arch_config import ArchConfig, RopeScaling
 from tokenmill.quant.gguf import NATIVE_BLOCK_TYPES, block_weight
 from tokenmill.quant.weight import QuantizedWeight
@@ -29,7 +30,10 @@ from tokenmill.quant.weight import QuantizedWeight
 logger = logging.getLogger(__name__)
 
 # GGUF architecture name -> tokenmill registry key. Mistral files are written as "llama".
-SUPPORTED_GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+SUPPORTED_GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
+                                **GGUF_MOE_ARCHITECTURES}
+# llama.cpp's converter permutes attn_q/attn_k rows for these only (Mixtral files are "llama")
+_ROTARY_PERMUTED = {"llama", "mistral", "mixtral"}
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -41,6 +45,15 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # Mixture of Experts: stacked experts [E, rows, cols], router, Qwen2-MoE's shared expert
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -96,11 +109,14 @@ def read_arch_config(reader: Any, path: Path) -> ArchConfig:
         raise CorruptModelFileError(f"{path}: neither {gguf_arch}.vocab_size nor a vocabulary")
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     eos = field_value(reader, "tokenizer.ggml.eos_token_id")
+    intermediate_size = int(required("feed_forward_length"))
+    moe = moe_from_gguf(arch_key, gguf_arch, intermediate_size, path)
+    architecture = SUPPORTED_GGUF_ARCHITECTURES[gguf_arch]
     return ArchConfig(
-        architecture=SUPPORTED_GGUF_ARCHITECTURES[gguf_arch],
+        architecture="mixtral" if moe is not None and architecture == "llama" else architecture,
         vocab_size=int(vocab_size),
         hidden_size=hidden_size,
-        intermediate_size=int(required("feed_forward_length")),
+        intermediate_size=intermediate_size,
         num_hidden_layers=int(required("block_count")),
         num_attention_heads=num_heads,
         num_key_value_heads=int(arch_key("attention.head_count_kv", num_heads)),
@@ -110,9 +126,10 @@ def read_arch_config(reader: Any, path: Path) -> ArchConfig:
         rope_theta=float(arch_key("rope.freq_base", 10000.0)),
         rope_scaling=_rope_scaling(arch_key),
         tie_word_embeddings=not has_output,
-        attention_bias=gguf_arch == "qwen2",
+        attention_bias=gguf_arch in ("qwen2", "qwen2moe"),
         bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=(int(eos),) if eos is not None else (),
+        moe=moe,
     )
 
 
@@ -132,6 +149,8 @@ def iter_gguf_tensors(tensors: list[Any], arch: ArchConfig, path: Path
     from gguf.quants import dequantize
 
     dequantized_types: set[str] = set()
+    dequantized_expert_types: set[str] = set()
+    permuted = arch.architecture in _ROTARY_PERMUTED
     while tensors:
         tensor = tensors.pop(0)  # the list empties as the load goes: nothing keeps the mapping
         name = _hf_name(tensor.name, path)
@@ -142,7 +161,9 @@ def iter_gguf_tensors(tensors: list[Any], arch: ArchConfig, path: Path
             yield name, _native_weight(tensor, name, arch, path)
             continue
         if type_name not in ("F32", "F16", "BF16"):
-            dequantized_types.add(type_name)
+            # stacked expert tensors [E, rows, cols] are dequantized whatever their type
+            (dequantized_expert_types if len(tensor.shape) == 3 else dequantized_types).add(
+                type_name)
         try:
             array = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:
@@ -154,15 +175,19 @@ def iter_gguf_tensors(tensors: list[Any], arch: ArchConfig, path: Path
             raise CorruptModelFileError(f"{path}: tensor {tensor.name} is unreadable: {exc}") from exc
         # F32 tensors come back as read-only views of the memory map; torch needs its own copy.
         array = np.array(array, dtype=np.float32, copy=True)
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             array = _unpermute_rotary(array, arch.num_attention_heads)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             array = _unpermute_rotary(array, arch.num_key_value_heads)
         yield name, torch.from_numpy(array)
     if dequantized_types:
         logger.info("%s: tensors of type %s are dequantized at load (tokenmill keeps %s as they "
                     "are)", path.name, ", ".join(sorted(dequantized_types)),
                     ", ".join(NATIVE_BLOCK_TYPES))
+    if dequantized_expert_types:
+        logger.info("%s: expert tensors (ffn_*_exps) of type %s are dequantized at load to the "
+                    "model's dtype (no quantized grouped-expert kernel yet; see docs/moe.md)",
+                    path.name, ", ".join(sorted(dequantized_expert_types)))
 
 
 def _native_weight(tensor: Any, name: str, arch: ArchConfig, path: Path) -> QuantizedWeight:
@@ -173,6 +198,8 @@ def _native_weight(tensor: Any, name: str, arch: ArchConfig, path: Path) -> Quan
             weight = block_weight(tensor.tensor_type.name, tensor.data, rows, cols)
     except (ValueError, RuntimeError) as exc:
         raise CorruptModelFileError(f"{path}: tensor {tensor.name} is unreadable: {exc}") from exc
+    if arch.architecture not in _ROTARY_PERMUTED:
+        return weight
     if name.endswith("q_proj.weight"):
         weight = weight.select_rows(_unpermute_rows(rows, arch.num_attention_heads))
     elif name.endswith("k_proj.weight"):

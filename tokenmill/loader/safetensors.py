@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from tokenmill.errors import CorruptModelFileError, ModelNotFoundError, UnsupportedModelError
+from tokenmill.loader.moe_metadata import moe_from_hf_config
 from tokenmill.models.arch_config import ArchConfig, RopeScaling
 from tokenmill.quant.checkpoint import checkpoint_format, wrap_checkpoint_tensors
 
@@ -18,6 +19,9 @@ SUPPORTED_HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 
@@ -59,10 +63,12 @@ def read_hf_config(folder: Path) -> ArchConfig:
             rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
             rope_scaling=_rope_scaling(scaling, config_file),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=known[0] == "qwen2" or bool(config.get("attention_bias", False)),
+            attention_bias=known[0] == "qwen2" or bool(config.get("attention_bias", False))
+            or (known[0] == "qwen2_moe" and bool(config.get("qkv_bias", True))),
             sliding_window=_sliding_window(config),
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            moe=moe_from_hf_config(config, known[0], config_file),
         )
     except KeyError as exc:
         raise CorruptModelFileError(f"{config_file} lacks the field {exc.args[0]!r}") from exc

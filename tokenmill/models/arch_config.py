@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenmill.models.moe_config import MoeConfig
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -23,7 +25,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ArchConfig:
-    architecture: str  # registry key: "llama", "mistral", "qwen2"
+    architecture: str  # registry key: "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", ...
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -40,6 +42,7 @@ class ArchConfig:
     sliding_window: int | None = None  # Mistral
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoeConfig | None = None  # Mixture-of-Experts models: Mixtral, Qwen2-MoE, Qwen3-MoE
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

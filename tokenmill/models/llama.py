@@ -62,9 +62,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str,
+                 intermediate_size: int | None = None):
         super().__init__()
-        size = arch.intermediate_size
+        size = intermediate_size or arch.intermediate_size  # an MoE's shared expert has its own
         self.gate_up_proj = MergedLinear(arch.hidden_size, {"gate": size, "up": size}, False,
                                          dtype, device)
         self.down_proj = Linear(size, arch.hidden_size, False, dtype, device)

@@ -58,6 +58,8 @@ class LlamaDecodeStack:
                 or arch.num_attention_heads // arch.num_key_value_heads > 16
                 or arch.head_dim > 256):
             return None
+        if any(not hasattr(layer.mlp, "gate_up_proj") for layer in model.layers):
+            return None  # an MoE layer (routed experts): the native stack chains dense MLPs only
         rotary = model.layers[0].self_attn.rotary if len(model.layers) else None
         if rotary is None or rotary.cos.dtype != dtype:
             return None

@@ -8,11 +8,15 @@ from torch import nn
 from tokenmill.errors import UnsupportedModelError
 from tokenmill.loader.model_source import ModelSource
 from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.moe import MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "mixtral": MoeForCausalLM,
+    "qwen2_moe": MoeForCausalLM,
+    "qwen3_moe": MoeForCausalLM,
 }
 
 

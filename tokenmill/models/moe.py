@@ -1,0 +1,129 @@
+"""Mixture-of-Experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE.
+
+They are Llama-family decoders whose MLP is, in the sparse layers, a ``SparseMoeBlock``; what differs
+between the families is data (``ArchConfig.moe``: top-k renormalization, a shared expert, dense
+layers) and, for Qwen3-MoE, Qwen3's attention (q/k RMSNorm). Everything else — attention, norms,
+the residual stream, the LM head, quantized dense layers — is ``LlamaForCausalLM``'s.
+
+Checkpoint names understood for the sparse layers (``model.`` prefix optional):
+
+* router: ``layers.N.mlp.gate.weight`` (Mixtral: ``layers.N.block_sparse_moe.gate.weight``);
+* experts, one matrix each: ``layers.N.mlp.experts.E.{gate,up,down}_proj.weight`` (Qwen) or
+  ``layers.N.block_sparse_moe.experts.E.{w1,w3,w2}.weight`` (Mixtral);
+* experts stacked: ``layers.N.mlp.experts.gate_up_proj`` ``[E, 2I, H]`` and ``.down_proj``
+  ``[E, H, I]`` (transformers' fused layout), or ``.gate_proj``/``.up_proj`` ``[E, I, H]`` each
+  (what the GGUF loader yields for ``ffn_{gate,up,down}_exps``);
+* Qwen2-MoE's ``layers.N.mlp.shared_expert.{gate,up,down}_proj.weight`` and
+  ``layers.N.mlp.shared_expert_gate.weight``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenmill.errors import CorruptModelFileError
+from tokenmill.models.arch_config import ArchConfig
+from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.moe_block import SparseMoeBlock
+from tokenmill.models.moe_stats import ExpertLoad, ExpertRoutingCounter
+from tokenmill.quant.registry import QuantMethod
+
+_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(?:(\d+)\.)?"
+                     r"(w1|w2|w3|gate_proj|up_proj|down_proj|gate_up_proj)(?:\.weight)?$")
+_EXPERT_PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down",
+                "down_proj": "down", "gate_up_proj": "gate_up"}
+_SPARSE_PARAM = re.compile(r"^layers\.(\d+)\.mlp\.(gate\.weight|shared_expert_gate\.weight)$")
+_SHARED_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)_proj\.(\w+)$")
+
+
+class MoeForCausalLM(LlamaForCausalLM):
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str,
+                 max_positions: int | None = None):
+        if arch.moe is None:
+            raise CorruptModelFileError(f"a {arch.architecture} model needs its expert counts")
+        super().__init__(arch, dtype, device, max_positions=max_positions)
+        sparse_ids = [i for i in range(arch.num_hidden_layers) if arch.moe.is_sparse(i)]
+        self.routing = ExpertRoutingCounter(sparse_ids, arch.moe.num_experts,
+                                            arch.moe.num_experts_per_tok, device)
+        for position, index in enumerate(sparse_ids):
+            block = SparseMoeBlock(arch, dtype, device)
+            block.experts.routed_tokens = self.routing.row(position)
+            self.layers[index].mlp = block  # replaces a dense MLP that never held weights
+
+    def expert_load(self) -> ExpertLoad:
+        """Routed-token counters and the load-imbalance figure, as plain data (for /metrics)."""
+        return self.routing.snapshot()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     method: QuantMethod | None = None) -> None:
+        # The routed experts stay dense in the model's dtype (FusedMoE); the quantization method
+        # applies to attention, dense MLPs and the shared expert like in any Llama model.
+        super().load_weights(weights, method)
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, SparseMoeBlock):
+                missing = layer.mlp.experts.missing_load_names()
+                if missing:
+                    raise CorruptModelFileError(
+                        f"the checkpoint lacks {len(missing)} expert tensors of layer {index}, "
+                        f"e.g. model.layers.{index}.mlp.experts.{missing[0]}")
+
+    def weight_report(self) -> dict[str, int]:
+        report = super().weight_report()
+        for layer in self.layers:
+            if isinstance(layer.mlp, SparseMoeBlock):
+                key = f"{str(layer.mlp.experts.w13.dtype).removeprefix('torch.')} (experts)"
+                report[key] = report.get(key, 0) + layer.mlp.experts.nbytes()
+        return report
+
+    def _load_tensor(self, name: str, tensor: Any, method: QuantMethod,
+                     modules: dict[str, nn.Module], params: dict[str, nn.Parameter]) -> str:
+        local = name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+        expert = _EXPERT.match(local)
+        sparse_param = _SPARSE_PARAM.match(local)
+        if expert is not None or sparse_param is not None:
+            layer_index = int((expert or sparse_param).group(1))
+            block = self._sparse_block(layer_index, name)
+            if expert is not None:
+                index = expert.group(2)
+                block.experts.load(_EXPERT_PART[expert.group(3)],
+                                   None if index is None else int(index), tensor)
+                return f"layers.{layer_index}.mlp.experts"  # checked per expert after loading
+            if sparse_param.group(2) == "gate.weight":
+                block.gate.load(tensor)
+                return f"layers.{layer_index}.mlp.gate.weight"
+            block.load_shared_expert_gate(tensor)
+            return f"layers.{layer_index}.mlp.shared_expert_gate"
+        target = self._fused_target(local)
+        if target is not None and target[0] not in modules:
+            raise CorruptModelFileError(f"unexpected tensor {name}: layer "
+                                        f"{local.split('.')[1]} is not built that way in this "
+                                        f"{self.arch.architecture} config")
+        return super()._load_tensor(name.replace(".block_sparse_moe.", ".mlp."), tensor, method,
+                                    modules, params)
+
+    def _fused_target(self, local: str) -> tuple[str, str, str] | None:
+        shared = _SHARED_EXPERT.match(local)
+        if shared is None:
+            return super()._fused_target(local)
+        index, projection, kind = shared.groups()
+        module = "down_proj" if projection == "down" else "gate_up_proj"
+        return (f"layers.{index}.mlp.shared_expert.{module}",
+                "" if projection == "down" else projection, kind)
+
+    def _sparse_block(self, layer_index: int, name: str) -> SparseMoeBlock:
+        block = (self.layers[layer_index].mlp if layer_index < len(self.layers) else None)
+        if not isinstance(block, SparseMoeBlock):
+            raise CorruptModelFileError(
+                f"unexpected tensor {name}: layer {layer_index} is not a sparse (MoE) layer in "
+                f"this {self.arch.architecture} config")
+        return block
+
+    def _expected_names(self) -> set[str]:
+        # the stacked expert matrices are checked expert by expert in load_weights
+        return {name for name in super()._expected_names()
+                if not name.endswith(("mlp.experts.w13", "mlp.experts.w2"))}
