@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 
@@ -60,7 +61,9 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def get_stats(self) -> SchedulerStats:
-        return self.scheduler.get_stats()
+        stats = self.scheduler.get_stats()
+        expert_load = self.runner.expert_load()
+        return stats if expert_load is None else replace(stats, expert_load=expert_load)
 
 
 def grammar_bitmask(scheduler_output: SchedulerOutput) -> GrammarBitmask | None:

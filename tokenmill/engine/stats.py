@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenmill.models.moe_stats import ExpertLoad
+
 
 @dataclass
 class RequestStats:
@@ -67,6 +69,8 @@ class SchedulerStats:
     """Cumulative number of schedule() calls."""
     num_free_blocks: int = 0
     num_total_blocks: int = 0
+    expert_load: ExpertLoad | None = None
+    """MoE models only: cumulative tokens routed per layer and expert, and the load imbalance."""
 
     @property
     def prefix_cache_hit_rate(self) -> float:

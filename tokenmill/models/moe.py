@@ -37,6 +37,7 @@ _EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(?:(\d+)\.)?"
                      r"(w1|w2|w3|gate_proj|up_proj|down_proj|gate_up_proj)(?:\.weight)?$")
 _EXPERT_PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down",
                 "down_proj": "down", "gate_up_proj": "gate_up"}
+_MIXTRAL_PROJECTIONS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _SPARSE_PARAM = re.compile(r"^layers\.(\d+)\.mlp\.(gate\.weight|shared_expert_gate\.weight)$")
 _SHARED_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)_proj\.(\w+)$")
 
@@ -54,6 +55,7 @@ class MoeForCausalLM(LlamaForCausalLM):
             block = SparseMoeBlock(arch, dtype, device)
             block.experts.routed_tokens = self.routing.row(position)
             self.layers[index].mlp = block  # replaces a dense MLP that never held weights
+        self._mixtral_named: set[int] = set()  # layers whose experts came as experts.E.w1 ...
 
     def expert_load(self) -> ExpertLoad:
         """Routed-token counters and the load-imbalance figure, as plain data (for /metrics)."""
@@ -70,7 +72,7 @@ class MoeForCausalLM(LlamaForCausalLM):
                 if missing:
                     raise CorruptModelFileError(
                         f"the checkpoint lacks {len(missing)} expert tensors of layer {index}, "
-                        f"e.g. model.layers.{index}.mlp.experts.{missing[0]}")
+                        f"e.g. {self._checkpoint_name(index, missing[0])}")
 
     def weight_report(self) -> dict[str, int]:
         report = super().weight_report()
@@ -90,6 +92,8 @@ class MoeForCausalLM(LlamaForCausalLM):
             block = self._sparse_block(layer_index, name)
             if expert is not None:
                 index = expert.group(2)
+                if expert.group(3) in _MIXTRAL_PROJECTIONS:
+                    self._mixtral_named.add(layer_index)
                 block.experts.load(_EXPERT_PART[expert.group(3)],
                                    None if index is None else int(index), tensor)
                 return f"layers.{layer_index}.mlp.experts"  # checked per expert after loading
@@ -114,6 +118,14 @@ class MoeForCausalLM(LlamaForCausalLM):
         module = "down_proj" if projection == "down" else "gate_up_proj"
         return (f"layers.{index}.mlp.shared_expert.{module}",
                 "" if projection == "down" else projection, kind)
+
+    def _checkpoint_name(self, layer_index: int, load_name: str) -> str:
+        """``"3.down_proj"`` as the checkpoint would have named it."""
+        expert, projection = load_name.split(".")
+        if layer_index in self._mixtral_named:
+            mixtral = {v: k for k, v in _MIXTRAL_PROJECTIONS.items()}[projection]
+            return f"model.layers.{layer_index}.block_sparse_moe.experts.{expert}.{mixtral}.weight"
+        return f"model.layers.{layer_index}.mlp.experts.{expert}.{projection}.weight"
 
     def _sparse_block(self, layer_index: int, name: str) -> SparseMoeBlock:
         block = (self.layers[layer_index].mlp if layer_index < len(self.layers) else None)

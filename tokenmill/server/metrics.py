@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from tokenmill.engine.async_llm import AsyncLLM
 from tokenmill.engine.outputs import RequestOutput
+from tokenmill.models.moe_stats import ExpertLoad
 from tokenmill.server.cost_metrics import CostTracker
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,28 @@ class EngineStatsCollector(Collector):
             family = CounterMetricFamily(P + name, doc, labels=LABELS)
             family.add_metric(self.label, value)
             yield family
+        if stats.expert_load is not None:
+            yield from self._expert_metrics(stats.expert_load)
         if self.cost is not None:
             yield from self._cost_metrics(self.cost)
+
+    def _expert_metrics(self, load: ExpertLoad) -> Iterator[Metric]:
+        """MoE models: a hot expert is the MoE version of a straggler (docs/moe.md)."""
+        routed = CounterMetricFamily(
+            P + "moe_routed_tokens", "Tokens routed to each expert of each MoE layer (token x "
+            "expert assignments: a layer's experts sum to tokens x top-k).",
+            labels=[*LABELS, "layer", "expert"])
+        imbalance = GaugeMetricFamily(
+            P + "moe_expert_load_imbalance", "Per MoE layer, max over experts / mean over "
+            f"experts of the tokens routed in the latest window of >= {load.window_tokens} "
+            "tokens (1 = even spread).", labels=[*LABELS, "layer"])
+        for layer, row, ratio in zip(load.layer_ids, load.routed_tokens, load.imbalance,
+                                     strict=True):
+            for expert, count in enumerate(row):
+                routed.add_metric([*self.label, str(layer), str(expert)], count)
+            imbalance.add_metric([*self.label, str(layer)], ratio)
+        yield routed
+        yield imbalance
 
     def _cost_metrics(self, cost: CostTracker) -> Iterator[Metric]:
         total = CounterMetricFamily(P + "cost_dollars", "Machine cost since start-up, in dollars "

@@ -15,6 +15,7 @@ from tokenmill.layers.kernels.fused_ops import fused_ops_module
 from tokenmill.layers.sampler import Sampler
 from tokenmill.loader.model_source import ModelSource
 from tokenmill.malloc_trim import release_free_heap
+from tokenmill.models.moe_stats import ExpertLoad
 from tokenmill.models.registry import build_model
 from tokenmill.worker.input_batch import InputBatchBuilder
 from tokenmill.worker.kv_cache import KVCacheSpec, allocate_kv_cache, copy_blocks, plan_kv_cache
@@ -64,6 +65,11 @@ class ModelRunner:
 
             parts += f" (quantized kernel: {kernel_isa()})"
         return parts
+
+    def expert_load(self) -> ExpertLoad | None:
+        """An MoE model's routed-token counters (plain data), None for a dense model."""
+        snapshot = getattr(self.model, "expert_load", None)
+        return None if snapshot is None else snapshot()
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
