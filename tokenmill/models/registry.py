@@ -13,6 +13,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,  # the Llama model with per-head q/k RMSNorm (ArchConfig.qk_norm)
 }
 
 
