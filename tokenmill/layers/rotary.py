@@ -1,4 +1,5 @@
-"""Rotary position embeddings (rotate-half form), with the linear and llama3 scaling variants.
+"""Rotary position embeddings (rotate-half form), with the linear and llama3 scaling variants
+(llama3 also as explicit per-frequency factors, the form GGUF files carry it in).
 
 On the CPU the rotation is one native call (``kernels/fused_ops``) that rotates query and key in
 place, instead of a dozen small torch ops; ``forward_reference`` is the PyTorch path (new tensors).
@@ -19,6 +20,12 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) 
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
+    if scaling.rope_type == "freq_factors":
+        factors = torch.tensor(scaling.freq_factors, dtype=torch.float64)
+        if factors.shape != inv_freq.shape:
+            raise ValueError(f"{len(scaling.freq_factors)} rope frequency factors for "
+                             f"{inv_freq.numel()} frequencies")
+        return inv_freq / factors
     if scaling.rope_type == "llama3":
         # Long wavelengths are slowed down by `factor`, short ones kept, the band between blended.
         low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor

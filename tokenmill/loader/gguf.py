@@ -1,11 +1,16 @@
 """GGUF loader: architecture numbers from the metadata, tensors dequantized with the ``gguf`` package.
 
 Tensors are yielded under Hugging Face names (``model.layers.0.self_attn.q_proj.weight`` ...) so every
-model maps one naming scheme to its parameters, whatever the file format. Two GGUF conventions are
+model maps one naming scheme to its parameters, whatever the file format. Three GGUF conventions are
 undone here because they are facts of the format, not of the model:
 
-* llama.cpp's converter permutes the rows of ``attn_q`` / ``attn_k`` so its rotary kernel can rotate
-  adjacent pairs; Hugging Face rotates the two halves of each head, so the permutation is inverted.
+* for the ``llama`` architecture only (Llama 1-3.x, and Mistral, which llama.cpp writes as llama),
+  llama.cpp's converter permutes the rows of ``attn_q`` / ``attn_k`` (weights and biases) so its
+  rotary kernel can rotate adjacent pairs; Hugging Face rotates the two halves of each head, so the
+  permutation is inverted. ``qwen2`` / ``qwen3`` files are written unpermuted (llama.cpp rotates
+  them in the halves ("NEOX") form) and are read as they are.
+* Llama 3's rope scaling is not in the metadata but in a ``rope_freqs`` tensor of per-frequency
+  divisors; it becomes ``RopeScaling(rope_type="freq_factors")``.
 * a file without ``output.weight`` ties the LM head to ``token_embd``.
 """
 
@@ -29,17 +34,24 @@ from tokenmill.quant.weight import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
-# GGUF architecture name -> tokenmill registry key. Mistral files are written as "llama".
-SUPPORTED_GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
+# GGUF architecture name -> tokenmill registry key. Mistral files are written as "llama" (there
+# is no "mistral" GGUF architecture; "mistral3" is another model and is refused).
+# A "llama" file with {arch}.expert_count is a Mixtral (tokenmill key "mixtral").
+SUPPORTED_GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
                                 **GGUF_MOE_ARCHITECTURES}
-# llama.cpp's converter permutes attn_q/attn_k rows for these only (Mixtral files are "llama")
-_ROTARY_PERMUTED = {"llama", "mistral", "mixtral"}
+# GGUF architectures whose attn_q / attn_k rows llama.cpp's converter permuted (LlamaModel's
+# modify_tensors; Qwen2Model and Qwen3Model leave them as Hugging Face has them).
+ROTARY_PERMUTED_GGUF_ARCHITECTURES = frozenset({"llama"})
+# ArchConfig.extra key holding the file's GGUF architecture name
+GGUF_ARCHITECTURE_KEY = "gguf_architecture"
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3
+    "attn_k_norm": "self_attn.k_norm",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj",
@@ -107,8 +119,9 @@ def read_arch_config(reader: Any, path: Path) -> ArchConfig:
     vocab_size = arch_key("vocab_size") or (len(tokens.data) if tokens is not None else None)
     if vocab_size is None:
         raise CorruptModelFileError(f"{path}: neither {gguf_arch}.vocab_size nor a vocabulary")
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
-    eos = field_value(reader, "tokenizer.ggml.eos_token_id")
+    names = {t.name for t in reader.tensors}
+    has_output = "output.weight" in names
+    window = arch_key("attention.sliding_window")
     intermediate_size = int(required("feed_forward_length"))
     moe = moe_from_gguf(arch_key, gguf_arch, intermediate_size, path)
     architecture = SUPPORTED_GGUF_ARCHITECTURES[gguf_arch]
@@ -124,22 +137,47 @@ def read_arch_config(reader: Any, path: Path) -> ArchConfig:
         max_position_embeddings=int(arch_key("context_length", 2048)),
         rms_norm_eps=float(arch_key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(arch_key("rope.freq_base", 10000.0)),
-        rope_scaling=_rope_scaling(arch_key),
+        rope_scaling=_rope_scaling(arch_key, reader, path),
         tie_word_embeddings=not has_output,
-        attention_bias=gguf_arch in ("qwen2", "qwen2moe"),
+        attention_bias=gguf_arch == "qwen2" or "blk.0.attn_q.bias" in names,
+        o_proj_bias="blk.0.attn_output.bias" in names,
+        qk_norm=gguf_arch in ("qwen3", "qwen3moe"),
+        sliding_window=int(window) if window else None,
         bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=(int(eos),) if eos is not None else (),
+        eos_token_ids=gguf_eos_token_ids(reader),
+        extra={GGUF_ARCHITECTURE_KEY: gguf_arch},
         moe=moe,
     )
 
 
-def _rope_scaling(arch_key: Any) -> RopeScaling:
+def gguf_eos_token_ids(reader: Any) -> tuple[int, ...]:
+    """The end-of-sequence id, then the end-of-turn and end-of-message ids when the file names
+    them (Llama 3.x: <|end_of_text|>, <|eot_id|>, <|eom_id|>): generation stops on any of them."""
+    ids: list[int] = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                "tokenizer.ggml.eom_token_id"):
+        value = field_value(reader, key)
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    return tuple(ids)
+
+
+def _rope_scaling(arch_key: Any, reader: Any, path: Path) -> RopeScaling:
     kind = arch_key("rope.scaling.type")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        if kind not in (None, "none"):
+            raise UnsupportedModelError(f"{path}: rope scaling {kind!r} together with a "
+                                        "rope_freqs tensor is not supported")
+        factors = np.asarray(freqs.data, dtype=np.float32).reshape(-1)
+        return RopeScaling(rope_type="freq_factors",
+                           freq_factors=tuple(float(f) for f in factors))
     if kind in (None, "none"):
         return RopeScaling()
     if kind == "linear":
         return RopeScaling(rope_type="linear", factor=float(arch_key("rope.scaling.factor", 1.0)))
-    raise UnsupportedModelError(f"rope scaling {kind!r} in GGUF metadata is not supported")
+    raise UnsupportedModelError(f"{path}: rope scaling {kind!r} in GGUF metadata is not "
+                                "supported; tokenmill runs none, linear and rope_freqs factors")
 
 
 def iter_gguf_tensors(tensors: list[Any], arch: ArchConfig, path: Path
@@ -150,15 +188,15 @@ def iter_gguf_tensors(tensors: list[Any], arch: ArchConfig, path: Path
 
     dequantized_types: set[str] = set()
     dequantized_expert_types: set[str] = set()
-    permuted = arch.architecture in _ROTARY_PERMUTED
+    permuted = arch.extra.get(GGUF_ARCHITECTURE_KEY) in ROTARY_PERMUTED_GGUF_ARCHITECTURES
     while tensors:
         tensor = tensors.pop(0)  # the list empties as the load goes: nothing keeps the mapping
         name = _hf_name(tensor.name, path)
         if name is None:
-            continue  # e.g. rope_freqs: recomputed from the metadata
+            continue  # e.g. rope_freqs: read with the metadata (read_arch_config)
         type_name = tensor.tensor_type.name
         if type_name in NATIVE_BLOCK_TYPES and len(tensor.shape) == 2:
-            yield name, _native_weight(tensor, name, arch, path)
+            yield name, _native_weight(tensor, name, arch, path, permuted)
             continue
         if type_name not in ("F32", "F16", "BF16"):
             # stacked expert tensors [E, rows, cols] are dequantized whatever their type
@@ -190,7 +228,8 @@ def iter_gguf_tensors(tensors: list[Any], arch: ArchConfig, path: Path
                     path.name, ", ".join(sorted(dequantized_expert_types)))
 
 
-def _native_weight(tensor: Any, name: str, arch: ArchConfig, path: Path) -> QuantizedWeight:
+def _native_weight(tensor: Any, name: str, arch: ArchConfig, path: Path,
+                   permuted: bool) -> QuantizedWeight:
     cols, rows = (int(n) for n in tensor.shape)  # GGUF lists the fastest-moving dimension first
     try:
         with warnings.catch_warnings():
@@ -198,11 +237,9 @@ def _native_weight(tensor: Any, name: str, arch: ArchConfig, path: Path) -> Quan
             weight = block_weight(tensor.tensor_type.name, tensor.data, rows, cols)
     except (ValueError, RuntimeError) as exc:
         raise CorruptModelFileError(f"{path}: tensor {tensor.name} is unreadable: {exc}") from exc
-    if arch.architecture not in _ROTARY_PERMUTED:
-        return weight
-    if name.endswith("q_proj.weight"):
+    if permuted and name.endswith("q_proj.weight"):
         weight = weight.select_rows(_unpermute_rows(rows, arch.num_attention_heads))
-    elif name.endswith("k_proj.weight"):
+    elif permuted and name.endswith("k_proj.weight"):
         weight = weight.select_rows(_unpermute_rows(rows, arch.num_key_value_heads))
     return weight
 

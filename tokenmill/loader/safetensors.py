@@ -18,7 +18,8 @@ from tokenmill.quant.checkpoint import checkpoint_format, wrap_checkpoint_tensor
 SUPPORTED_HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
+    "Qwen2ForCausalLM": "qwen2",  # Qwen2 and Qwen2.5
+    "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
@@ -47,8 +48,7 @@ def read_hf_config(folder: Path) -> ArchConfig:
         heads = int(config["num_attention_heads"])
         rope = config.get("rope_parameters") or {}
         scaling = config.get("rope_scaling") or rope
-        eos = config.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        eos_ids = _eos_token_ids(folder, config)
         return ArchConfig(
             architecture=known[0],
             vocab_size=int(config["vocab_size"]),
@@ -65,7 +65,9 @@ def read_hf_config(folder: Path) -> ArchConfig:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=known[0] == "qwen2" or bool(config.get("attention_bias", False))
             or (known[0] == "qwen2_moe" and bool(config.get("qkv_bias", True))),
-            sliding_window=_sliding_window(config),
+            o_proj_bias=known[0] != "qwen2" and bool(config.get("attention_bias", False)),
+            qk_norm=known[0] in ("qwen3", "qwen3_moe"),
+            sliding_window=_sliding_window(config, config_file),
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=eos_ids,
             moe=moe_from_hf_config(config, known[0], config_file),
@@ -104,15 +106,50 @@ def _rope_scaling(scaling: dict[str, Any], config_file: Path) -> RopeScaling:
             high_freq_factor=float(scaling["high_freq_factor"]),
             original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
         )
-    raise UnsupportedModelError(f"{config_file}: rope scaling {kind!r} is not supported")
+    raise UnsupportedModelError(f"{config_file}: rope scaling {kind!r} is not supported; tokenmill "
+                                "runs default, linear and llama3")
 
 
-def _sliding_window(config: dict[str, Any]) -> int | None:
-    # Qwen2 declares a window but only uses it when use_sliding_window is set.
+def _sliding_window(config: dict[str, Any], config_file: Path) -> int | None:
+    """The window every layer attends within, None for full attention everywhere.
+
+    transformers writes ``layer_types`` (one "full_attention" / "sliding_attention" per layer);
+    Qwen2/Qwen3 declare a window but only use it when ``use_sliding_window`` is set, and then only
+    from layer ``max_window_layers`` on. A model mixing both kinds of layer is refused: the KV
+    cache and attention here take one window for the whole model."""
+    window = config.get("sliding_window")
+    layer_types = config.get("layer_types")
+    if layer_types:
+        kinds = set(layer_types)
+        if kinds <= {"full_attention"}:
+            return None
+        if kinds == {"sliding_attention"} and window:
+            return int(window)
+        raise UnsupportedModelError(
+            f"{config_file}: layer_types mixes {sorted(kinds)} (sliding_window={window}); "
+            "tokenmill runs one attention window for all layers")
     if config.get("use_sliding_window") is False:
         return None
-    window = config.get("sliding_window")
     return int(window) if window else None
+
+
+def _eos_token_ids(folder: Path, config: dict[str, Any]) -> tuple[int, ...]:
+    """Every end token: config.json's ``eos_token_id`` (an id or a list), then any more that
+    generation_config.json lists (Llama 3.x Instruct names <|end_of_text|>, <|eom_id|> and
+    <|eot_id|> there). Generation stops on any of them."""
+    ids: list[int] = []
+    sources = [config.get("eos_token_id")]
+    generation_file = folder / "generation_config.json"
+    if generation_file.is_file():
+        try:
+            sources.append(json.loads(generation_file.read_text()).get("eos_token_id"))
+        except json.JSONDecodeError as exc:
+            raise CorruptModelFileError(f"{generation_file} is not valid JSON: {exc}") from exc
+    for value in sources:
+        for token_id in value if isinstance(value, list) else [value]:
+            if token_id is not None and int(token_id) not in ids:
+                ids.append(int(token_id))
+    return tuple(ids)
 
 
 def iter_safetensors(folder: Path) -> Iterator[tuple[str, Any]]:

@@ -71,7 +71,7 @@ class Tokenizer:
 
 
 def tokenizer_from_gguf(reader: Any, path: Path) -> Tokenizer:
-    from tokenmill.loader.gguf import field_value
+    from tokenmill.loader.gguf import field_value, gguf_eos_token_ids
 
     kind = field_value(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
@@ -98,7 +98,6 @@ def tokenizer_from_gguf(reader: Any, path: Path) -> Tokenizer:
     backend.add_tokens(user_defined)
 
     bos = field_value(reader, "tokenizer.ggml.bos_token_id")
-    eos = field_value(reader, "tokenizer.ggml.eos_token_id")
     if field_value(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
         bos_text = tokens[bos]
         backend.post_processor = processors.TemplateProcessing(
@@ -108,7 +107,7 @@ def tokenizer_from_gguf(reader: Any, path: Path) -> Tokenizer:
     return Tokenizer(
         backend,
         bos_token_id=bos,
-        eos_token_ids=(eos,) if eos is not None else (),
+        eos_token_ids=gguf_eos_token_ids(reader),  # eos, then eot / eom (Llama 3.x) if named
         pad_token_id=field_value(reader, "tokenizer.ggml.padding_token_id"),
         chat_template=field_value(reader, "tokenizer.chat_template"),
     )

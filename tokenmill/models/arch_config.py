@@ -16,16 +16,20 @@ from tokenmill.models.moe_config import MoeConfig
 class RopeScaling:
     """A rotary scaling variant declared by the model (``rope_type`` as Hugging Face names it)."""
 
-    rope_type: str = "default"  # default | linear | llama3
+    rope_type: str = "default"  # default | linear | llama3 | freq_factors
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
     original_max_position_embeddings: int = 8192  # llama3 only
+    # freq_factors only: one divisor per rotary frequency, as a GGUF file's ``rope_freqs`` tensor
+    # holds them (llama.cpp's converter writes Llama 3's scaling that way, not as metadata)
+    freq_factors: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
 class ArchConfig:
-    architecture: str  # registry key: "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", ...
+    architecture: str  # registry key: "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
+    # "qwen3_moe"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -38,7 +42,9 @@ class ArchConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    attention_bias: bool = False  # q/k/v biases (Qwen2; Llama with attention_bias)
+    o_proj_bias: bool = False  # Llama's attention_bias also puts one on o_proj (Qwen2 does not)
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each query and key head before rotary
     sliding_window: int | None = None  # Mistral
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()

@@ -1,7 +1,10 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM): one model file, differences from ArchConfig.
+"""The Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM): one model file, differences
+from ArchConfig.
 
-Qwen2 adds q/k/v biases; Mistral may declare a sliding window; Llama 3 declares rope scaling. Weights
-arrive as ``(hf_name, tensor)`` pairs from any loader and are mapped onto fused parameters here.
+Qwen2 adds q/k/v biases; Qwen3 drops them and normalizes each query and key head (RMSNorm) before
+rotary; Mistral may declare a sliding window; Llama 3 declares rope scaling. The differences are
+small enough to be options here rather than files of their own. Weights arrive as ``(hf_name,
+tensor)`` pairs from any loader and are mapped onto fused parameters here.
 """
 
 from __future__ import annotations
@@ -46,7 +49,12 @@ class LlamaAttention(nn.Module):
         kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(arch.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size},
                                      arch.attention_bias, dtype, device)
-        self.o_proj = Linear(q_size, arch.hidden_size, False, dtype, device)
+        self.o_proj = Linear(q_size, arch.hidden_size, arch.o_proj_bias, dtype, device)
+        # Qwen3: RMSNorm over head_dim, one weight shared by all heads, applied before rotary
+        self.q_norm = self.k_norm = None
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps).to(device=device, dtype=dtype)
+            self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps).to(device=device, dtype=dtype)
         self.rotary = rotary
         self.scale = self.head_dim ** -0.5
 
@@ -56,6 +64,8 @@ class LlamaAttention(nn.Module):
         # one view into heads, then split the heads: fewer small ops than split-then-view
         qkv = self.qkv_proj(hidden).view(num_tokens, -1, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        if self.q_norm is not None:  # new contiguous tensors, so rotary may work in place
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, -1))

@@ -7,7 +7,8 @@ to the native ``DecoderStack`` once, after loading, and then runs a decode-only 
 that chains the very kernels the Python layers call, in the same order, so the result is the same
 bit for bit (tests/models/test_decode_stack.py). Everything else (prefill, mixed steps, FP8 or
 reference-path weights, GPUs, more rows than the quantized kernel's decode paths take) stays on
-the Python layers, which remain the reference. ``TOKENMILL_DECODER_STACK=0`` turns it off.
+the Python layers, which remain the reference. ``TOKENMILL_DECODER_STACK=0`` turns it off. Models
+with a per-head q/k RMSNorm (Qwen3) are not built into a stack; they decode on the Python layers.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class LlamaDecodeStack:
                 or dtype not in (torch.float32, torch.bfloat16)
                 or arch.num_attention_heads % arch.num_key_value_heads
                 or arch.num_attention_heads // arch.num_key_value_heads > 16
-                or arch.head_dim > 256):
+                or arch.head_dim > 256
+                or arch.qk_norm):  # the native stack has no per-head q/k norm (Qwen3)
             return None
         if any(not hasattr(layer.mlp, "gate_up_proj") for layer in model.layers):
             return None  # an MoE layer (routed experts): the native stack chains dense MLPs only

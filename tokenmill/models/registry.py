@@ -14,6 +14,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,  # the Llama model with per-head q/k RMSNorm (ArchConfig.qk_norm)
     "mixtral": MoeForCausalLM,
     "qwen2_moe": MoeForCausalLM,
     "qwen3_moe": MoeForCausalLM,
