@@ -102,7 +102,7 @@ def test_moe_greedy_tokens_through_llm(family, layout, moe_models, hf_builtin_to
 def test_routing_rule_matters(moe_models, hf_builtin_tokenizer):
     """The logit test can tell routing rules apart: renormalizing Qwen2-MoE's top-k (which it
     must not) moves the logits by far more than the tolerance."""
-    reference, paths = moe_models["qwen2_moe"]
+    _, paths = moe_models["qwen2_moe"]
     ids = hf_builtin_tokenizer.encode(PROMPT)
     model, ours = _logits(paths["fused"], ids)
     for layer in model.layers:

@@ -85,7 +85,7 @@ class FusedMoE(nn.Module):
     def forward(self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
                 ) -> torch.Tensor:
         """``sum_j weights[t, j] * expert[expert_ids[t, j]](hidden[t])`` for every token ``t``."""
-        num_tokens, top_k = expert_ids.shape
+        top_k = expert_ids.shape[1]
         flat_ids = expert_ids.reshape(-1)
         # a stable sort keeps each expert's tokens in token order: deterministic sums
         order = torch.argsort(flat_ids, stable=True)
