@@ -9,6 +9,15 @@ from tokenmill.layers.fused_moe import FusedMoE
 from tokenmill.layers.moe_router import route
 
 
+def _finalize(moe):
+    from tokenmill.layers.linear import MergedLinear
+    from tokenmill.quant.registry import get_quant_method
+
+    for name, module in moe.named_modules():
+        if isinstance(module, MergedLinear):
+            module.finalize(name, get_quant_method("auto"))
+
+
 def _reference(hidden, w13, w2, weights, expert_ids):
     """One token and one chosen expert at a time: what the grouped compute must equal."""
     out = torch.zeros_like(hidden)
@@ -27,14 +36,17 @@ def test_grouped_experts_equal_per_token_reference(num_tokens):
     torch.manual_seed(0)
     num_experts, hidden_size, size, top_k = 6, 16, 24, 2
     moe = FusedMoE(num_experts, hidden_size, size, torch.float32, "cpu")
-    moe.load("gate_up", None, torch.randn(num_experts, 2 * size, hidden_size) * 0.3)
-    moe.load("down", None, torch.randn(num_experts, hidden_size, size) * 0.3)
+    w13 = torch.randn(num_experts, 2 * size, hidden_size) * 0.3
+    w2 = torch.randn(num_experts, hidden_size, size) * 0.3
+    moe.load("gate_up", None, w13)
+    moe.load("down", None, w2)
+    _finalize(moe)
     counts = torch.zeros(num_experts, dtype=torch.int64)
     moe.routed_tokens = counts
     hidden = torch.randn(num_tokens, hidden_size)
     weights, expert_ids = route(torch.randn(num_tokens, num_experts) * 3, top_k, True)
     out = moe(hidden, weights, expert_ids)
-    expected = _reference(hidden, moe.w13, moe.w2, weights, expert_ids)
+    expected = _reference(hidden, w13, w2, weights, expert_ids)
     assert (out - expected).abs().max().item() < 1e-5
     assert int(counts.sum()) == num_tokens * top_k
     assert counts.tolist() == torch.bincount(expert_ids.flatten(), minlength=num_experts).tolist()
@@ -52,6 +64,8 @@ def test_route_renormalizes_only_when_asked():
 
 def test_per_expert_loading_checks_shapes_and_indices():
     moe = FusedMoE(2, 8, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"shape \(2, 8, 8\), expected \(2, 8, 4\)"):
+        moe.load("down", None, torch.zeros(2, 8, 8))
     with pytest.raises(ValueError, match=r"shape \(4, 7\), expected \(4, 8\)"):
         moe.load("gate", 0, torch.zeros(4, 7))
     with pytest.raises(ValueError, match="expert index 2 is out of range for num_experts=2"):

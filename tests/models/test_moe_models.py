@@ -127,20 +127,55 @@ def test_qwen2_moe_dense_layers(tmp_path, hf_builtin_tokenizer):
     assert model.expert_load().layer_ids == (1,)
 
 
-def test_gguf_quantized_experts_are_dequantized(tmp_path, hf_builtin_tokenizer, builtin_source,
-                                               caplog):
+def test_gguf_quantized_experts_stay_quantized(tmp_path, hf_builtin_tokenizer, builtin_source):
+    """Q8_0 expert blocks are kept as stored (one packed weight per expert, the dense layers'
+    kernel); dequantized (``quantization="none"``) they give the reference's logits exactly."""
     reference = make_hf_moe("mixtral", seed=2)
     path = write_moe_gguf(reference, "mixtral", tmp_path / "q8.gguf", builtin_source.path,
                           expert_type="Q8_0")
     round_trip_experts(reference, "Q8_0")  # the reference holds what the file holds
     ids = hf_builtin_tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0]
+    source = open_model_source(path)
+    for quantization, tolerance in (("none", TOLERANCE), ("auto", 0.05)):
+        model = build_model(source, torch.float32, "cpu", quantization=quantization)
+        with torch.inference_mode():
+            ours = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)),
+                                              causal_metadata([len(ids)], None)))
+        assert (ours - expected).abs().max().item() < tolerance, quantization
+        assert ("gguf:Q8_0" in model.weight_report()) == (quantization == "auto")
+
+
+def test_gguf_other_expert_types_are_dequantized(tmp_path, hf_builtin_tokenizer,
+                                                 builtin_source, caplog):
+    reference = make_hf_moe("mixtral", seed=3)  # Q5_0 blocks need I % 32 == 0
+    path = write_moe_gguf(reference, "mixtral", tmp_path / "q5.gguf", builtin_source.path,
+                          expert_type="Q5_0")
+    round_trip_experts(reference, "Q5_0")
+    ids = hf_builtin_tokenizer.encode(PROMPT)
     with caplog.at_level(logging.INFO, logger="tokenmill.loader.gguf"):
-        model, ours = _logits(path, ids)
-    assert "expert tensors (ffn_*_exps) of type Q8_0 are dequantized" in caplog.text
+        _, ours = _logits(path, ids)
+    assert "expert tensors (ffn_*_exps) of type Q5_0 are dequantized" in caplog.text
     with torch.no_grad():
         expected = reference(torch.tensor([ids])).logits[0]
     assert (ours - expected).abs().max().item() < TOLERANCE
-    assert "float32 (experts)" in model.weight_report()
+
+
+def test_int8_quantization_applies_to_experts(moe_models, hf_builtin_tokenizer):
+    reference, paths = moe_models["qwen2_moe"]
+    model = build_model(open_model_source(paths["fused"]), torch.float32, "cpu",
+                        quantization="int8")
+    expert = model.layers[0].mlp.experts.gate_up_proj[0]
+    assert expert.op.describe().startswith("int8")
+    ids = hf_builtin_tokenizer.encode(PROMPT)
+    with torch.inference_mode():
+        ours = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)),
+                                          causal_metadata([len(ids)], None)))
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0]
+    # int8 per-channel rounding of every linear layer: close, not equal
+    assert (ours - expected).abs().max().item() < 0.1 * expected.abs().max().item()
 
 
 # ---------------------------------------------------------------------------- bad input

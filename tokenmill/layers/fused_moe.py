@@ -1,16 +1,15 @@
 """The routed experts of one MoE layer, computed grouped by expert.
 
-Every expert is a SwiGLU MLP. Their weights are stacked: ``w13 [E, 2I, H]`` (gate rows, then up
-rows, as transformers' fused ``gate_up_proj``) and ``w2 [E, H, I]``. A step's ``T x k`` (token,
-expert) pairs are sorted by expert, so each expert that got tokens multiplies all of them at once:
-two matmuls per active expert, never a loop over tokens. The weighted outputs are summed back per
-token with one ``index_add_``.
+Every expert is a SwiGLU MLP held as two linear layers (``MergedLinear``: gate+up fused, and down),
+so an expert weight is anything a dense layer can be: float, GGUF Q8_0/Q4_0/Q4_1 blocks kept as
+stored and run by the packed kernel, or quantized at load by ``--quantization int8/int4/fp8``.
+A step's ``T x k`` (token, expert) pairs are sorted by expert, so each expert that got tokens
+multiplies all of them at once: two matmuls per active expert, never a loop over tokens. The
+weighted outputs are summed back per token with one ``index_add_``.
 
 Checkpoints hold the experts either one matrix per expert (Mixtral's ``experts.N.w1``, Qwen's
-``experts.N.gate_proj``), or stacked (transformers' fused ``experts.gate_up_proj`` /
-``experts.down_proj``, GGUF's ``ffn_{gate,up,down}_exps``); ``load`` takes any of them.
-Expert weights are held dense in the model's dtype: a quantized checkpoint's experts are
-dequantized at load (there is no grouped quantized-expert kernel yet).
+``experts.N.gate_proj``), or stacked (transformers' fused ``experts.gate_up_proj [E, 2I, H]`` /
+``experts.down_proj [E, H, I]``, GGUF's ``ffn_{gate,up,down}_exps``); ``load`` takes any of them.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from tokenmill.layers.activation import SiluAndMul
-from tokenmill.quant.registry import to_dense
+from tokenmill.layers.linear import Linear, MergedLinear
 
 PARTS = ("gate", "up", "down", "gate_up")
 """What a checkpoint tensor can hold: one projection, or gate and up already fused."""
@@ -34,10 +33,12 @@ class FusedMoE(nn.Module):
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size,
-                                            dtype=dtype, device=device), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size,
-                                           dtype=dtype, device=device), requires_grad=False)
+        size = intermediate_size
+        self.gate_up_proj = nn.ModuleList(
+            MergedLinear(hidden_size, {"gate": size, "up": size}, False, dtype, device)
+            for _ in range(num_experts))
+        self.down_proj = nn.ModuleList(Linear(size, hidden_size, False, dtype, device)
+                                       for _ in range(num_experts))
         self.act = SiluAndMul()
         self.loaded_names: set[str] = set()
         self.routed_tokens: torch.Tensor | None = None
@@ -45,8 +46,9 @@ class FusedMoE(nn.Module):
 
     # ------------------------------------------------------------------ loading
     def load(self, part: str, expert: int | None, tensor: Any) -> None:
-        """Copy ``part`` ("gate", "up", "down" or "gate_up") of one ``expert``, or of all of them
-        stacked when ``expert`` is None. Raises ValueError naming the expected shape."""
+        """Take ``part`` ("gate", "up", "down" or "gate_up") of one ``expert``, or of all of them
+        stacked on a leading expert dimension when ``expert`` is None. Raises ValueError naming
+        the expected shape."""
         if part not in PARTS:
             raise ValueError(f"unknown expert part {part!r}")
         if expert is not None and not 0 <= expert < self.num_experts:
@@ -54,18 +56,24 @@ class FusedMoE(nn.Module):
                              f"{self.num_experts}")
         if expert is not None and part == "gate_up":
             raise ValueError("a fused gate_up_proj holds every expert, not one")
-        size = self.intermediate_size
-        target = {"gate": self.w13[:, :size], "up": self.w13[:, size:], "down": self.w2,
-                  "gate_up": self.w13}[part]
-        if expert is not None:
-            target = target[expert]
-        dense = to_dense(tensor, self.w13.dtype)
-        if tuple(dense.shape) != tuple(target.shape):
+        size, hidden = self.intermediate_size, self.hidden_size
+        one = {"gate": (size, hidden), "up": (size, hidden), "down": (hidden, size),
+               "gate_up": (2 * size, hidden)}[part]
+        expected = one if expert is not None else (self.num_experts, *one)
+        if tuple(tensor.shape) != expected:
             layout = "(hidden, intermediate)" if part == "down" else "(intermediate, hidden)"
             stacked = "" if expert is not None else "(num_experts, ...) of "
-            raise ValueError(f"shape {tuple(dense.shape)}, expected {tuple(target.shape)} "
+            raise ValueError(f"shape {tuple(tensor.shape)}, expected {expected} "
                              f"{stacked}{layout}")
-        target.copy_(dense)
+        for index in (range(self.num_experts) if expert is None else [expert]):
+            matrix = tensor if expert is not None else tensor[index]
+            if part == "down":
+                self.down_proj[index].load_shard("", "weight", matrix)
+            elif part == "gate_up":
+                self.gate_up_proj[index].load_shard("gate", "weight", matrix[:size])
+                self.gate_up_proj[index].load_shard("up", "weight", matrix[size:])
+            else:
+                self.gate_up_proj[index].load_shard(part, "weight", matrix)
         self.loaded_names |= self.load_names_of(part, expert)
 
     def load_names_of(self, part: str, expert: int | None) -> set[str]:
@@ -77,9 +85,6 @@ class FusedMoE(nn.Module):
     def missing_load_names(self) -> list[str]:
         expected = self.load_names_of("gate_up", None) | self.load_names_of("down", None)
         return sorted(expected - self.loaded_names, key=lambda n: (int(n.split(".")[0]), n))
-
-    def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in (self.w13, self.w2))
 
     # ------------------------------------------------------------------ compute
     def forward(self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
@@ -100,8 +105,8 @@ class FusedMoE(nn.Module):
             if num == 0:
                 continue
             rows = slice(start, start + num)
-            gate_up = torch.nn.functional.linear(grouped[rows], self.w13[expert])
-            out[rows] = torch.nn.functional.linear(self.act(gate_up), self.w2[expert])
+            gate_up = self.gate_up_proj[expert](grouped[rows])
+            out[rows] = self.down_proj[expert](self.act(gate_up))
             start += num
         out *= weights.reshape(-1).index_select(0, order).to(out.dtype).unsqueeze(1)
         result = torch.zeros_like(hidden)

@@ -198,6 +198,9 @@ def iter_gguf_tensors(tensors: list[Any], arch: ArchConfig, path: Path
         if type_name in NATIVE_BLOCK_TYPES and len(tensor.shape) == 2:
             yield name, _native_weight(tensor, name, arch, path, permuted)
             continue
+        if type_name in NATIVE_BLOCK_TYPES and len(tensor.shape) == 3:
+            yield from _native_experts(tensor, name, path)
+            continue
         if type_name not in ("F32", "F16", "BF16"):
             # stacked expert tensors [E, rows, cols] are dequantized whatever their type
             (dequantized_expert_types if len(tensor.shape) == 3 else dequantized_types).add(
@@ -224,8 +227,9 @@ def iter_gguf_tensors(tensors: list[Any], arch: ArchConfig, path: Path
                     ", ".join(NATIVE_BLOCK_TYPES))
     if dequantized_expert_types:
         logger.info("%s: expert tensors (ffn_*_exps) of type %s are dequantized at load to the "
-                    "model's dtype (no quantized grouped-expert kernel yet; see docs/moe.md)",
-                    path.name, ", ".join(sorted(dequantized_expert_types)))
+                    "model's dtype (tokenmill keeps %s expert blocks as they are)",
+                    path.name, ", ".join(sorted(dequantized_expert_types)),
+                    ", ".join(NATIVE_BLOCK_TYPES))
 
 
 def _native_weight(tensor: Any, name: str, arch: ArchConfig, path: Path,
@@ -242,6 +246,23 @@ def _native_weight(tensor: Any, name: str, arch: ArchConfig, path: Path,
     elif permuted and name.endswith("k_proj.weight"):
         weight = weight.select_rows(_unpermute_rows(rows, arch.num_key_value_heads))
     return weight
+
+
+def _native_experts(tensor: Any, name: str, path: Path
+                    ) -> Iterator[tuple[str, QuantizedWeight]]:
+    """A stacked ``ffn_*_exps`` tensor of a kept block type, as one ``QuantizedWeight`` per expert
+    under per-expert names (``...mlp.experts.gate_proj.weight`` -> ``...mlp.experts.3.gate_proj.weight``)."""
+    cols, rows, num_experts = (int(n) for n in tensor.shape)
+    prefix, _, projection = name.removesuffix(".weight").rpartition(".")
+    for expert in range(num_experts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about the read-only memory map
+                weight = block_weight(tensor.tensor_type.name, tensor.data[expert], rows, cols)
+        except (ValueError, RuntimeError, IndexError) as exc:
+            raise CorruptModelFileError(f"{path}: tensor {tensor.name} is unreadable: "
+                                        f"{exc}") from exc
+        yield f"{prefix}.{expert}.{projection}.weight", weight
 
 
 def _unpermute_rows(rows: int, num_heads: int) -> torch.Tensor:

@@ -63,24 +63,8 @@ class MoeForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
                      method: QuantMethod | None = None) -> None:
-        # The routed experts stay dense in the model's dtype (FusedMoE); the quantization method
-        # applies to attention, dense MLPs and the shared expert like in any Llama model.
+        # every expert is a pair of MergedLinear layers, finalized with ``method`` like the rest
         super().load_weights(weights, method)
-        for index, layer in enumerate(self.layers):
-            if isinstance(layer.mlp, SparseMoeBlock):
-                missing = layer.mlp.experts.missing_load_names()
-                if missing:
-                    raise CorruptModelFileError(
-                        f"the checkpoint lacks {len(missing)} expert tensors of layer {index}, "
-                        f"e.g. {self._checkpoint_name(index, missing[0])}")
-
-    def weight_report(self) -> dict[str, int]:
-        report = super().weight_report()
-        for layer in self.layers:
-            if isinstance(layer.mlp, SparseMoeBlock):
-                key = f"{str(layer.mlp.experts.w13.dtype).removeprefix('torch.')} (experts)"
-                report[key] = report.get(key, 0) + layer.mlp.experts.nbytes()
-        return report
 
     def _load_tensor(self, name: str, tensor: Any, method: QuantMethod,
                      modules: dict[str, nn.Module], params: dict[str, nn.Parameter]) -> str:
@@ -136,6 +120,13 @@ class MoeForCausalLM(LlamaForCausalLM):
         return block
 
     def _expected_names(self) -> set[str]:
-        # the stacked expert matrices are checked expert by expert in load_weights
-        return {name for name in super()._expected_names()
-                if not name.endswith(("mlp.experts.w13", "mlp.experts.w2"))}
+        """Called once every tensor is in, before the layers are finalized: the experts are
+        checked here, and a missing one is named as the checkpoint would name it."""
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, SparseMoeBlock):
+                missing = layer.mlp.experts.missing_load_names()
+                if missing:
+                    raise CorruptModelFileError(
+                        f"the checkpoint lacks {len(missing)} expert tensors of layer {index}, "
+                        f"e.g. {self._checkpoint_name(index, missing[0])}")
+        return {name for name in super()._expected_names() if ".mlp.experts." not in name}
