@@ -12,7 +12,8 @@ Checkpoint names understood for the sparse layers (``model.`` prefix optional):
   ``layers.N.block_sparse_moe.experts.E.{w1,w3,w2}.weight`` (Mixtral);
 * experts stacked: ``layers.N.mlp.experts.gate_up_proj`` ``[E, 2I, H]`` and ``.down_proj``
   ``[E, H, I]`` (transformers' fused layout), or ``.gate_proj``/``.up_proj`` ``[E, I, H]`` each
-  (what the GGUF loader yields for ``ffn_{gate,up,down}_exps``);
+  (what the GGUF loader yields for dequantized ``ffn_{gate,up,down}_exps``; their Q8_0/Q4_0/Q4_1
+  blocks come per expert instead, as ``experts.E.gate_proj.weight`` ...);
 * Qwen2-MoE's ``layers.N.mlp.shared_expert.{gate,up,down}_proj.weight`` and
   ``layers.N.mlp.shared_expert_gate.weight``.
 """
@@ -20,7 +21,6 @@ Checkpoint names understood for the sparse layers (``model.`` prefix optional):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -61,11 +61,6 @@ class MoeForCausalLM(LlamaForCausalLM):
         """Routed-token counters and the load-imbalance figure, as plain data (for /metrics)."""
         return self.routing.snapshot()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
-                     method: QuantMethod | None = None) -> None:
-        # every expert is a pair of MergedLinear layers, finalized with ``method`` like the rest
-        super().load_weights(weights, method)
-
     def _load_tensor(self, name: str, tensor: Any, method: QuantMethod,
                      modules: dict[str, nn.Module], params: dict[str, nn.Parameter]) -> str:
         local = name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
@@ -80,7 +75,7 @@ class MoeForCausalLM(LlamaForCausalLM):
                     self._mixtral_named.add(layer_index)
                 block.experts.load(_EXPERT_PART[expert.group(3)],
                                    None if index is None else int(index), tensor)
-                return f"layers.{layer_index}.mlp.experts"  # checked per expert after loading
+                return f"layers.{layer_index}.mlp.experts"  # checked in _expected_names
             if sparse_param.group(2) == "gate.weight":
                 block.gate.load(tensor)
                 return f"layers.{layer_index}.mlp.gate.weight"
