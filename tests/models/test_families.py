@@ -271,3 +271,43 @@ def test_mixed_sliding_and_full_attention_layers_are_refused(families, tmp_path)
                           layer_types=["full_attention", "sliding_attention"])
     with pytest.raises(UnsupportedModelError, match="layer_types mixes"):
         open_model_source(folder)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2.5"])
+def test_gguf_files_written_here_load_in_transformers(families, family):
+    """transformers' own GGUF reader (which un-permutes llama files only, as llama.cpp's
+    converter permutes them) gives back the original model from the files these tests write:
+    the writer follows the format, so the comparisons above test tokenmill, not the writer.
+    Mistral is the permuted case (written as llama). Left out: Qwen3, since transformers' GGUF
+    reader ignores ``key_length`` and assumes head_dim = hidden / heads, which the Qwen3 model
+    here deliberately breaks; and the "llama" model, whose q/k/v/o biases transformers' GGUF
+    reader does not configure (it builds the model with attention_bias=False)."""
+    from transformers import AutoModelForCausalLM
+
+    _, gguf_path, reference = families[family]
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                  dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 77, 300, 4000, 12]])
+    with torch.inference_mode():
+        assert (loaded(ids).logits - reference(ids).logits).abs().max().item() < 1e-5
+
+
+def test_mistral_sliding_window_through_llm(tmp_path, hf_builtin_tokenizer):
+    """A window shorter than prompt + output: prefill masks and paged decode both drop the keys
+    that fell out of the window, as transformers does."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(7)
+    config = MistralConfig(**COMMON, sliding_window=6, tie_word_embeddings=False)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    _randomize(reference)
+    reference.save_pretrained(tmp_path)
+    hf_builtin_tokenizer.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory=2**24)
+    assert llm.engine.source.arch.sliding_window == 6
+    ids = llm.tokenizer.encode(PROMPT)
+    assert len(ids) > 6
+    params = SamplingParams(max_tokens=NUM_GREEDY_TOKENS, temperature=0, ignore_eos=True)
+    output = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
+    assert output.token_ids == _hf_greedy(reference, ids, NUM_GREEDY_TOKENS)
+    llm.engine.scheduler.check_no_leaks()
