@@ -136,7 +136,7 @@ def test_gguf_q8_0_matches_transformers_on_the_same_rounded_weights(families, fa
     import gguf
     from gguf.quants import dequantize, quantize
 
-    folder, _, reference = families[family]
+    reference = families[family][2]
     path = write_gguf(reference, tmp_path / f"{family}-q8_0.gguf", open_gguf(builtin_source.path),
                       qtype="Q8_0")
     rounded = type(reference)(reference.config).eval()
@@ -268,6 +268,12 @@ def test_mixed_sliding_and_full_attention_layers_are_refused(families, tmp_path)
                           sliding_window=8, max_window_layers=1,
                           layer_types=["full_attention", "sliding_attention"])
     with pytest.raises(UnsupportedModelError, match="layer_types mixes"):
+        open_model_source(folder)
+    # the same in a config written before transformers had layer_types
+    config = json.loads((folder / "config.json").read_text())
+    del config["layer_types"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="max_window_layers=1"):
         open_model_source(folder)
 
 
