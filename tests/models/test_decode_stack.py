@@ -80,3 +80,29 @@ def qwen2_folder(tmp_path_factory, hf_builtin_tokenizer):
 def test_tiny_qwen2_dense_and_quantized(qwen2_folder, dtype, quantization, monkeypatch):
     llm = LLM(str(qwen2_folder), dtype=dtype, quantization=quantization, kv_cache_memory=2**24)
     _same_with_and_without(llm, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def qwen3_folder(tmp_path_factory, hf_builtin_tokenizer):
+    """A tiny Qwen3 (per-head q/k RMSNorm with non-trivial weights) saved by transformers."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    config = Qwen3Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                         max_position_embeddings=256, vocab_size=49152,
+                         tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for layer in model.model.layers:
+        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+            norm.weight.data.normal_(1.0, 0.3)
+    folder = tmp_path_factory.mktemp("qwen3-qk-norm")
+    model.save_pretrained(folder)
+    hf_builtin_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("dtype", "quantization"), [("float32", "none"), ("bfloat16", "int4")])
+def test_tiny_qwen3_qk_norm(qwen3_folder, dtype, quantization, monkeypatch):
+    llm = LLM(str(qwen3_folder), dtype=dtype, quantization=quantization, kv_cache_memory=2**24)
+    _same_with_and_without(llm, monkeypatch)

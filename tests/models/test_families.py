@@ -136,7 +136,7 @@ def test_gguf_q8_0_matches_transformers_on_the_same_rounded_weights(families, fa
     import gguf
     from gguf.quants import dequantize, quantize
 
-    folder, _, reference = families[family]
+    reference = families[family][2]
     path = write_gguf(reference, tmp_path / f"{family}-q8_0.gguf", open_gguf(builtin_source.path),
                       qtype="Q8_0")
     rounded = type(reference)(reference.config).eval()
@@ -165,8 +165,6 @@ def test_gguf_q8_0_matches_transformers_on_the_same_rounded_weights(families, fa
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_through_llm_match_transformers(families, family, fmt):
     llm = LLM(str(_path(families, family, fmt)), dtype="float32", kv_cache_memory=2**24)
-    if family == "qwen3":  # no native decode stack for per-head q/k norms: the Python layers run
-        assert llm.engine.runner.model.decode_stack is None
     ids = llm.tokenizer.encode(PROMPT)
     params = SamplingParams(max_tokens=NUM_GREEDY_TOKENS, temperature=0, ignore_eos=True)
     # two prompts in one batch, so decode steps run batched over the paged cache
@@ -271,3 +269,49 @@ def test_mixed_sliding_and_full_attention_layers_are_refused(families, tmp_path)
                           layer_types=["full_attention", "sliding_attention"])
     with pytest.raises(UnsupportedModelError, match="layer_types mixes"):
         open_model_source(folder)
+    # the same in a config written before transformers had layer_types
+    config = json.loads((folder / "config.json").read_text())
+    del config["layer_types"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="max_window_layers=1"):
+        open_model_source(folder)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2.5"])
+def test_gguf_files_written_here_load_in_transformers(families, family):
+    """transformers' own GGUF reader (which un-permutes llama files only, as llama.cpp's
+    converter permutes them) gives back the original model from the files these tests write:
+    the writer follows the format, so the comparisons above test tokenmill, not the writer.
+    Mistral is the permuted case (written as llama). Left out: Qwen3, since transformers' GGUF
+    reader ignores ``key_length`` and assumes head_dim = hidden / heads, which the Qwen3 model
+    here deliberately breaks; and the "llama" model, whose q/k/v/o biases transformers' GGUF
+    reader does not configure (it builds the model with attention_bias=False)."""
+    from transformers import AutoModelForCausalLM
+
+    _, gguf_path, reference = families[family]
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                  dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 77, 300, 4000, 12]])
+    with torch.inference_mode():
+        assert (loaded(ids).logits - reference(ids).logits).abs().max().item() < 1e-5
+
+
+def test_mistral_sliding_window_through_llm(tmp_path, hf_builtin_tokenizer):
+    """A window shorter than prompt + output: prefill masks and paged decode both drop the keys
+    that fell out of the window, as transformers does."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(7)
+    config = MistralConfig(**COMMON, sliding_window=6, tie_word_embeddings=False)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    _randomize(reference)
+    reference.save_pretrained(tmp_path)
+    hf_builtin_tokenizer.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory=2**24)
+    assert llm.engine.source.arch.sliding_window == 6
+    ids = llm.tokenizer.encode(PROMPT)
+    assert len(ids) > 6
+    params = SamplingParams(max_tokens=NUM_GREEDY_TOKENS, temperature=0, ignore_eos=True)
+    output = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
+    assert output.token_ids == _hf_greedy(reference, ids, NUM_GREEDY_TOKENS)
+    llm.engine.scheduler.check_no_leaks()

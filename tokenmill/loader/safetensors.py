@@ -128,9 +128,19 @@ def _sliding_window(config: dict[str, Any], config_file: Path) -> int | None:
         raise UnsupportedModelError(
             f"{config_file}: layer_types mixes {sorted(kinds)} (sliding_window={window}); "
             "tokenmill runs one attention window for all layers")
-    if config.get("use_sliding_window") is False:
+    # Qwen configs leave use_sliding_window out when it is off (transformers' default: False)
+    qwen = config.get("model_type") in ("qwen2", "qwen3")
+    if not config.get("use_sliding_window", not qwen) or not window:
         return None
-    return int(window) if window else None
+    # an older Qwen2/Qwen3 config: layers from max_window_layers on slide, the ones before do not
+    first_sliding = int(config.get("max_window_layers") or 0)
+    if first_sliding >= int(config["num_hidden_layers"]):
+        return None
+    if first_sliding > 0:
+        raise UnsupportedModelError(
+            f"{config_file}: only layers from max_window_layers={first_sliding} on use the "
+            f"sliding window ({window}); tokenmill runs one attention window for all layers")
+    return int(window)
 
 
 def _eos_token_ids(folder: Path, config: dict[str, Any]) -> tuple[int, ...]:

@@ -7,8 +7,8 @@ to the native ``DecoderStack`` once, after loading, and then runs a decode-only 
 that chains the very kernels the Python layers call, in the same order, so the result is the same
 bit for bit (tests/models/test_decode_stack.py). Everything else (prefill, mixed steps, FP8 or
 reference-path weights, GPUs, more rows than the quantized kernel's decode paths take) stays on
-the Python layers, which remain the reference. ``TOKENMILL_DECODER_STACK=0`` turns it off. Models
-with a per-head q/k RMSNorm (Qwen3) are not built into a stack; they decode on the Python layers.
+the Python layers, which remain the reference. ``TOKENMILL_DECODER_STACK=0`` turns it off. A
+per-head q/k RMSNorm (Qwen3) runs in the stack too, with the same native norm the Python layer calls.
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ class LlamaDecodeStack:
                 or dtype not in (torch.float32, torch.bfloat16)
                 or arch.num_attention_heads % arch.num_key_value_heads
                 or arch.num_attention_heads // arch.num_key_value_heads > 16
-                or arch.head_dim > 256
-                or arch.qk_norm):  # the native stack has no per-head q/k norm (Qwen3)
+                or arch.head_dim > 256):
             return None
         if any(not hasattr(layer.mlp, "gate_up_proj") for layer in model.layers):
             return None  # an MoE layer (routed experts): the native stack chains dense MLPs only
@@ -66,7 +65,9 @@ class LlamaDecodeStack:
         if rotary is None or rotary.cos.dtype != dtype:
             return None
         norms = [model.norm] + [n for layer in model.layers
-                                for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+                                for n in (layer.input_layernorm, layer.post_attention_layernorm,
+                                          layer.self_attn.q_norm, layer.self_attn.k_norm)
+                                if n is not None]
         if any(norm.weight.dtype not in (dtype, torch.float32) for norm in norms):
             return None
         attention = model.layers[0].self_attn
@@ -87,6 +88,9 @@ class LlamaDecodeStack:
             qkv, o, gate_up, down = indices
             native.add_layer(layer.input_layernorm.weight, qkv, o,
                              layer.post_attention_layernorm.weight, gate_up, down)
+            if layer.self_attn.q_norm is not None:  # Qwen3
+                native.set_qk_norm(native.num_layers - 1, layer.self_attn.q_norm.weight,
+                                   layer.self_attn.k_norm.weight)
         if not any_packed:
             max_rows = 1 << 30  # dense weights: at::linear, whatever the rows
         elif dtype == torch.float32:

@@ -36,6 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_packed_linear", &DecoderStack::add_packed_linear)
       .def("add_dense_linear", &DecoderStack::add_dense_linear)
       .def("add_layer", &DecoderStack::add_layer)
+      .def("set_qk_norm", &DecoderStack::set_qk_norm)
       .def_property_readonly("num_layers", &DecoderStack::num_layers)
       // the GIL is released for the whole step: the server's event loop runs meanwhile
       .def("forward", &DecoderStack::forward, release());

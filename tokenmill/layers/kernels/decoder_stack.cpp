@@ -61,6 +61,14 @@ void DecoderStack::add_layer(torch::Tensor input_norm, int64_t qkv, int64_t o,
   layers_.push_back(Layer{std::move(input_norm), std::move(post_norm), qkv, o, gate_up, down});
 }
 
+void DecoderStack::set_qk_norm(int64_t index, torch::Tensor q_norm, torch::Tensor k_norm) {
+  TORCH_CHECK(index >= 0 && index < int64_t(layers_.size()), "no layer ", index);
+  TORCH_CHECK(q_norm.numel() == head_dim_ && k_norm.numel() == head_dim_,
+              "q/k norm weights must have head_dim elements");
+  layers_[index].q_norm = std::move(q_norm);
+  layers_[index].k_norm = std::move(k_norm);
+}
+
 torch::Tensor DecoderStack::forward(torch::Tensor hidden, const torch::Tensor& positions,
                                     const std::vector<torch::Tensor>& kv_caches,
                                     const torch::Tensor& block_table,
@@ -84,6 +92,10 @@ torch::Tensor DecoderStack::forward(torch::Tensor hidden, const torch::Tensor& p
     auto q = qkv.narrow(1, 0, q_heads);
     auto k = qkv.narrow(1, q_heads, kv_heads);
     auto v = qkv.narrow(1, q_heads + kv_heads, kv_heads);
+    if (layer.q_norm.defined()) {  // new contiguous q and k, as LlamaAttention makes them
+      q = rms_norm(q, layer.q_norm, eps_);
+      k = rms_norm(k, layer.k_norm, eps_);
+    }
     rotary_embedding(positions, q, k, cos_, sin_);
     const auto& cache = kv_caches[i];
     auto attn = paged_decode_attention(q, cache.select(0, 0), cache.select(0, 1), block_table,

@@ -33,6 +33,8 @@ class DecoderStack {
   int64_t add_dense_linear(torch::Tensor matrix, std::optional<torch::Tensor> bias);
   void add_layer(torch::Tensor input_norm, int64_t qkv, int64_t o, torch::Tensor post_norm,
                  int64_t gate_up, int64_t down);
+  // Qwen3: an RMSNorm over each query and key head of layer `index`, before rotary.
+  void set_qk_norm(int64_t index, torch::Tensor q_norm, torch::Tensor k_norm);
   int64_t num_layers() const { return int64_t(layers_.size()); }
 
   // hidden [M, hidden] (the embeddings of the new tokens) -> the final norm's output [M, hidden].
@@ -61,6 +63,7 @@ class DecoderStack {
   struct Layer {
     torch::Tensor input_norm, post_norm;
     int64_t qkv, o, gate_up, down;  // indices into linears_
+    torch::Tensor q_norm, k_norm;  // undefined unless the model normalizes q/k heads (Qwen3)
   };
 
   // What quant_matmul.quant_linear / DenseOp compute for a decode-sized x.
