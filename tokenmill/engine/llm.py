@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, Self
 
 from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from tokenmill.engine.engine_core import EngineCore
@@ -53,7 +53,7 @@ class LLM:
         the interpreter exits)."""
         self.engine.shutdown()
 
-    def __enter__(self) -> LLM:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
