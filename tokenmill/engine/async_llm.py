@@ -77,6 +77,10 @@ class AsyncLLM:
         self.config = config
         self._inbox: queue.SimpleQueue[_Add | _Finish | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+        self._unreported_death: BaseException | None = None
+        self._death_reported = False
+        """The engine died before an event loop was bound: reported once one is."""
         self._dead: BaseException | None = None
         self._faults = EngineFaultInjector.from_env()
         self._thread = threading.Thread(target=self._engine_main, name="tokenmill-engine",
@@ -140,7 +144,7 @@ class AsyncLLM:
         admission and batches as generation, samples nothing, and its one output carries
         ``embedding``."""
         self._check_accepting()
-        loop = self._bind_loop()
+        loop = self.bind_loop()
         request_id = request_id or f"req-{next(self._ids)}"
         text, prompt_ids = self.input_processor.tokenize_prompt(prompt)
         grammar = None
@@ -203,12 +207,19 @@ class AsyncLLM:
         await asyncio.to_thread(self._thread.join, 10)
 
     # ----------------------------------------------------------------- event-loop side
-    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+    def bind_loop(self) -> asyncio.AbstractEventLoop:
+        """Bind to the running event loop. The first request does it; a server calls it as soon
+        as the engine is up, so that a death before any request (a model worker found dead while
+        idle) still fails fast and reaches ``death_listeners``."""
         loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        elif self._loop is not loop:
-            raise RuntimeError("AsyncLLM is bound to another event loop")
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = loop
+            elif self._loop is not loop:
+                raise RuntimeError("AsyncLLM is bound to another event loop")
+            death, self._unreported_death = self._unreported_death, None
+        if death is not None:
+            loop.call_soon(self._on_engine_dead, death)
         return loop
 
     def _check_accepting(self) -> None:
@@ -259,8 +270,9 @@ class AsyncLLM:
                 logger.exception("output listener failed")
 
     def _on_engine_dead(self, error: BaseException) -> None:
-        if self._dead is not None:
-            return  # already reported
+        if self._death_reported:
+            return
+        self._death_reported = True
         self._dead = error
         dead = EngineDeadError(f"the engine stopped after an internal error: {error!r}")
         for stream in self._streams.values():
@@ -294,7 +306,10 @@ class AsyncLLM:
             self._run_engine_loop()
         except BaseException as error:
             logger.exception("engine loop died")
-            loop = self._loop
+            with self._loop_lock:
+                loop = self._loop
+                if loop is None:
+                    self._unreported_death = error
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(self._on_engine_dead, error)
             else:
@@ -331,7 +346,7 @@ class AsyncLLM:
             except queue.Empty:
                 if not block:
                     return True
-                self.core.check_health()
+            self.core.check_health()
         while True:
             if command is None:
                 return False
