@@ -92,6 +92,7 @@ class MultiProcessExecutor(Executor):
         self.kv_spec = min((info.kv_spec for info in infos), key=lambda spec: spec.num_blocks)
         self.weights = infos[0].weights
         self.worker_pids = [info.pid for info in infos]
+        self.worker_infos = infos
         logger.info("%d worker process(es) ready (pids %s); KV pool of the smallest rank: "
                     "%d blocks", self.world_size, self.worker_pids, self.kv_spec.num_blocks)
 

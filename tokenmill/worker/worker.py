@@ -37,6 +37,9 @@ class WorkerInfo:
     kv_spec: KVCacheSpec
     weights: str
     """``ModelRunner.describe_weights()``: for the start-up banner."""
+    world_size: int = 1
+    distributed_backend: str | None = None
+    """The process group it joined ("gloo", "nccl"); None for a single rank."""
 
 
 class Worker:
@@ -54,8 +57,10 @@ class Worker:
         self.faults = WorkerFaultInjector.from_env()
 
     def info(self) -> WorkerInfo:
+        backend = (torch.distributed.get_backend() if self.world_size > 1
+                   and torch.distributed.is_initialized() else None)
         return WorkerInfo(self.rank, os.getpid(), self.runner.kv_spec,
-                          self.runner.describe_weights())
+                          self.runner.describe_weights(), self.world_size, backend)
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         self.faults.before_execute()
