@@ -54,9 +54,14 @@ def assert_gone(pids: list[int], deadline_s: float = 10.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def bytes_per_block() -> int:
+def in_process_llm() -> Iterator[LLM]:
     with make_llm() as llm:
-        return llm.engine.kv_spec.bytes_per_block
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def bytes_per_block(in_process_llm: LLM) -> int:
+    return in_process_llm.engine.kv_spec.bytes_per_block
 
 
 def test_one_rank_in_worker_process_matches_in_process(bytes_per_block: int) -> None:
@@ -83,14 +88,13 @@ def test_one_rank_in_worker_process_matches_in_process(bytes_per_block: int) -> 
         assert _same_logprobs(ours[2], theirs[2])
 
 
-def test_two_ranks_join_a_gloo_group_and_answer_as_one() -> None:
+def test_two_ranks_join_a_gloo_group_and_answer_as_one(in_process_llm: LLM) -> None:
     """The tensor-parallel seam: every rank knows its place and has joined the process group
     (each still runs the whole model); rank 0 answers, the scheduler plans with the smallest
     pool."""
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    with make_llm() as one:
-        expected = [o.outputs[0].token_ids for o in one.generate(PROMPTS[:2], params,
-                                                                   use_tqdm=False)]
+    expected = [o.outputs[0].token_ids
+                for o in in_process_llm.generate(PROMPTS[:2], params, use_tqdm=False)]
     with make_llm(tensor_parallel_size=2) as llm:
         executor = llm.engine.executor
         infos = executor.worker_infos
