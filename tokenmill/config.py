@@ -168,11 +168,60 @@ class SchedulerConfig:
                 raise ConfigError(f"{name}={value} must be at least 1", param=name)
 
 
+DISTRIBUTED_EXECUTORS = ("auto", "mp", "inprocess")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = _help(
+        "Worker ranks the model runs on (one process each; torch.distributed gloo on a CPU, "
+        "nccl on CUDA, addresses on 127.0.0.1).", default=1,
+    )
+    distributed_executor: str = _help(
+        "How the engine runs its model runner(s): auto (in the engine's own process for one "
+        "rank, worker processes for more), mp (worker processes, also for one rank), "
+        "inprocess (one rank only).", default="auto",
+    )
+    worker_step_timeout: float = _help(
+        "Seconds a worker process may take to answer one engine step before the engine is "
+        "declared dead (every request fails, the server exits 1).", default=300.0,
+    )
+    worker_start_timeout: float = _help(
+        "Seconds worker processes may take to load the model and report ready.", default=900.0,
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size
+
+    @property
+    def uses_worker_processes(self) -> bool:
+        return self.distributed_executor == "mp" or (
+            self.distributed_executor == "auto" and self.world_size > 1)
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size={self.tensor_parallel_size} must be at "
+                              "least 1", param="tensor_parallel_size")
+        if self.distributed_executor not in DISTRIBUTED_EXECUTORS:
+            raise ConfigError(f"distributed_executor={self.distributed_executor!r} is not one of "
+                              f"{', '.join(DISTRIBUTED_EXECUTORS)}", param="distributed_executor")
+        if self.distributed_executor == "inprocess" and self.tensor_parallel_size > 1:
+            raise ConfigError(f"distributed_executor='inprocess' runs one rank, but "
+                              f"tensor_parallel_size={self.tensor_parallel_size}; use mp (or "
+                              "auto)", param="distributed_executor")
+        for name in ("worker_step_timeout", "worker_start_timeout"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"{name}={value} must be > 0 seconds", param=name)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     num_threads: int | None = field(
         default=None,
         metadata={"help": "torch compute threads; default: TOKENMILL_NUM_THREADS or all cores."},
@@ -184,7 +233,8 @@ class EngineConfig:
         return int(os.environ.get("TOKENMILL_NUM_THREADS", os.cpu_count() or 1))
 
 
-ENGINE_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+ENGINE_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                   "parallel": ParallelConfig}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -23,6 +23,7 @@ new error only needs a class here (with its ``status_code``) to be reported corr
     ├── SlowReaderError                  408  a client left too much of its stream unread
     ├── EngineNotReadyError              503  the engine is starting or shutting down
     ├── EngineDeadError                  503  the engine core died; the server restarts it or exits
+    │   └── WorkerFailedError                 a model worker died, raised, or stopped answering
     └── BenchError                       -    a measuring-tool problem (unreachable URL, bad input)
 """
 
@@ -135,6 +136,11 @@ class SlowReaderError(TokenmillError):
 class EngineDeadError(TokenmillError):
     status_code = 503
     error_type = "service_unavailable"
+
+
+class WorkerFailedError(EngineDeadError):
+    """A model worker (a rank of the executor) died, raised inside a step, or did not answer in
+    time; the message names the rank, its pid and what happened."""
 
 
 class BenchError(TokenmillError):

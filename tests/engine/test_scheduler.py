@@ -44,22 +44,31 @@ def next_token(request: Request) -> int:
     return 1000 + int.from_bytes(digest) % 5000
 
 
-def runner_output(out: SchedulerOutput,
+def runner_output(scheduler: Scheduler, out: SchedulerOutput,
                   choose: Callable[[Request], int] = next_token) -> RunnerOutput:
     """Sample only for requests whose scheduled tokens reach the end of their known tokens."""
     sampled = {}
-    for request in out.scheduled_requests:
+    for request in scheduler.scheduled_requests(out):
         request_id = request.request_id
-        if out.num_computed_tokens[request_id] + out.num_scheduled_tokens[request_id] \
+        if request.num_computed_tokens + out.num_scheduled_tokens[request_id] \
                 == request.num_tokens:
             sampled[request_id] = choose(request)
     return RunnerOutput(sampled_token_ids=sampled)
 
 
+def num_computed(out: SchedulerOutput, request_id: str) -> int:
+    """Where ``request_id`` starts this step, as the runner is told (new or cached)."""
+    for new in out.scheduled_new_requests:
+        if new.request_id == request_id:
+            return new.num_computed_tokens
+    cached = out.scheduled_cached_requests
+    return cached.num_computed_tokens[cached.request_ids.index(request_id)]
+
+
 def step(scheduler: Scheduler, choose: Callable[[Request], int] = next_token,
          ) -> tuple[SchedulerOutput, list[EngineCoreOutput]]:
     out = scheduler.schedule()
-    return out, scheduler.update_from_output(out, runner_output(out, choose))
+    return out, scheduler.update_from_output(out, runner_output(scheduler, out, choose))
 
 
 def run_to_completion(scheduler: Scheduler, max_steps: int = 10_000) -> list[SchedulerOutput]:
@@ -79,7 +88,7 @@ def test_token_budget_and_max_num_seqs_are_respected() -> None:
         scheduler.add_request(request)
     for out in run_to_completion(scheduler):
         assert out.total_num_scheduled_tokens <= 64
-        assert len(out.scheduled_requests) <= 3
+        assert len(out.num_scheduled_tokens) <= 3
     assert all(r.status == RequestStatus.FINISHED_LENGTH and r.num_output_tokens == 6
                for r in requests)
 
@@ -111,7 +120,9 @@ def test_decodes_and_prefill_chunks_share_a_step() -> None:
     out, outputs = step(scheduler)
     # Running first: the decode takes one token, the new prompt gets the rest of the budget.
     assert out.num_scheduled_tokens == {"short": 1, "long": 99}
-    assert [r.request_id for r in out.scheduled_requests] == ["short", "long"]
+    assert list(out.num_scheduled_tokens) == ["short", "long"]  # the batch order
+    assert out.scheduled_cached_requests.request_ids == ["short"]
+    assert [new.request_id for new in out.scheduled_new_requests] == ["long"]
     assert [o.request_id for o in outputs] == ["short"]
 
 
@@ -262,8 +273,13 @@ def test_abort_frees_blocks_at_once_wherever_the_request_is() -> None:
     assert running.finish_reason == "abort" and running.stats.finished_time is not None
     assert not scheduler.has_unfinished_requests()
     out = scheduler.schedule()
-    assert out.is_empty and out.finished_request_ids == {"running", "waiting"}
+    # an empty step never reaches the runner: the ids it must forget wait for the next step
+    assert out.is_empty and out.finished_request_ids == set()
     scheduler.check_no_leaks()
+    scheduler.add_request(make_request("next", 8, max_tokens=1))
+    out, _ = step(scheduler)
+    assert out.finished_request_ids == {"running", "waiting"}
+    assert scheduler.schedule().finished_request_ids == set()  # delivered once
 
 
 def test_abort_while_the_step_runs_drops_its_result() -> None:
@@ -272,7 +288,8 @@ def test_abort_while_the_step_runs_drops_its_result() -> None:
     scheduler.add_request(request)
     out = scheduler.schedule()
     scheduler.finish_requests("a")
-    assert scheduler.update_from_output(out, runner_output(out)) == []
+    late = RunnerOutput(sampled_token_ids={"a": 1234})  # the runner computed it all the same
+    assert scheduler.update_from_output(out, late) == []
     assert request.num_output_tokens == 0
     scheduler.check_no_leaks()
 
@@ -301,13 +318,13 @@ def test_shared_512_token_prefix_computes_only_the_suffix(finish_first: bool) ->
     second = make_request("second", prefix + [9] * 20, max_tokens=3)
     scheduler.add_request(second)
     out, _ = step(scheduler)
-    assert out.num_computed_tokens["second"] == 512
+    assert num_computed(out, "second") == 512
     assert out.num_scheduled_tokens["second"] == 20  # only the suffix runs through the model
     assert second.num_cached_tokens == 512
     salted = make_request("salted", prefix + [9] * 20, max_tokens=3, cache_salt="tenant-b")
     scheduler.add_request(salted)
     out, _ = step(scheduler)
-    assert out.num_computed_tokens["salted"] == 0 and salted.num_cached_tokens == 0
+    assert num_computed(out, "salted") == 0 and salted.num_cached_tokens == 0
     stats = scheduler.get_stats()
     assert stats.prefix_cache_queries == 542 + 532 + 532
     assert stats.prefix_cache_hits == 512

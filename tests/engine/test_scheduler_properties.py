@@ -23,6 +23,7 @@ from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from tokenmill.errors import PromptTooLongError, RequestRejectedError
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.worker.request_state import RequestStates
 
 EOS = 0
 STOP_TOKEN = 9
@@ -71,33 +72,53 @@ scenarios = st.fixed_dictionaries({
 
 
 class FakeRunner:
-    """Writes token ids as 'KV' into paged slots and checks every read against the request."""
+    """Writes token ids as 'KV' into paged slots and checks every read against the request.
+
+    Like the model runner, it knows requests only from the plain-data step messages, through the
+    runner's own ``RequestStates``; each step its copy must equal the scheduler's live request."""
 
     def __init__(self, num_blocks: int, block_size: int, seed: int) -> None:
         self.block_size = block_size
         self.slots: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.rng = random.Random(seed)
+        self.states = RequestStates()
 
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def execute(self, out: SchedulerOutput, scheduler: Scheduler) -> RunnerOutput:
         bs = self.block_size
+        self.states.update_from(out)
+        assert set(out.num_scheduled_tokens) <= set(self.states)
+        for rid in out.num_scheduled_tokens:
+            request, state = scheduler.requests.get(rid), self.states[rid]
+            if request is not None and request.status is RequestStatus.RUNNING:  # not aborted
+                assert state.all_token_ids == request.all_token_ids, f"{request} tokens drifted"
+                assert state.block_ids == request.block_ids, f"{request} block table drifted"
+                assert state.num_computed_tokens == request.num_computed_tokens
         for source, destination in out.block_copies:  # before the forward, as the runner does
             self.slots[destination] = list(self.slots[source])
         # Like one layer of the model: every token's K/V is written before any attention reads.
-        for request in out.scheduled_requests:
-            rid = request.request_id
-            start = out.num_computed_tokens[rid]
-            for pos in range(start, start + out.num_scheduled_tokens[rid]):
-                block_id = out.block_ids[rid][pos // bs]
-                self.slots[block_id][pos % bs] = request.all_token_ids[pos]
+        for rid, num_new in out.num_scheduled_tokens.items():
+            state = self.states[rid]
+            start = state.num_computed_tokens
+            for pos in range(start, start + num_new):
+                block_id = state.block_ids[pos // bs]
+                self.slots[block_id][pos % bs] = state.all_token_ids[pos]
         sampled = {}
-        for request in out.scheduled_requests:
-            rid = request.request_id
-            end = out.num_computed_tokens[rid] + out.num_scheduled_tokens[rid]
-            seen = [self.slots[out.block_ids[rid][pos // bs]][pos % bs] for pos in range(end)]
-            assert seen == request.all_token_ids[:end], f"{request} attends to foreign KV"
-            if end == request.num_tokens:
+        for rid, num_new in out.num_scheduled_tokens.items():
+            state = self.states[rid]
+            end = state.num_computed_tokens + num_new
+            seen = [self.slots[state.block_ids[pos // bs]][pos % bs] for pos in range(end)]
+            assert seen == state.all_token_ids[:end], f"{rid} attends to foreign KV"
+            if state.samples_at(end):
                 sampled[rid] = self.rng.randrange(VOCAB)
         return RunnerOutput(sampled_token_ids=sampled)
+
+    def check_forgets_finished(self, scheduler: Scheduler) -> None:
+        """Every request the runner still holds is one the scheduler still runs (or one whose
+        end it will hear of with the next step)."""
+        pending = scheduler._finished_since_last_step
+        for rid in self.states:
+            assert rid in pending or (rid in scheduler.requests and scheduler.requests[rid].status
+                                      is RequestStatus.RUNNING), f"runner holds stale {rid}"
 
 
 def check_invariants(scheduler: Scheduler, config: dict) -> None:
@@ -151,11 +172,12 @@ def test_random_load_never_leaks_double_frees_or_deadlocks(config: dict) -> None
     def step() -> None:
         out = scheduler.schedule()
         assert out.total_num_scheduled_tokens <= config["max_num_batched_tokens"]
-        assert len(out.scheduled_requests) <= config["max_num_seqs"]
+        assert len(out.num_scheduled_tokens) <= config["max_num_seqs"]
         check_invariants(scheduler, config)
         abort(mid_step_aborts)
-        scheduler.update_from_output(out, runner.execute(out))
+        scheduler.update_from_output(out, runner.execute(out, scheduler))
         check_invariants(scheduler, config)
+        runner.check_forgets_finished(scheduler)
 
     for new, early_aborts, mid_step_aborts in config["events"]:
         for arrival in new:

@@ -53,7 +53,7 @@ def run(scheduler: Scheduler, clock: FakeClock, max_steps: int | None = None) ->
     while scheduler.has_unfinished_requests() and (max_steps is None or num_steps < max_steps):
         out = scheduler.schedule()
         clock.now += STEP_SECONDS
-        scheduler.update_from_output(out, runner_output(out))
+        scheduler.update_from_output(out, runner_output(scheduler, out))
         num_steps += 1
 
 

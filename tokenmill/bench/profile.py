@@ -329,8 +329,7 @@ def measure_overhead(config: tuple[str, str], kernels: dict[str, KernelTable],
 
     from tokenmill import LLM, SamplingParams
     from tokenmill.bench.architecture import normalize_dtype
-    from tokenmill.engine.request import Request
-    from tokenmill.engine.scheduler_output import SchedulerOutput
+    from tokenmill.engine.scheduler_output import NewRequestData, SchedulerOutput
 
     dtype, quantization = config
     arch, _ = builtin_linears()
@@ -367,15 +366,15 @@ def measure_overhead(config: tuple[str, str], kernels: dict[str, KernelTable],
         for context in contexts:
             blocks = -(-context // block)
             ids = torch.randint(100, arch.vocab_size, (batch, context), generator=gen).tolist()
-            requests = [Request(f"profile-{batch}-{context}-{i}", ids[i], greedy)
-                            for i in range(batch)]
+            # sent as new every time: the runner's copy is simply replaced, each step the same
+            requests = [NewRequestData(
+                request_id=f"profile-{batch}-{context}-{i}", prompt_token_ids=ids[i],
+                output_token_ids=[], sampling_params=greedy, eos_token_id=None,
+                block_ids=list(range(i * blocks, (i + 1) * blocks)),
+                num_computed_tokens=context - 1, is_prompt_only=False) for i in range(batch)]
             output = SchedulerOutput(
                 num_scheduled_tokens={r.request_id: 1 for r in requests},
-                scheduled_requests=requests,
-                num_computed_tokens={r.request_id: context - 1 for r in requests},
-                block_ids={r.request_id: list(range(i * blocks, (i + 1) * blocks))
-                           for i, r in enumerate(requests)},
-                total_num_scheduled_tokens=batch)
+                total_num_scheduled_tokens=batch, scheduled_new_requests=requests)
             execute, forward, logits = [], [], []
             for step in range(steps + 2):
                 clock.update(forward=0.0, logits=0.0)

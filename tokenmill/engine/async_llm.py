@@ -15,9 +15,10 @@ op pays a futex wake (~75 us on a 2-core machine, 15 -> 28 ms per decode step of
 * the event loop owns text: tokenizing, the output processor (detokenizer, stop strings, n-sample
   gathering) and one ``RequestStream`` per request that its HTTP handler reads.
 
-Nobody is ever left waiting: if the engine thread dies (any exception, or a bug in the output
-processor on the loop), every request in flight and every request still being admitted fails at
-once with ``EngineDeadError``, and ``on_dead`` callbacks tell the server (which turns ``/health``
+Nobody is ever left waiting: if the engine thread dies (any exception, a model worker process that
+died, raised or hung, found by the executor within ``worker_step_timeout`` during a step and
+within ``HEALTH_CHECK_SECONDS`` while idle, or a bug in the output processor on the loop), every
+request in flight and every request still being admitted fails at once with ``EngineDeadError``, and ``on_dead`` callbacks tell the server (which turns ``/health``
 503 and exits, or restarts the engine). A request whose caller goes away while it is being admitted
 is aborted in the core right after its admission, so it never generates for no one.
 """
@@ -50,6 +51,10 @@ from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+HEALTH_CHECK_SECONDS = 1.0
+"""While idle, the engine thread checks its model workers this often (a dead one kills the
+engine, so /health turns 503 without waiting for a request)."""
+
 OutputListener = Callable[[list[RequestOutput], float], None]
 DeathListener = Callable[[BaseException], None]
 
@@ -72,6 +77,10 @@ class AsyncLLM:
         self.config = config
         self._inbox: queue.SimpleQueue[_Add | _Finish | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+        self._unreported_death: BaseException | None = None
+        self._death_reported = False
+        """The engine died before an event loop was bound: reported once one is."""
         self._dead: BaseException | None = None
         self._faults = EngineFaultInjector.from_env()
         self._thread = threading.Thread(target=self._engine_main, name="tokenmill-engine",
@@ -135,7 +144,7 @@ class AsyncLLM:
         admission and batches as generation, samples nothing, and its one output carries
         ``embedding``."""
         self._check_accepting()
-        loop = self._bind_loop()
+        loop = self.bind_loop()
         request_id = request_id or f"req-{next(self._ids)}"
         text, prompt_ids = self.input_processor.tokenize_prompt(prompt)
         grammar = None
@@ -198,12 +207,19 @@ class AsyncLLM:
         await asyncio.to_thread(self._thread.join, 10)
 
     # ----------------------------------------------------------------- event-loop side
-    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+    def bind_loop(self) -> asyncio.AbstractEventLoop:
+        """Bind to the running event loop. The first request does it; a server calls it as soon
+        as the engine is up, so that a death before any request (a model worker found dead while
+        idle) still fails fast and reaches ``death_listeners``."""
         loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        elif self._loop is not loop:
-            raise RuntimeError("AsyncLLM is bound to another event loop")
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = loop
+            elif self._loop is not loop:
+                raise RuntimeError("AsyncLLM is bound to another event loop")
+            death, self._unreported_death = self._unreported_death, None
+        if death is not None:
+            loop.call_soon(self._on_engine_dead, death)
         return loop
 
     def _check_accepting(self) -> None:
@@ -254,8 +270,9 @@ class AsyncLLM:
                 logger.exception("output listener failed")
 
     def _on_engine_dead(self, error: BaseException) -> None:
-        if self._dead is not None:
-            return  # already reported
+        if self._death_reported:
+            return
+        self._death_reported = True
         self._dead = error
         dead = EngineDeadError(f"the engine stopped after an internal error: {error!r}")
         for stream in self._streams.values():
@@ -286,33 +303,50 @@ class AsyncLLM:
 
     def _engine_loop(self) -> None:
         try:
-            while True:
-                # Block for commands only when idle; otherwise take what arrived and step.
-                block = not self.core.has_unfinished_requests()
-                if not self._apply_commands(block):
-                    return
-                self._stats = self.core.get_stats()  # aborts change it even without a step
-                if not self.core.has_unfinished_requests():
-                    continue
-                self._faults.before_step()
-                outputs = self.core.step()
-                self._stats = self.core.get_stats()
-                if outputs and self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._on_core_outputs, outputs)
+            self._run_engine_loop()
         except BaseException as error:
             logger.exception("engine loop died")
-            loop = self._loop
+            with self._loop_lock:
+                loop = self._loop
+                if loop is None:
+                    self._unreported_death = error
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(self._on_engine_dead, error)
             else:
                 self._dead = error
+        finally:
+            try:
+                self.core.shutdown()  # worker processes end with the engine, dead or not
+            except Exception:
+                logger.exception("stopping the model workers failed")
+
+    def _run_engine_loop(self) -> None:
+        while True:
+            # Block for commands only when idle; otherwise take what arrived and step.
+            block = not self.core.has_unfinished_requests()
+            if not self._apply_commands(block):
+                return
+            self._stats = self.core.get_stats()  # aborts change it even without a step
+            if not self.core.has_unfinished_requests():
+                continue
+            self._faults.before_step()
+            outputs = self.core.step()
+            self._stats = self.core.get_stats()
+            if outputs and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._on_core_outputs, outputs)
 
     def _apply_commands(self, block: bool) -> bool:
-        """Apply queued commands; False when asked to stop."""
-        try:
-            command = self._inbox.get() if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return True
+        """Apply queued commands; False when asked to stop. Idle (``block``), it waits for one,
+        checking the model workers' health every ``HEALTH_CHECK_SECONDS``."""
+        while True:
+            try:
+                command = (self._inbox.get(timeout=HEALTH_CHECK_SECONDS) if block
+                           else self._inbox.get_nowait())
+                break
+            except queue.Empty:
+                if not block:
+                    return True
+            self.core.check_health()
         while True:
             if command is None:
                 return False
@@ -354,12 +388,12 @@ def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
 
 def engine_info(engine: AsyncLLM) -> dict[str, Any]:
     """What the start-up banner and /v1/models report about the running engine."""
-    spec = engine.core.runner.kv_spec
+    spec = engine.core.kv_spec
     return {
         "model": engine.model_name,
         "path": str(engine.core.source.path),
         "dtype": engine.config.model.resolved_dtype(),
-        "weights": engine.core.runner.describe_weights(),
+        "weights": engine.core.executor.weights,
         "device": engine.config.model.device,
         "max_model_len": engine.max_model_len,
         "kv_blocks": spec.num_blocks,

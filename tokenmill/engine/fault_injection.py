@@ -1,17 +1,25 @@
-"""A test hook: make the engine thread fail on purpose, to prove nobody is left waiting.
+"""Test hooks: make the engine thread or a model worker fail on purpose, to prove nobody is left
+waiting.
 
 ``TOKENMILL_INJECT_ENGINE_FAULT_AT_STEP=N`` makes the engine thread raise ``InjectedEngineFault``
 (a ``RuntimeError``, not one of tokenmill's own errors) just before its N-th step, once per process
 (steps are counted across engines), so a server run with ``--restart-engine-on-failure`` comes
 back and keeps serving. Unset, the default, it costs one comparison per step.
+
+``TOKENMILL_INJECT_WORKER_FAULT_AT_STEP=N`` does the same inside the model worker (in the engine's
+process, or in a worker process of the multi-process executor) at its N-th ``execute``;
+``N:hang`` makes that worker stop answering instead (sleeps for ever), to exercise the executor's
+step timeout.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 
 FAULT_STEP_ENV = "TOKENMILL_INJECT_ENGINE_FAULT_AT_STEP"
+WORKER_FAULT_STEP_ENV = "TOKENMILL_INJECT_WORKER_FAULT_AT_STEP"
 
 
 class InjectedEngineFault(RuntimeError):
@@ -44,6 +52,35 @@ class EngineFaultInjector:
                 return
             self.fired = True
         raise InjectedEngineFault(f"fault injected before engine step {self.fail_at_step}")
+
+
+class WorkerFaultInjector:
+    """The worker side: one per worker, counting its ``execute`` calls."""
+
+    def __init__(self, fail_at_step: int | None, hang: bool = False):
+        self.fail_at_step = fail_at_step
+        self.hang = hang
+        self.num_steps = 0
+
+    @classmethod
+    def from_env(cls) -> WorkerFaultInjector:
+        raw = os.environ.get(WORKER_FAULT_STEP_ENV, "").strip()
+        if not raw:
+            return cls(None)
+        step, _, mode = raw.partition(":")
+        return cls(int(step), hang=mode == "hang")
+
+    def before_execute(self) -> None:
+        if self.fail_at_step is None:
+            return
+        self.num_steps += 1
+        if self.num_steps != self.fail_at_step:
+            return
+        if self.hang:
+            while True:  # a worker that stops answering; only its executor's timeout ends this
+                time.sleep(3600)
+        raise InjectedEngineFault(f"fault injected in the model worker at step "
+                                  f"{self.fail_at_step}")
 
 
 _env_lock = threading.Lock()

@@ -8,9 +8,9 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, Self
 
-from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from tokenmill.engine.engine_core import EngineCore
 from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.output_processor import OutputProcessor
@@ -21,8 +21,9 @@ from tokenmill.sampling_params import SamplingParams
 def engine_config_from_kwargs(model: str | None, **kwargs: Any) -> EngineConfig:
     """``LLM(model, dtype=..., block_size=..., ...)``: each keyword goes to the section that has it."""
     sections: dict[str, dict[str, Any]] = {"model": {"model": model}, "cache": {},
-                                           "scheduler": {}}
-    fields = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+                                           "scheduler": {}, "parallel": {}}
+    fields = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+              "parallel": ParallelConfig}
     num_threads = kwargs.pop("num_threads", None)
     for key, value in kwargs.items():
         section = next((name for name, cls in fields.items()
@@ -33,6 +34,7 @@ def engine_config_from_kwargs(model: str | None, **kwargs: Any) -> EngineConfig:
     return EngineConfig(model=ModelConfig(**sections["model"]),
                         cache=CacheConfig(**sections["cache"]),
                         scheduler=SchedulerConfig(**sections["scheduler"]),
+                        parallel=ParallelConfig(**sections["parallel"]),
                         num_threads=num_threads)
 
 
@@ -45,6 +47,17 @@ class LLM:
         self.input_processor = InputProcessor(self.tokenizer, self.engine.source.arch.vocab_size)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the model worker processes, if any (they also stop when the LLM is collected or
+        the interpreter exits)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,

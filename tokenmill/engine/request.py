@@ -74,6 +74,9 @@ class Request:
         """Tokens whose KV is in (or being written to) this request's blocks."""
         self.num_cached_tokens = 0
         """Tokens found in the prefix cache when the request was first scheduled."""
+        self.num_runner_tokens = 0
+        """How many of ``all_token_ids`` the model runner holds (sent in full when the request is
+        scheduled as new, then as per-step diffs): the scheduler sends the rest next time."""
         self.status = RequestStatus.WAITING
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []

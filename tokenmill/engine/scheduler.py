@@ -29,8 +29,9 @@ tracing work unless the queue or the reason changed.
 Threading: call everything from the engine-core thread. ``finish_requests`` may run between
 ``schedule()`` and ``update_from_output()`` (an abort while the runner works): the freed blocks are
 only handed out again by the next ``schedule()``, the runner still writes the KV of the step it was
-given (through ``SchedulerOutput.block_ids``, a copy), so blocks registered in the prefix cache
-always hold what they claim, and the late result of the aborted request is dropped.
+given (through its own copy of the block table, see ``scheduler_output.py``), so blocks registered
+in the prefix cache always hold what they claim, and the late result of the aborted request is
+dropped.
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.block_manager import BlockManager, ComputedBlocks
 from tokenmill.engine.drain_rate import DrainRate
 from tokenmill.engine.request import Request, RequestStatus
-from tokenmill.engine.scheduler_output import EngineCoreOutput, RunnerOutput, SchedulerOutput
+from tokenmill.engine.scheduler_output import (
+    CachedRequestData,
+    EngineCoreOutput,
+    NewRequestData,
+    RunnerOutput,
+    SchedulerOutput,
+)
 from tokenmill.engine.stats import SchedulerStats
 from tokenmill.engine.trace import (
     BATCH_FULL,
@@ -156,8 +163,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.scheduler_config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
-        num_computed: dict[str, int] = {}
-        scheduled: list[Request] = []
+        new_requests: list[NewRequestData] = []
+        cached_requests = CachedRequestData()
         preempted: set[str] = set()
         now = self.clock()
         step = self.num_steps
@@ -168,6 +175,7 @@ class Scheduler:
             request = self.running[index]
             num_new = min(request.num_tokens_to_compute, budget)
             assert num_new > 0, f"running {request} has nothing to compute"
+            num_known_blocks = len(request.block_ids)  # the runner holds these already
             if not self._allocate_or_preempt(request, num_new, preempted, now):
                 break  # it had to preempt itself: nobody after it is left either
             # A decode step (one token after a fully computed sequence) is not traced.
@@ -175,8 +183,11 @@ class Scheduler:
                             or request.num_computed_tokens + 1 < request.num_tokens):
                 request.trace.prefill(now, request.num_computed_tokens, num_new)
             num_scheduled[request.request_id] = num_new
-            num_computed[request.request_id] = request.num_computed_tokens
-            scheduled.append(request)
+            cached_requests.append(request.request_id,
+                                   request.all_token_ids[request.num_runner_tokens:],
+                                   request.block_ids[num_known_blocks:],
+                                   request.num_computed_tokens)
+            request.num_runner_tokens = request.num_tokens
             budget -= num_new
             index += 1
 
@@ -205,8 +216,8 @@ class Scheduler:
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
                 num_scheduled[request.request_id] = num_new
-                num_computed[request.request_id] = request.num_computed_tokens
-                scheduled.append(request)
+                new_requests.append(_new_request_data(request))
+                request.num_runner_tokens = request.num_tokens
                 budget -= num_new
 
         if tracing:
@@ -221,20 +232,23 @@ class Scheduler:
             else:
                 self._note_waits(TOKEN_BUDGET_SPENT, {
                     "token_budget": self.scheduler_config.max_num_batched_tokens,
-                    "num_scheduled": len(scheduled)}, now, step)
+                    "num_scheduled": len(num_scheduled)}, now, step)
 
         total = sum(num_scheduled.values())
         self.num_steps += 1
         self._last_num_batched_tokens = total
-        self._last_batch_size = len(scheduled)
+        self._last_batch_size = len(num_scheduled)
+        if total == 0:
+            # An empty step never reaches the runner: what it must forget waits for the next.
+            self._finished_since_last_step |= preempted
+            return SchedulerOutput(num_scheduled_tokens={}, total_num_scheduled_tokens=0)
         finished = self._finished_since_last_step
         self._finished_since_last_step = set()
         return SchedulerOutput(
             num_scheduled_tokens=num_scheduled,
-            scheduled_requests=scheduled,
-            num_computed_tokens=num_computed,
-            block_ids={r.request_id: list(r.block_ids) for r in scheduled},
             total_num_scheduled_tokens=total,
+            scheduled_new_requests=new_requests,
+            scheduled_cached_requests=cached_requests,
             block_copies=self.block_manager.take_block_copies(),
             finished_request_ids=finished,
             preempted_request_ids=preempted,
@@ -289,6 +303,7 @@ class Scheduler:
                 request.trace.wait(cause, now, step, num_ahead)
 
     def _preempt(self, request: Request) -> None:
+        # The runner forgets it (preempted_request_ids); it is sent again in full when resumed.
         self.block_manager.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
@@ -305,11 +320,13 @@ class Scheduler:
         sampled = runner_output.sampled_token_ids
         logprobs = runner_output.logprobs or {}
         outputs: list[EngineCoreOutput] = []
-        for request in scheduler_output.scheduled_requests:
-            request_id = request.request_id
-            if self.requests.get(request_id) is not request:
-                continue  # aborted while the step ran; its blocks are already free
-            request.num_computed_tokens += scheduler_output.num_scheduled_tokens[request_id]
+        for request_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            # Every request scheduled is RUNNING until the step ends; one that is not was aborted
+            # while the step ran (its blocks are already free), or its id was reused since.
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += num_scheduled
             self._collect_prompt_outputs(request, runner_output)
             if request.is_prompt_only and request.num_computed_tokens == request.num_tokens:
                 outputs.append(self._finish_prompt_only(request, now))
@@ -447,6 +464,11 @@ class Scheduler:
         return finished
 
     # ------------------------------------------------------------------ introspection
+    def scheduled_requests(self, scheduler_output: SchedulerOutput) -> list[Request]:
+        """The live requests of a step, in batch order (engine side only: never sent)."""
+        return [self.requests[request_id] for request_id in scheduler_output.num_scheduled_tokens
+                if request_id in self.requests]
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -473,3 +495,19 @@ class Scheduler:
         """Once every request is done, every block must be free (see BlockManager)."""
         assert not self.requests, f"unfinished requests remain: {list(self.requests)[:10]}"
         self.block_manager.check_no_leaks()
+
+
+def _new_request_data(request: Request) -> NewRequestData:
+    """A request the runner does not hold: first admission, or back from preemption."""
+    return NewRequestData(
+        request_id=request.request_id,
+        prompt_token_ids=request.prompt_token_ids,
+        output_token_ids=list(request.output_token_ids),
+        sampling_params=request.sampling_params,
+        eos_token_id=request.eos_token_id,
+        block_ids=list(request.block_ids),
+        num_computed_tokens=request.num_computed_tokens,
+        is_prompt_only=request.is_prompt_only,
+        pooling=request.pooling,
+        num_prompt_logprobs=request.num_prompt_logprobs,
+    )

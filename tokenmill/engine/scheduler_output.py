@@ -1,17 +1,29 @@
 """What passes between scheduler, model runner and frontend in one engine step.
 
-``schedule() -> SchedulerOutput -> runner -> RunnerOutput -> update_from_output() ->
-list[EngineCoreOutput]``. Plain dataclasses with no torch in them, so each side can be tested with
-hand-written values. The core adds the step's grammar bitmask (structured output) to the
-``SchedulerOutput`` before the runner sees it: an id list and a numpy array, never a matcher.
+``schedule() -> SchedulerOutput -> executor -> RunnerOutput -> update_from_output() ->
+list[EngineCoreOutput]``. Plain data only (ids, ints, lists, ``SamplingParams``, a numpy bitmask):
+no ``Request``, no torch tensor, so a step pickles cheaply to a worker process and each side can be
+tested with hand-written values (DESIGN.md habit 14, vLLM v1's ``NewRequestData`` /
+``CachedRequestData``):
+
+* a request the runner does not hold yet (first scheduled, or resumed after a preemption) comes
+  once, in full, as ``NewRequestData``;
+* a request it holds gets only what changed since it was last scheduled (``CachedRequestData``):
+  the tokens sampled since, its new KV blocks, and where its computation stands;
+* ``finished_request_ids`` and ``preempted_request_ids`` tell the runner what to forget.
+
+The runner keeps its own per-request copy (``tokenmill/worker/request_state.py``). The core adds
+the step's grammar bitmask (structured output) before the executor sees it: an id list and a numpy
+array, never a matcher.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tokenmill.engine.request import Request
+from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured_output.bitmask import GrammarBitmask
 
 if TYPE_CHECKING:
@@ -19,21 +31,68 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class NewRequestData:
+    """Everything the runner needs about a request it does not hold yet."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    """Empty for a first admission; what it had generated when it comes back from preemption
+    (it recomputes prompt + output and carries on)."""
+    sampling_params: SamplingParams
+    eos_token_id: int | None
+    block_ids: list[int]
+    """Its whole block table as admitted (prefix-cache hits first)."""
+    num_computed_tokens: int
+    """Tokens already in its blocks (a prefix-cache hit) before this step."""
+    is_prompt_only: bool
+    """Nothing is sampled for it (pooling, or max_tokens 0 to score the prompt)."""
+    pooling: str | None = None
+    num_prompt_logprobs: int = 0
+    """Prompt positions already scored (a resumed request does not score them again)."""
+
+
+@dataclass
+class CachedRequestData:
+    """Per-step diffs of the requests the runner already holds, as columns (one entry per request,
+    in batch order), as vLLM v1 sends them: a few short lists pickle far cheaper than an object
+    per request."""
+
+    request_ids: list[str] = field(default_factory=list)
+    new_token_ids: list[list[int]] = field(default_factory=list)
+    """Tokens sampled since it was last scheduled (the runner's own output, accepted by the
+    scheduler): at most one per step it was scheduled in."""
+    new_block_ids: list[list[int]] = field(default_factory=list)
+    """Blocks appended to its table for this step."""
+    num_computed_tokens: list[int] = field(default_factory=list)
+
+    def append(self, request_id: str, new_token_ids: list[int], new_block_ids: list[int],
+               num_computed_tokens: int) -> None:
+        self.request_ids.append(request_id)
+        self.new_token_ids.append(new_token_ids)
+        self.new_block_ids.append(new_block_ids)
+        self.num_computed_tokens.append(num_computed_tokens)
+
+    def __iter__(self) -> Iterator[tuple[str, list[int], list[int], int]]:
+        return iter(zip(self.request_ids, self.new_token_ids, self.new_block_ids,
+                        self.num_computed_tokens))
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+
+@dataclass
 class SchedulerOutput:
     num_scheduled_tokens: dict[str, int]
-    """request id -> tokens to compute this step (a prefill chunk, a whole prompt, or 1 decode)."""
-    scheduled_requests: list[Request]
-    """Batch order: running requests first, then newly admitted ones."""
-    num_computed_tokens: dict[str, int]
-    """request id -> tokens already computed before this step (position of its first new token)."""
-    block_ids: dict[str, list[int]]
-    """request id -> its block table for this step: a copy, so an abort while the step runs
-    (which empties ``request.block_ids``) cannot pull it from under the runner."""
+    """request id -> tokens to compute this step (a prefill chunk, a whole prompt, or 1 decode).
+    Its order is the batch order: running requests first, then newly admitted ones."""
     total_num_scheduled_tokens: int
+    scheduled_new_requests: list[NewRequestData] = field(default_factory=list)
+    scheduled_cached_requests: CachedRequestData = field(default_factory=CachedRequestData)
     finished_request_ids: set[str] = field(default_factory=set)
-    """Finished or aborted since the previous step: the runner can drop their per-request state."""
+    """Finished or aborted since the previous step: the runner drops their state."""
     preempted_request_ids: set[str] = field(default_factory=set)
-    """Preempted in this step (blocks freed); they come back later as if new, recomputing."""
+    """Preempted (blocks freed): the runner drops their state; they come back as new requests."""
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     """(source, destination) KV blocks to copy before the forward pass: a prompt found whole in
     the prefix cache gets its last block copied (block_manager.py) and computes one token."""

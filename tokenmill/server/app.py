@@ -68,6 +68,7 @@ async def _load_engine(app: FastAPI, factory: EngineFactory) -> None:
     info = engine_info(engine)
     state.kv_pool_tokens = info["kv_tokens"]
     engine.death_listeners.append(lambda error: _on_engine_dead(app, factory, error))
+    engine.bind_loop()  # so a death before the first request (a worker lost) is reported too
     state.engine = engine
     state.restarting = False
     logger.info(banner(info, settings.address, settings.engine.resolved_num_threads()))

@@ -1,4 +1,5 @@
-"""Turns one ``SchedulerOutput`` into the tensors of one forward pass.
+"""Turns one ``SchedulerOutput`` (and the runner's request states) into the tensors of one forward
+pass.
 
 Every scheduled request contributes ``num_new_tokens`` rows to one flattened batch; its KV slots
 come from its block table. A request whose new tokens reach the end of its known tokens also
@@ -13,11 +14,11 @@ from typing import Any
 
 import torch
 
-from tokenmill.engine.request import Request
 from tokenmill.engine.scheduler_output import SchedulerOutput
 from tokenmill.layers.attention import AttentionMetadata, DecodeBatch, PrefillSpan, attention_mask
 from tokenmill.layers.sampler import SamplingBatch
 from tokenmill.structured_output.bitmask import GrammarBitmask
+from tokenmill.worker.request_state import CachedRequestState, RequestStates
 
 
 @dataclass
@@ -26,7 +27,7 @@ class ModelInputs:
     positions: torch.Tensor
     attention: AttentionMetadata
     sample_rows: torch.Tensor  # rows of the flattened batch whose logits are sampled
-    sample_requests: list[Request]
+    sample_requests: list[CachedRequestState]
     sampling: SamplingBatch
     prompt_rows: list[PromptRows]
     """Requests whose prompt rows this step are scored or pooled (not sampled)."""
@@ -57,7 +58,8 @@ class InputBatchBuilder:
         positions = torch.arange(start, end)
         return blocks[positions // self.block_size] * self.block_size + positions % self.block_size
 
-    def build(self, output: SchedulerOutput) -> ModelInputs:
+    def build(self, output: SchedulerOutput, states: RequestStates) -> ModelInputs:
+        """``states`` must already hold this step's diffs (``RequestStates.update_from``)."""
         token_ids: list[int] = []
         positions: list[torch.Tensor] = []
         slot_mapping: list[torch.Tensor] = []
@@ -66,19 +68,18 @@ class InputBatchBuilder:
         decode_tables: list[torch.Tensor] = []
         decode_lens: list[int] = []
         sample_rows: list[int] = []
-        sample_requests: list[Request] = []
+        sample_requests: list[CachedRequestState] = []
         prompt_rows: list[PromptRows] = []
         row = 0
-        for request in output.scheduled_requests:
-            rid = request.request_id
-            num_new = output.num_scheduled_tokens[rid]
-            start = output.num_computed_tokens[rid]
+        for rid, num_new in output.num_scheduled_tokens.items():
+            request = states[rid]
+            start = request.num_computed_tokens
             end = start + num_new
             token_ids.extend(request.all_token_ids[start:end])
             request_positions = torch.arange(start, end)
             positions.append(request_positions)
             num_blocks = -(-end // self.block_size)
-            blocks = torch.tensor(output.block_ids[rid][:num_blocks], dtype=torch.long)
+            blocks = torch.tensor(request.block_ids[:num_blocks], dtype=torch.long)
             slot_mapping.append(self.slots(blocks, start, end))
             if num_new == 1 and start > 0:
                 decode_rows.append(row)
@@ -130,7 +131,7 @@ class InputBatchBuilder:
         )
 
 
-def _prompt_rows(request: Request, first_row: int, start: int, end: int) -> list[PromptRows]:
+def _prompt_rows(request: CachedRequestState, first_row: int, start: int, end: int) -> list[PromptRows]:
     """The outputs ``request`` wants from its positions ``[start, end)`` of this step."""
     wanted: list[PromptRows] = []
     rid = request.request_id
@@ -148,7 +149,7 @@ def _prompt_rows(request: Request, first_row: int, start: int, end: int) -> list
     return wanted
 
 
-def _sampling_batch(requests: list[Request], grammar: GrammarBitmask | None) -> SamplingBatch:
+def _sampling_batch(requests: list[CachedRequestState], grammar: GrammarBitmask | None) -> SamplingBatch:
     banned: list[list[int]] = []
     for request in requests:
         params = request.sampling_params

@@ -1,4 +1,5 @@
-"""Runs one engine step on the device: build inputs, forward, logits of sampling rows, sample."""
+"""Runs one engine step on the device: apply the step's diffs to its request states, build inputs,
+forward, logits of sampling rows, sample."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tokenmill.models.registry import build_model
 from tokenmill.worker.input_batch import InputBatchBuilder
 from tokenmill.worker.kv_cache import KVCacheSpec, allocate_kv_cache, copy_blocks, plan_kv_cache
 from tokenmill.worker.prompt_logprobs import score_prompt_rows
+from tokenmill.worker.request_state import RequestStates
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ class ModelRunner:
         self.inputs = InputBatchBuilder(config.cache.block_size, self.device,
                                         source.arch.sliding_window, self._decode_kernel())
         self.sampler = Sampler(self.device, seed=config.model.seed)
+        self.requests = RequestStates()
+        """Its own copy of every request it holds (scheduler_output.py: sent once, then diffs)."""
         if self.device.type == "cpu":
             # Built now (or found in the build cache), not on the first request: a cold build
             # takes ~25 s, which would otherwise land in that request's time to first token.
@@ -73,10 +77,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        self.requests.update_from(scheduler_output)
         if scheduler_output.is_empty:
             return RunnerOutput()
         copy_blocks(self.kv_caches, scheduler_output.block_copies)
-        inputs = self.inputs.build(scheduler_output)
+        inputs = self.inputs.build(scheduler_output, self.requests)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention, self.kv_caches)
         output = RunnerOutput()
         for wanted in inputs.prompt_rows:
@@ -86,6 +91,7 @@ class ModelRunner:
             else:
                 output.prompt_logprobs[wanted.request_id] = score_prompt_rows(
                     self.model, hidden, wanted.rows, wanted.next_token_ids, wanted.num_top)
+                self.requests[wanted.request_id].num_prompt_logprobs += len(wanted.rows)
         if not inputs.sample_requests:
             return output
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
