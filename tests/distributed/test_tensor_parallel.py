@@ -24,7 +24,8 @@ PROMPT = [1, 504, 3458, 282, 4098, 314, 260, 1345, 30, 198, 6121, 28, 1126, 17, 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM as HFLlama
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM as HFLlama
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-llama-tp")

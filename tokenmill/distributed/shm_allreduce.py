@@ -126,7 +126,7 @@ class SharedMemoryAllReduce:
                     late = [r for r in range(self.world_size) if flags[r] < seq]
                     raise RuntimeError(
                         f"tensor-parallel all-reduce #{seq}: rank(s) {late} did not arrive within "
-                        f"{self.timeout_s:.0f} s (a worker died or hung); rank {self.rank} gives up")
+                        f"{self.timeout_s:g} s (a worker died or hung); rank {self.rank} gives up")
 
     def close(self) -> None:
         self._views.clear()
