@@ -28,6 +28,7 @@ class RunSpec:
     num_decode_steps: int = 2
     quantizations: list[str] = field(default_factory=lambda: ["none"])
     allreduce: str = "shm"
+    dtype: torch.dtype = torch.float32
 
 
 def free_port() -> int:
@@ -54,7 +55,7 @@ def load_model(spec: RunSpec, quantization: str, parallel: ParallelContext) -> t
         tensors = iter_safetensors(Path(spec.model))
     from tokenmill.quant.registry import get_quant_method
 
-    model = LlamaForCausalLM(arch, torch.float32, "cpu", max_positions=256, parallel=parallel)
+    model = LlamaForCausalLM(arch, spec.dtype, "cpu", max_positions=256, parallel=parallel)
     with torch.inference_mode():
         model.load_weights(tensors, get_quant_method(quantization))
     return model.eval()
@@ -71,7 +72,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 @torch.inference_mode()
 def greedy_run(model: torch.nn.Module, prompt_ids: list[int], num_decode_steps: int,
-               world_size: int) -> dict:
+               world_size: int, dtype: torch.dtype = torch.float32) -> dict:
     """Prefill ``prompt_ids`` then ``num_decode_steps`` greedy decode steps through a paged KV
     cache (the metadata the runner builds); the logits of every step and the tokens chosen."""
     from tokenmill.layers.kernels import paged_attention_module
@@ -79,7 +80,7 @@ def greedy_run(model: torch.nn.Module, prompt_ids: list[int], num_decode_steps: 
     arch = model.arch
     total = len(prompt_ids) + num_decode_steps
     num_blocks = -(-total // BLOCK_SIZE) + 1
-    kv_caches = allocate_kv_cache(arch, KVCacheSpec(num_blocks, BLOCK_SIZE, 0), torch.float32,
+    kv_caches = allocate_kv_cache(arch, KVCacheSpec(num_blocks, BLOCK_SIZE, 0), dtype,
                                   torch.device("cpu"), world_size)
     kernel = paged_attention_module()
     builder = InputBatchBuilder(BLOCK_SIZE, torch.device("cpu"), arch.sliding_window, kernel)
@@ -120,7 +121,7 @@ def rank_main(rank: int, world_size: int, port: int, spec: RunSpec, out_dir: str
     try:
         for quantization in spec.quantizations:
             model = load_model(spec, quantization, parallel)
-            run = greedy_run(model, spec.prompt_ids, spec.num_decode_steps, world_size)
+            run = greedy_run(model, spec.prompt_ids, spec.num_decode_steps, world_size, spec.dtype)
             run["weight_bytes"] = weight_bytes(model)
             run["report"] = model.weight_report()
             results[quantization] = run
@@ -147,7 +148,7 @@ def run_single(spec: RunSpec) -> dict:
     results = {}
     for quantization in spec.quantizations:
         model = load_model(spec, quantization, ParallelContext.single())
-        run = greedy_run(model, spec.prompt_ids, spec.num_decode_steps, 1)
+        run = greedy_run(model, spec.prompt_ids, spec.num_decode_steps, 1, spec.dtype)
         run["weight_bytes"] = weight_bytes(model)
         run["report"] = model.weight_report()
         results[quantization] = run

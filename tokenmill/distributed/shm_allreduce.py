@@ -4,7 +4,8 @@ A gloo all-reduce of one hidden vector goes through loopback TCP: ~0.1 ms on an 
 1 ms on a busy 2-core one (docs/tensor_parallel.md), and a step has two per layer. Here the ranks
 map one file in ``/dev/shm``; an all-reduce is: write my part into my slot, publish a sequence
 number, wait until every rank has published it, then add the slots **in rank order** (so every rank
-gets the same bits: the replicated residual stream stays identical on all ranks).
+gets the same bits: the replicated residual stream stays identical on all ranks; bfloat16/float16
+parts are summed in float32 and rounded once).
 
 Layout: one flag (int64 sequence number) per rank, each on its own 64-byte line, then
 ``[2, world_size, SLOT_BYTES]`` data. Two buffers, alternated by sequence number, let a fast rank
@@ -102,9 +103,15 @@ class SharedMemoryAllReduce:
             slots[self.rank].copy_(chunk)
             self.flags[self.rank * FLAG_STRIDE] = self.seq
             self._wait(self.seq)
-            chunk.copy_(slots[0])
-            for other in range(1, self.world_size):
-                chunk.add_(slots[other])
+            if chunk.dtype == torch.float32:
+                chunk.copy_(slots[0])
+                for other in range(1, self.world_size):
+                    chunk.add_(slots[other])
+            else:  # 16-bit parts are summed in float32 and rounded once
+                total = slots[0].float()
+                for other in range(1, self.world_size):
+                    total.add_(slots[other])
+                chunk.copy_(total)
         if flat.data_ptr() != tensor.data_ptr():
             tensor.copy_(flat.view(tensor.shape))
         return tensor
