@@ -57,6 +57,18 @@ def _decode(model: torch.nn.Module, prompt_len: int, steps: int, world_size: int
     return (time.perf_counter() - start) / steps, token
 
 
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _build(args: argparse.Namespace, parallel: ParallelContext) -> torch.nn.Module:
     from tokenmill.loader.model_source import open_model_source
     from tokenmill.models.registry import build_model
@@ -77,6 +89,7 @@ def _rank(rank: int, world_size: int, port: int, allreduce: str, args: argparse.
     assert init_method.startswith("tcp://127.0.0.1:")
     parallel = init_distributed(rank, world_size, init_method, "cpu", allreduce=allreduce)
     model = _build(args, parallel)
+    weights = sum(model.weight_report().values())
     spent = [0.0, 0]
     reduce = parallel.all_reduce
 
@@ -93,6 +106,7 @@ def _rank(rank: int, world_size: int, port: int, allreduce: str, args: argparse.
     per_step, token = _decode(model, args.prompt_len, args.steps, world_size)
     calls = spent[1] / (args.steps + 1)  # the prefill's all-reduces are counted too
     results[(allreduce, rank)] = (per_step, spent[0] / (args.steps + 1), calls, token)
+    results[("memory", allreduce, rank)] = (weights, _rss(), _peak_rss())
     parallel.close()
     dist.destroy_process_group()
 
@@ -112,6 +126,7 @@ def main() -> None:
     llama_decode_stack.set_enabled(False)
     python_layers, _ = _decode(single, args.prompt_len, args.steps, 1)
     llama_decode_stack.set_enabled(True)
+    single_memory = (sum(single.weight_report().values()), _rss(), _peak_rss())
     del single
     manager = mp.Manager()
     results = manager.dict()
@@ -130,6 +145,13 @@ def main() -> None:
           f"{args.prompt_len} prompt tokens")
     print(f"TP=1 native decode stack: {native * 1e3:.2f} ms/step")
     print(f"TP=1 Python layers:       {python_layers * 1e3:.2f} ms/step")
+    mib = 2**20
+    print(f"TP=1 weights {single_memory[0] / mib:.1f} MiB, RSS {single_memory[1] / mib:.0f} MiB, "
+          f"peak RSS {single_memory[2] / mib:.0f} MiB (this process)")
+    for rank in range(args.world_size):
+        weights, rss, peak = results[("memory", "shm", rank)]
+        print(f"TP={args.world_size} rank {rank}: weights {weights / mib:.1f} MiB, RSS after the "
+              f"run {rss / mib:.0f} MiB, peak RSS {peak / mib:.0f} MiB")
     for allreduce in ("gloo", "shm"):
         per_step, in_reduce, calls, last = results[(allreduce, 0)]
         print(f"TP={args.world_size} {allreduce:4}: {per_step * 1e3:.2f} ms/step, all-reduce "
