@@ -98,7 +98,8 @@ def init_distributed(rank: int, world_size: int, init_method: str,
 
 def context_from_group(device: torch.device | str = "cpu", allreduce: str | None = None,
                        group: Any = None) -> ParallelContext:
-    """The context of this process in an already initialised group (the executor's workers)."""
+    """The context of this process in an already initialised group (the executor's workers).
+    Collective: every rank of the group calls it (the shared-memory buffer is set up together)."""
     import torch.distributed as dist
 
     device = torch.device(device)
