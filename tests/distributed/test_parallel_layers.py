@@ -46,9 +46,10 @@ def test_qkv_keeps_this_ranks_heads_and_the_kv_head_they_read():
     q, k, v = torch.randn(6 * head_dim, hidden), torch.randn(2 * head_dim, hidden), torch.randn(
         2 * head_dim, hidden)
     for rank in _ranks(6):  # 6 query heads, 2 KV heads: each KV head on 3 ranks
-        layer = QKVParallelLinear(hidden, head_dim, 6, 2, False, torch.float32, "cpu", rank)
+        layer = QKVParallelLinear(hidden, head_dim, 6, 2, True, torch.float32, "cpu", rank)
         for name, tensor in (("q", q), ("k", k), ("v", v)):
             layer.load_shard(name, "weight", tensor)
+            layer.load_shard(name, "bias", tensor[:, 0])  # Qwen2's q/k/v biases: same rows
         layer.finalize("qkv_proj", get_quant_method("none"))
         assert (layer.num_heads, layer.num_kv_heads) == (1, 1)
         kv_head = rank.rank // 3  # query head r reads KV head r // (6 / 2)
@@ -56,6 +57,7 @@ def test_qkv_keeps_this_ranks_heads_and_the_kv_head_they_read():
         expected = torch.cat([q[rank.rank * head_dim:(rank.rank + 1) * head_dim], k[rows],
                               v[rows]])
         assert torch.equal(layer.weight, expected)
+        assert torch.equal(layer.bias, expected[:, 0])
 
 
 def test_vocab_parallel_embedding_and_head_with_a_vocabulary_that_does_not_split_evenly():
