@@ -15,12 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.distributed.parallel_state import ParallelContext
+from tokenmill.distributed.sharding import check_tensor_parallel
 from tokenmill.errors import CorruptModelFileError
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
-from tokenmill.layers.embedding import VocabEmbedding
-from tokenmill.layers.linear import Linear, MergedLinear
+from tokenmill.layers.linear import MergedLinear
 from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.parallel_embedding import VocabParallelEmbedding
+from tokenmill.layers.parallel_linear import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelHead,
+)
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.arch_config import ArchConfig
 from tokenmill.models.llama_decode_stack import LlamaDecodeStack
@@ -40,17 +48,19 @@ _FUSED_SHARDS = {
 
 class LlamaAttention(nn.Module):
     def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, parallel: ParallelContext | None = None):
         super().__init__()
-        self.num_heads = arch.num_attention_heads
-        self.num_kv_heads = arch.num_key_value_heads
+        parallel = parallel or ParallelContext.single()
         self.head_dim = arch.head_dim
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(arch.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size},
-                                     arch.attention_bias, dtype, device)
-        self.o_proj = Linear(q_size, arch.hidden_size, arch.o_proj_bias, dtype, device)
+        # this rank's heads (all of them with one rank)
+        self.qkv_proj = QKVParallelLinear(arch.hidden_size, arch.head_dim,
+                                          arch.num_attention_heads, arch.num_key_value_heads,
+                                          arch.attention_bias, dtype, device, parallel)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(arch.num_attention_heads * arch.head_dim,
+                                        arch.hidden_size, arch.o_proj_bias, dtype, device, parallel)
         # Qwen3: RMSNorm over head_dim, one weight shared by all heads, applied before rotary
+        # (every rank keeps the whole weight: it is per head_dim, not per head)
         self.q_norm = self.k_norm = None
         if arch.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps).to(device=device, dtype=dtype)
@@ -73,12 +83,13 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str,
-                 intermediate_size: int | None = None):
+                 intermediate_size: int | None = None, parallel: ParallelContext | None = None):
         super().__init__()
+        parallel = parallel or ParallelContext.single()
         size = intermediate_size or arch.intermediate_size  # an MoE's shared expert has its own
-        self.gate_up_proj = MergedLinear(arch.hidden_size, {"gate": size, "up": size}, False,
-                                         dtype, device)
-        self.down_proj = Linear(size, arch.hidden_size, False, dtype, device)
+        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, {"gate": size, "up": size},
+                                                 False, dtype, device, parallel)
+        self.down_proj = RowParallelLinear(size, arch.hidden_size, False, dtype, device, parallel)
         self.act = SiluAndMul()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -87,12 +98,12 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, parallel: ParallelContext | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch, rotary, dtype, device)
+        self.self_attn = LlamaAttention(arch, rotary, dtype, device, parallel)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = LlamaMLP(arch, dtype, device)
+        self.mlp = LlamaMLP(arch, dtype, device, parallel=parallel)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor | None, residual: torch.Tensor | None = None
@@ -112,21 +123,28 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, parallel: ParallelContext | None = None):
         super().__init__()
         self.arch = arch
+        # tensor parallelism: each layer built below keeps this rank's shard of its weights
+        self.parallel = parallel = parallel or ParallelContext.single()
+        check_tensor_parallel(arch.num_attention_heads, arch.num_key_value_heads,
+                              arch.intermediate_size, parallel.world_size)
         rotary = RotaryEmbedding(arch.head_dim, max_positions or arch.max_position_embeddings,
                                  arch.rope_theta, arch.rope_scaling, dtype, device)
-        self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size, dtype, device)
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, dtype,
+                                                   device, parallel)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, rotary, dtype, device) for _ in range(arch.num_hidden_layers)
+            LlamaDecoderLayer(arch, rotary, dtype, device, parallel)
+            for _ in range(arch.num_hidden_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps).to(device=device, dtype=dtype)
         for layer in self.layers:
             layer.input_layernorm.to(device=device, dtype=dtype)
             layer.post_attention_layernorm.to(device=device, dtype=dtype)
         self.lm_head = (None if arch.tie_word_embeddings else
-                        Linear(arch.hidden_size, arch.vocab_size, False, dtype, device))
+                        VocabParallelHead(arch.hidden_size, arch.vocab_size, dtype, device,
+                                          parallel))
         self.requires_grad_(False)
         self.decode_stack: LlamaDecodeStack | None = None  # built once the weights are loaded
 
@@ -180,7 +198,8 @@ class LlamaForCausalLM(nn.Module):
                 module.finalize(module_name, head_method)
         if self.lm_head is None:
             self.embed_tokens.tie_head()  # now, so a quantized table is held once from the start
-        self.decode_stack = LlamaDecodeStack.build(self)
+        # the native stack has no all-reduce between its layers: with TP the layers run in Python
+        self.decode_stack = None if self.parallel.is_parallel else LlamaDecodeStack.build(self)
 
     def weight_report(self) -> dict[str, int]:
         """Bytes of weights by format ("gguf:Q4_1", "float32", ...): the start-up banner's line."""

@@ -1,7 +1,8 @@
 """The paged KV cache pool: how many blocks fit the memory budget, and the per-layer tensors.
 
 Each layer gets one tensor ``[2, num_blocks, block_size, kv_heads, head_dim]``: K then V; a token's
-slot is ``block_id * block_size + offset``. Allocated with ``torch.empty``: on a CPU the pages are
+slot is ``block_id * block_size + offset``. With tensor parallelism each rank caches only its KV
+heads (``tensor_parallel_size`` ranks: KV heads / ranks, or 1 replicated head). Allocated with ``torch.empty``: on a CPU the pages are
 only touched (and counted as resident) as blocks get used.
 """
 
@@ -13,6 +14,7 @@ import psutil
 import torch
 
 from tokenmill.config import CacheConfig
+from tokenmill.distributed.sharding import num_kv_heads_per_rank
 from tokenmill.errors import ConfigError
 from tokenmill.models.arch_config import ArchConfig
 
@@ -46,9 +48,11 @@ def free_device_memory(device: torch.device) -> int:
 
 
 def plan_kv_cache(arch: ArchConfig, cache: CacheConfig, dtype: torch.dtype,
-                  device: torch.device) -> KVCacheSpec:
+                  device: torch.device, tensor_parallel_size: int = 1) -> KVCacheSpec:
+    """Blocks of this rank's cache that fit its budget (every rank gets the same count)."""
     element_size = torch.empty((), dtype=dtype).element_size()
-    bytes_per_block = (arch.num_hidden_layers * 2 * cache.block_size * arch.num_key_value_heads
+    kv_heads = num_kv_heads_per_rank(arch.num_key_value_heads, tensor_parallel_size)
+    bytes_per_block = (arch.num_hidden_layers * 2 * cache.block_size * kv_heads
                        * arch.head_dim * element_size)
     if cache.kv_cache_memory > 1:
         budget = int(cache.kv_cache_memory)
@@ -65,8 +69,9 @@ def plan_kv_cache(arch: ArchConfig, cache: CacheConfig, dtype: torch.dtype,
 
 
 def allocate_kv_cache(arch: ArchConfig, spec: KVCacheSpec, dtype: torch.dtype,
-                      device: torch.device) -> list[torch.Tensor]:
-    shape = (2, spec.num_blocks, spec.block_size, arch.num_key_value_heads, arch.head_dim)
+                      device: torch.device, tensor_parallel_size: int = 1) -> list[torch.Tensor]:
+    kv_heads = num_kv_heads_per_rank(arch.num_key_value_heads, tensor_parallel_size)
+    shape = (2, spec.num_blocks, spec.block_size, kv_heads, arch.head_dim)
     return [torch.empty(shape, dtype=dtype, device=device) for _ in range(arch.num_hidden_layers)]
 
 

@@ -1,0 +1,1 @@
+"""Tensor parallelism: process groups, the all-reduce, and how each layer is cut into shards."""
