@@ -72,6 +72,7 @@ def test_profile_quick_measures_decode_costs_that_plan_uses(run_cli, tmp_path) -
     assert "kernel q4" in out and "overhead" in out
     # what `tokenmill serve` adds per step, measured against a real server on loopback
     serving = decode["serving"]
+    assert serving is not None, f"the serving measurement failed: {err[-2000:]}"
     assert serving["batches"] == [1, 4, 16] and len(serving["step_s"]) == 3
     assert serving["context"] > 0 and "serving" in out
 
