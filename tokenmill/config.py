@@ -175,7 +175,8 @@ DISTRIBUTED_EXECUTORS = ("auto", "mp", "inprocess")
 class ParallelConfig:
     tensor_parallel_size: int = _help(
         "Worker ranks the model runs on (one process each; torch.distributed gloo on a CPU, "
-        "nccl on CUDA, addresses on 127.0.0.1).", default=1,
+        "nccl on CUDA, addresses on 127.0.0.1). Not yet sharding: each rank still holds the "
+        "whole model (docs/tensor_parallel.md).", default=1,
     )
     distributed_executor: str = _help(
         "How the engine runs its model runner(s): auto (in the engine's own process for one "
