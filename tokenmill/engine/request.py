@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 from tokenmill.engine.stats import RequestStats
+from tokenmill.engine.token_progress import TokenProgress
 from tokenmill.engine.trace import RequestTrace
 from tokenmill.sampling_params import SamplingParams
 
@@ -47,7 +48,7 @@ _FINISH_REASONS = {
 }
 
 
-class Request:
+class Request(TokenProgress):
     def __init__(
         self,
         request_id: str,
@@ -108,18 +109,6 @@ class Request:
         return self.stats.arrival_time
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
-
-    @property
     def num_tokens_to_compute(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
@@ -137,18 +126,6 @@ class Request:
         """Reusing cached KV skips those positions' forward pass; a request that needs every
         prompt row's output (prompt logprobs, mean pooling) must compute them, as vLLM does."""
         return self.sampling_params.prompt_logprobs is None and self.pooling != "mean"
-
-    def samples_at(self, end: int) -> bool:
-        """Whether a step computing its tokens up to ``end`` samples a token for it."""
-        return end == self.num_tokens and not self.is_prompt_only
-
-    def prompt_logprob_positions(self, start: int, end: int) -> range:
-        """Positions in ``[start, end)`` whose output scores the next prompt token and is still
-        missing (row ``p`` holds the log probability of prompt token ``p + 1``)."""
-        if self.sampling_params.prompt_logprobs is None:
-            return range(0)
-        first = max(start, self.num_prompt_logprobs)
-        return range(first, max(first, min(end, self.num_prompt_tokens - 1)))
 
     @property
     def finish_reason(self) -> str | None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenmill.engine.scheduler_output import NewRequestData, SchedulerOutput
+from tokenmill.engine.token_progress import TokenProgress
 from tokenmill.sampling_params import SamplingParams
 
 
 @dataclass
-class CachedRequestState:
+class CachedRequestState(TokenProgress):
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
@@ -41,34 +42,9 @@ class CachedRequestState:
             output_token_ids=list(new.output_token_ids),
             all_token_ids=[*new.prompt_token_ids, *new.output_token_ids])
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
-
     def append_token_ids(self, token_ids: list[int]) -> None:
         self.output_token_ids.extend(token_ids)
         self.all_token_ids.extend(token_ids)
-
-    def samples_at(self, end: int) -> bool:
-        """Whether a step computing its tokens up to ``end`` samples a token for it (the same
-        rule as ``Request.samples_at``, on the runner's copy)."""
-        return end == self.num_tokens and not self.is_prompt_only
-
-    def prompt_logprob_positions(self, start: int, end: int) -> range:
-        """Positions in ``[start, end)`` whose output scores the next prompt token and is still
-        missing (row ``p`` holds the log probability of prompt token ``p + 1``)."""
-        if self.sampling_params.prompt_logprobs is None:
-            return range(0)
-        first = max(start, self.num_prompt_logprobs)
-        return range(first, max(first, min(end, self.num_prompt_tokens - 1)))
 
 
 class RequestStates(dict[str, CachedRequestState]):
