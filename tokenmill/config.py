@@ -174,9 +174,13 @@ DISTRIBUTED_EXECUTORS = ("auto", "mp", "inprocess")
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = _help(
-        "Worker ranks the model runs on (one process each; torch.distributed gloo on a CPU, "
-        "nccl on CUDA, addresses on 127.0.0.1). Not yet sharding: each rank still holds the "
-        "whole model (docs/tensor_parallel.md).", default=1,
+        "Tensor-parallel ranks: one worker process each, holding 1/N of every layer's weights "
+        "and KV heads (torch.distributed: gloo on a CPU, nccl on CUDA, addresses on 127.0.0.1; "
+        "docs/tensor_parallel.md). Must divide the attention heads.", default=1,
+    )
+    allow_more_ranks_than_cores: bool = _help(
+        "Start more CPU ranks than this process may use cores (each rank needs one; sharing "
+        "them is slower). Off: such a tensor_parallel_size is refused.", default=False,
     )
     distributed_executor: str = _help(
         "How the engine runs its model runner(s): auto (in the engine's own process for one "

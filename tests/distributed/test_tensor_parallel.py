@@ -63,30 +63,6 @@ def test_tp2_tiny_llama_with_a_replicated_kv_head_matches_tp1(tiny_llama, tmp_pa
         assert result["kv_heads"] == 1
 
 
-def test_tp3_builtin_model_and_its_gguf_blocks_match_tp1(tmp_path, builtin_source):
-    """9 heads / 3 KV heads over 3 ranks: 3 query heads and 1 KV head each. ``auto`` keeps the
-    file's Q4_1/Q8_0 blocks, cut along whole blocks (row-parallel o_proj: 192 of 576 inputs,
-    down_proj: 512 of 1536; 32-element blocks). The float32 path is the tiny Llama's test
-    (loading the built-in file on 3 ranks of one core is what this test spends its time on)."""
-    assert builtin_source.arch.num_attention_heads == 9
-    assert builtin_source.arch.num_key_value_heads == 3
-    prompt = builtin_source.tokenizer.encode("The capital of France is")
-    spec = RunSpec(None, prompt, num_decode_steps=2, quantizations=["auto"])
-    single = run_single(spec)
-    ranks = run_parallel(spec, 3, tmp_path)
-    for quantization in spec.quantizations:
-        _compare(single[quantization], [r[quantization] for r in ranks])
-        # norms are the only replicated weights (no KV head is replicated: 3 over 3 ranks)
-        arch = builtin_source.arch
-        replicated = 4 * (2 * arch.num_hidden_layers + 1) * arch.hidden_size
-        for result in ranks:
-            assert result[quantization]["kv_heads"] == 1
-            assert result[quantization]["weight_bytes"] <= (
-                single[quantization]["weight_bytes"] / 3 + replicated)
-    # the quantized shards are the file's formats, not dequantized copies
-    assert {k.split(":")[0] for k in ranks[1]["auto"]["report"]} == {"gguf"}
-
-
 def _arch(heads: int, kv_heads: int, intermediate: int = 128) -> ArchConfig:
     return ArchConfig(architecture="llama", vocab_size=100, hidden_size=heads * 8,
                       intermediate_size=intermediate, num_hidden_layers=1,

@@ -88,26 +88,6 @@ def test_one_rank_in_worker_process_matches_in_process(bytes_per_block: int) -> 
         assert _same_logprobs(ours[2], theirs[2])
 
 
-def test_two_ranks_join_a_gloo_group_and_answer_as_one(in_process_llm: LLM) -> None:
-    """The tensor-parallel seam: every rank knows its place and has joined the process group
-    (each still runs the whole model); rank 0 answers, the scheduler plans with the smallest
-    pool."""
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    expected = [o.outputs[0].token_ids
-                for o in in_process_llm.generate(PROMPTS[:2], params, use_tqdm=False)]
-    with make_llm(tensor_parallel_size=2) as llm:
-        executor = llm.engine.executor
-        infos = executor.worker_infos
-        assert [(i.rank, i.world_size, i.distributed_backend) for i in infos] == [
-            (0, 2, "gloo"), (1, 2, "gloo")]
-        assert llm.engine.kv_spec.num_blocks == min(i.kv_spec.num_blocks for i in infos)
-        pids = list(executor.worker_pids)
-        assert sorted(p.pid for p in worker_processes()) == sorted(pids)
-        outputs = llm.generate(PROMPTS[:2], params, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in outputs] == expected
-    assert_gone(pids)
-
-
 def _same_logprobs(ours: Any, theirs: Any) -> bool:
     if ours is None or theirs is None:
         return ours is theirs

@@ -1,5 +1,5 @@
-"""`tokenmill serve` with its model in a worker process (``--distributed-executor mp``): it answers
-what the in-process engine answers, and a worker that dies or raises mid-generation fails every
+"""`tokenmill serve` with its model in worker processes (``--tensor-parallel-size 3``, or one rank
+with ``--distributed-executor mp``): it answers what the in-process engine answers, and a worker that dies or raises mid-generation fails every
 open request at once with a clear error, turns /health 503 and ends the server with status 1
 (or, with ``--restart-engine-on-failure``, a new engine and worker take over); no worker process
 ever outlives the server, even one killed with SIGKILL."""
@@ -46,11 +46,17 @@ def assert_all_gone(processes: list[psutil.Process], deadline_s: float = 15.0) -
     raise AssertionError(f"left behind: {[(p.pid, p.name()) for p in alive]}")
 
 
-def test_served_from_a_worker_process_as_in_process(llm) -> None:
-    server = ServerProcess(*MP, "--dtype", "float32").wait_ready()
+def test_served_with_tensor_parallelism_over_three_workers_as_in_process(llm) -> None:
+    """The built-in model cut over 3 ranks (3 of its 9 heads and 1 of its 3 KV heads each)
+    answers what the in-process engine answers; the banner gives each rank's memory."""
+    server = ServerProcess("--tensor-parallel-size", "3", "--allow-more-ranks-than-cores",
+                           "--dtype", "float32").wait_ready()
     try:
-        (worker,) = workers_of(server)
-        assert f"worker process(es) ready (pids [{worker.pid}])" in server.log()
+        workers = workers_of(server)
+        assert len(workers) == 3
+        log = server.log()
+        assert "3 worker process(es) ready" in log
+        assert "tensor parallel over 3 ranks (all-reduce shm): each rank holds" in log
         params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
         expected = llm.generate(PROMPTS, params, use_tqdm=False)
         for _ in range(2):  # the second time every prompt is a prefix-cache hit

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -79,8 +80,9 @@ class ParallelContext:
 
 def init_distributed(rank: int, world_size: int, init_method: str,
                      device: torch.device | str = "cpu", allreduce: str | None = None,
-                     ) -> ParallelContext:
-    """Join the process group at ``init_method`` (``tcp://127.0.0.1:<port>``) as ``rank``.
+                     timeout_s: float | None = None) -> ParallelContext:
+    """Join the process group at ``init_method`` (``tcp://127.0.0.1:<port>``) as ``rank``: gloo
+    on a CPU, nccl on CUDA (one GPU per rank). ``timeout_s`` bounds the wait for the other ranks.
 
     ``allreduce``: "shm" (ranks on one machine, CPU: shared-memory all-reduce), "gloo", or
     "auto"/None (``$TOKENMILL_TP_ALLREDUCE``, else shm on CPU)."""
@@ -90,9 +92,13 @@ def init_distributed(rank: int, world_size: int, init_method: str,
         raise ConfigError(f"rank={rank} is outside a group of world_size={world_size}",
                           param="tensor_parallel_size")
     device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
     if not dist.is_initialized():
+        extra = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
         dist.init_process_group(backend_for_device(device), init_method=init_method,
-                                rank=rank, world_size=world_size)
+                                rank=rank, world_size=world_size, **extra)
     return context_from_group(device, allreduce)
 
 

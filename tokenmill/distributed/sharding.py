@@ -17,12 +17,15 @@ holds its shards plus, for a moment, one full tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tokenmill.errors import ConfigError, UnsupportedModelError
 from tokenmill.quant.weight import QuantizedWeight
+
+if TYPE_CHECKING:
+    from tokenmill.models.arch_config import ArchConfig
 
 TP_PARAM = "tensor_parallel_size"
 
@@ -36,6 +39,18 @@ class HeadShard:
     head_start: int  # first query head
     kv_head_start: int  # first KV head
     kv_replicated: bool = False  # fewer KV heads than ranks: this one is also on other ranks
+
+
+def check_model_split(arch: ArchConfig, world_size: int) -> None:
+    """Raise ``ConfigError`` naming ``tensor_parallel_size`` when ``arch`` cannot be cut into
+    ``world_size`` shards: heads, KV heads, and every MLP's intermediate size (an MoE's experts
+    and shared expert included). Called before any worker starts, and by the model itself."""
+    check_tensor_parallel(arch.num_attention_heads, arch.num_key_value_heads,
+                          arch.intermediate_size, world_size)
+    if arch.moe is not None:
+        check_divides(arch.moe.moe_intermediate_size, "expert intermediate size", world_size)
+        check_divides(arch.moe.shared_expert_intermediate_size,
+                      "shared expert intermediate size", world_size)
 
 
 def check_tensor_parallel(num_heads: int, num_kv_heads: int, intermediate_size: int,
@@ -53,9 +68,14 @@ def check_tensor_parallel(num_heads: int, num_kv_heads: int, intermediate_size: 
         raise ConfigError(f"{TP_PARAM}={world_size} is not a multiple of the model's "
                           f"{num_kv_heads} KV heads (each KV head is replicated on "
                           f"{TP_PARAM} / KV heads ranks)", param=TP_PARAM)
-    if intermediate_size % world_size:
-        raise ConfigError(f"{TP_PARAM}={world_size} does not divide the model's intermediate size "
-                          f"{intermediate_size}", param=TP_PARAM)
+    check_divides(intermediate_size, "intermediate size", world_size)
+
+
+def check_divides(size: int, what: str, world_size: int) -> None:
+    """Raise ``ConfigError`` unless ``world_size`` ranks split ``size`` evenly."""
+    if size % world_size:
+        raise ConfigError(f"{TP_PARAM}={world_size} does not divide the model's {what} {size}",
+                          param=TP_PARAM)
 
 
 def head_shard(num_heads: int, num_kv_heads: int, rank: int, world_size: int) -> HeadShard:

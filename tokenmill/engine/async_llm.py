@@ -399,4 +399,7 @@ def engine_info(engine: AsyncLLM) -> dict[str, Any]:
         "kv_blocks": spec.num_blocks,
         "kv_tokens": spec.num_tokens,
         "kv_bytes": spec.num_bytes,
+        "tensor_parallel_size": len(engine.core.executor.weight_bytes),
+        "weight_bytes_per_rank": max(engine.core.executor.weight_bytes),
+        "allreduce": engine.core.executor.allreduce,
     }

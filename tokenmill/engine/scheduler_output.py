@@ -28,6 +28,7 @@ from tokenmill.structured_output.bitmask import GrammarBitmask
 
 if TYPE_CHECKING:
     from tokenmill.layers.sampler import TokenLogprobs
+    from tokenmill.models.moe_stats import ExpertLoad
 
 
 @dataclass
@@ -117,6 +118,9 @@ class RunnerOutput:
     pooled: dict[str, list[float]] = field(default_factory=dict)
     """Pooling requests: this chunk's sum of hidden rows ("mean"), or the last prompt row
     ("last", only in the step that ends the prompt)."""
+    expert_load: ExpertLoad | None = None
+    """An MoE model's routing counts after this step, from a worker process (rank 0); the
+    in-process executor reads them from the model directly."""
 
 
 @dataclass

@@ -19,6 +19,7 @@ class InProcessExecutor(Executor):
         self.kv_spec = self.worker.runner.kv_spec
         self.weights = self.worker.runner.describe_weights()
         self.worker_pids = [os.getpid()]
+        self.weight_bytes = [self.worker.runner.weight_bytes()]
 
     @property
     def runner(self) -> ModelRunner:

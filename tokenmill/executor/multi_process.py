@@ -30,6 +30,7 @@ from tokenmill.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from tokenmill.errors import WorkerFailedError
 from tokenmill.executor.executor import Executor
 from tokenmill.executor.worker_process import send, worker_main
+from tokenmill.models.moe_stats import ExpertLoad
 from tokenmill.worker.worker import WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class MultiProcessExecutor(Executor):
         self.world_size = parallel.world_size
         self.step_timeout = parallel.worker_step_timeout
         self.failure: WorkerFailedError | None = None
+        self._expert_load: ExpertLoad | None = None
         self.workers: list[WorkerHandle] = []
         self._closed = False
         context = multiprocessing.get_context("spawn")
@@ -93,8 +95,11 @@ class MultiProcessExecutor(Executor):
         self.weights = infos[0].weights
         self.worker_pids = [info.pid for info in infos]
         self.worker_infos = infos
-        logger.info("%d worker process(es) ready (pids %s); KV pool of the smallest rank: "
-                    "%d blocks", self.world_size, self.worker_pids, self.kv_spec.num_blocks)
+        self.weight_bytes = [info.weight_bytes for info in infos]
+        self.allreduce = infos[0].allreduce
+        logger.info("%d worker process(es) ready (pids %s); KV pool: %d blocks; weights per "
+                    "rank: %s MiB", self.world_size, self.worker_pids, self.kv_spec.num_blocks,
+                    ", ".join(f"{size / 2**20:.1f}" for size in self.weight_bytes))
 
     # ------------------------------------------------------------------ Executor
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
@@ -106,8 +111,13 @@ class MultiProcessExecutor(Executor):
             except OSError:  # its end is closed: it died
                 raise self._fail(f"{worker.describe()} {worker.exit_status()} before a step "
                                  "could be sent to it") from None
-        outputs = self._collect(self.step_timeout, "during a step", "worker_step_timeout")
-        return outputs[0]
+        output = self._collect(self.step_timeout, "during a step", "worker_step_timeout")[0]
+        if output.expert_load is not None:
+            self._expert_load = output.expert_load
+        return output
+
+    def expert_load(self) -> ExpertLoad | None:
+        return self._expert_load
 
     def check_health(self) -> None:
         self._check_not_failed()

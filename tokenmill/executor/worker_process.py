@@ -4,7 +4,8 @@ Protocol over one duplex pipe, each message a pickled ``(kind, body)`` tuple of 
 
     worker -> engine   ("ready", WorkerInfo)            once, after the model loaded
     engine -> worker   ("execute", SchedulerOutput)     each step
-    worker -> engine   ("output", RunnerOutput | None)  rank 0 sends its output, others None
+    worker -> engine   ("output", RunnerOutput | None)  rank 0 sends its output (with an MoE
+                                                    model's routing counts), others None
     engine -> worker   ("shutdown", None)               leave the loop and exit
     worker -> engine   ("error", traceback text)        then the worker exits
 
@@ -75,7 +76,11 @@ def serve_steps(worker: Any, conn: Connection) -> None:
         except BaseException:  # noqa: BLE001 - reported; the engine declares itself dead
             send(conn, "error", traceback.format_exc())
             return
-        send(conn, "output", output if worker.rank == 0 else None)
+        if worker.rank == 0:
+            output.expert_load = worker.runner.expert_load()  # None for a dense model
+            send(conn, "output", output)
+        else:
+            send(conn, "output", None)
 
 
 def watch_parent(parent_pid: int, name: str) -> None:

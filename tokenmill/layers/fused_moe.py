@@ -7,6 +7,12 @@ A step's ``T x k`` (token, expert) pairs are sorted by expert, so each expert th
 multiplies all of them at once: two matmuls per active expert, never a loop over tokens. The
 weighted outputs are summed back per token with one ``index_add_``.
 
+With tensor parallelism every expert is tensor-sliced like a dense MLP: each rank keeps its
+``1/N`` of every expert's intermediate dimension (gate/up rows, down columns) and returns a partial
+sum that the MoE block all-reduces once. Every rank routes every token the same way (the router is
+replicated), so no tokens move between ranks, and a hot expert costs all ranks equally instead of
+stalling the one rank that would own it under expert parallelism.
+
 Checkpoints hold the experts either one matrix per expert (Mixtral's ``experts.N.w1``, Qwen's
 ``experts.N.gate_proj``), or stacked (transformers' fused ``experts.gate_up_proj [E, 2I, H]`` /
 ``experts.down_proj [E, H, I]``, GGUF's ``ffn_{gate,up,down}_exps``); ``load`` takes any of them.
@@ -19,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.distributed.parallel_state import ParallelContext
 from tokenmill.layers.activation import SiluAndMul
-from tokenmill.layers.linear import Linear, MergedLinear
+from tokenmill.layers.parallel_linear import ColumnParallelLinear, RowParallelLinear
 
 PARTS = ("gate", "up", "down", "gate_up")
 """What a checkpoint tensor can hold: one projection, or gate and up already fused."""
@@ -28,17 +35,25 @@ PARTS = ("gate", "up", "down", "gate_up")
 
 class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str,
+                 parallel: ParallelContext | None = None):
+        """``intermediate_size`` is the checkpoint's (whole) expert size; with ``parallel`` of N
+        ranks each expert keeps ``intermediate_size / N`` of it and ``forward`` returns this
+        rank's partial sum (the caller all-reduces)."""
         super().__init__()
+        parallel = parallel or ParallelContext.single()
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         size = intermediate_size
         self.gate_up_proj = nn.ModuleList(
-            MergedLinear(hidden_size, {"gate": size, "up": size}, False, dtype, device)
+            ColumnParallelLinear(hidden_size, {"gate": size, "up": size}, False, dtype, device,
+                                 parallel)
             for _ in range(num_experts))
-        self.down_proj = nn.ModuleList(Linear(size, hidden_size, False, dtype, device)
-                                       for _ in range(num_experts))
+        self.down_proj = nn.ModuleList(
+            RowParallelLinear(size, hidden_size, False, dtype, device, parallel,
+                              reduce_results=False)
+            for _ in range(num_experts))
         self.act = SiluAndMul()
         self.loaded_names: set[str] = set()
         self.routed_tokens: torch.Tensor | None = None

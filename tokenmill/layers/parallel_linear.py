@@ -79,14 +79,18 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(MergedLinear):
-    """Keeps input columns ``[rank * K / N, (rank + 1) * K / N)``; the output is all-reduced."""
+    """Keeps input columns ``[rank * K / N, (rank + 1) * K / N)``; the output is all-reduced,
+    unless ``reduce_results`` is False: then the caller sums several layers' partial outputs
+    with one all-reduce (an MoE block: its experts and its shared expert)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 device: torch.device | str, parallel: ParallelContext):
+                 device: torch.device | str, parallel: ParallelContext,
+                 reduce_results: bool = True):
         self.full_in_features = in_features
         self.input_start, local_in = even_range(in_features, parallel.rank, parallel.world_size)
         super().__init__(local_in, {"": out_features}, bias, dtype, device)
         self.parallel = parallel
+        self.reduce_results = reduce_results
 
     def load_shard(self, shard: str, kind: str, tensor: Any) -> None:
         if not self.parallel.is_parallel or kind == "bias":
@@ -103,7 +107,7 @@ class RowParallelLinear(MergedLinear):
         if not self.parallel.is_parallel:
             return self.op(x, self.bias)
         out = self.op(x, self.bias if self.parallel.rank == 0 else None)
-        return self.parallel.all_reduce(out)
+        return self.parallel.all_reduce(out) if self.reduce_results else out
 
 
 class VocabParallelHead(ColumnParallelLinear):

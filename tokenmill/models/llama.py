@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tokenmill.distributed.parallel_state import ParallelContext
-from tokenmill.distributed.sharding import check_tensor_parallel
+from tokenmill.distributed.sharding import check_model_split
 from tokenmill.errors import CorruptModelFileError
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
@@ -83,13 +83,15 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str,
-                 intermediate_size: int | None = None, parallel: ParallelContext | None = None):
+                 intermediate_size: int | None = None, parallel: ParallelContext | None = None,
+                 reduce_results: bool = True):
         super().__init__()
         parallel = parallel or ParallelContext.single()
         size = intermediate_size or arch.intermediate_size  # an MoE's shared expert has its own
         self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, {"gate": size, "up": size},
                                                  False, dtype, device, parallel)
-        self.down_proj = RowParallelLinear(size, arch.hidden_size, False, dtype, device, parallel)
+        self.down_proj = RowParallelLinear(size, arch.hidden_size, False, dtype, device, parallel,
+                                           reduce_results)
         self.act = SiluAndMul()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -128,8 +130,7 @@ class LlamaForCausalLM(nn.Module):
         self.arch = arch
         # tensor parallelism: each layer built below keeps this rank's shard of its weights
         self.parallel = parallel = parallel or ParallelContext.single()
-        check_tensor_parallel(arch.num_attention_heads, arch.num_key_value_heads,
-                              arch.intermediate_size, parallel.world_size)
+        check_model_split(arch, parallel.world_size)
         rotary = RotaryEmbedding(arch.head_dim, max_positions or arch.max_position_embeddings,
                                  arch.rope_theta, arch.rope_scaling, dtype, device)
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, dtype,

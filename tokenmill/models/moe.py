@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.distributed.parallel_state import ParallelContext
 from tokenmill.errors import CorruptModelFileError
 from tokenmill.models.arch_config import ArchConfig
 from tokenmill.models.llama import LlamaForCausalLM
@@ -44,15 +45,15 @@ _SHARED_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)
 
 class MoeForCausalLM(LlamaForCausalLM):
     def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, parallel: ParallelContext | None = None):
         if arch.moe is None:
             raise CorruptModelFileError(f"a {arch.architecture} model needs its expert counts")
-        super().__init__(arch, dtype, device, max_positions=max_positions)
+        super().__init__(arch, dtype, device, max_positions=max_positions, parallel=parallel)
         sparse_ids = [i for i in range(arch.num_hidden_layers) if arch.moe.is_sparse(i)]
         self.routing = ExpertRoutingCounter(sparse_ids, arch.moe.num_experts,
                                             arch.moe.num_experts_per_tok, device)
         for position, index in enumerate(sparse_ids):
-            block = SparseMoeBlock(arch, dtype, device)
+            block = SparseMoeBlock(arch, dtype, device, self.parallel)
             block.experts.routed_tokens = self.routing.row(position)
             self.layers[index].mlp = block  # replaces a dense MLP that never held weights
         self._mixtral_named: set[int] = set()  # layers whose experts came as experts.E.w1 ...

@@ -51,8 +51,15 @@ def log_aborted_request(request_id: str, reason: str) -> None:
 
 def banner(info: dict[str, Any], address: str, num_threads: int) -> str:
     mib = info["kv_bytes"] / 2**20
+    ranks = info.get("tensor_parallel_size", 1)
+    parallel = ""
+    if ranks > 1:
+        parallel = (f", tensor parallel over {ranks} ranks (all-reduce {info['allreduce']}): "
+                    f"each rank holds {info['weight_bytes_per_rank'] / 2**20:.1f} MiB of "
+                    f"weights and {mib:.0f} MiB of KV cache")
     return (f"tokenmill serve: model {info['model']} ({info['path']}), weights "
             f"{info['weights']}, activations {info['dtype']} on "
             f"{info['device']} with {num_threads} threads, context {info['max_model_len']} "
             f"tokens, KV pool {info['kv_blocks']} blocks = {info['kv_tokens']} tokens "
-            f"({mib:.0f} MiB); listening on {address}")
+            f"({mib:.0f} MiB{' per rank' if ranks > 1 else ''}){parallel}; "
+            f"listening on {address}")

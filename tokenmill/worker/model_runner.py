@@ -3,12 +3,14 @@ forward, logits of sampling rows, sample."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import torch
 
 from tokenmill.config import EngineConfig
+from tokenmill.distributed.parallel_state import ParallelContext
 from tokenmill.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from tokenmill.errors import ConfigError
 from tokenmill.layers.kernels import paged_attention_module
@@ -27,16 +29,24 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource, max_model_len: int):
+    def __init__(self, config: EngineConfig, source: ModelSource, max_model_len: int,
+                 parallel: ParallelContext | None = None):
+        """``parallel``: this rank's place in a tensor-parallel group (None: the only rank). The
+        model then holds this rank's shard of every layer and the KV cache its KV heads."""
         self.config = config
+        self.parallel = parallel or ParallelContext.single()
         self.device = torch.device(config.model.device)
         self.dtype = getattr(torch, config.model.resolved_dtype())
         self.model = build_model(source, self.dtype, self.device, max_positions=max_model_len,
                                  quantization=config.model.quantization,
-                                 quantization_group_size=config.model.quantization_group_size)
-        self.kv_spec: KVCacheSpec = plan_kv_cache(source.arch, config.cache, self.dtype,
-                                                  self.device)
-        self.kv_caches = allocate_kv_cache(source.arch, self.kv_spec, self.dtype, self.device)
+                                 quantization_group_size=config.model.quantization_group_size,
+                                 parallel=self.parallel if self.parallel.is_parallel else None)
+        ranks = self.parallel.world_size
+        self.kv_spec: KVCacheSpec = agree_on_block_count(
+            plan_kv_cache(source.arch, config.cache, self.dtype, self.device, ranks),
+            self.parallel)
+        self.kv_caches = allocate_kv_cache(source.arch, self.kv_spec, self.dtype, self.device,
+                                           ranks)
         self.inputs = InputBatchBuilder(config.cache.block_size, self.device,
                                         source.arch.sliding_window, self._decode_kernel())
         self.sampler = Sampler(self.device, seed=config.model.seed)
@@ -58,6 +68,10 @@ class ModelRunner:
             raise ConfigError("attention_backend='native' but the kernel could not be built "
                               "(see the warning above)", param="attention_backend")
         return module
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights this rank holds (its shards under tensor parallelism)."""
+        return sum(self.model.weight_report().values())
 
     def describe_weights(self) -> str:
         """E.g. "gguf:Q4_1 80 MiB + gguf:Q8_0 30 MiB (kernel avx512_vnni)": for the banner."""
@@ -100,3 +114,16 @@ class ModelRunner:
         output.sampled_token_ids = dict(zip(ids, tokens))
         output.logprobs = {rid: lp for rid, lp in zip(ids, logprobs) if lp is not None} or None
         return output
+
+
+def agree_on_block_count(spec: KVCacheSpec, parallel: ParallelContext) -> KVCacheSpec:
+    """Every rank of a group caches the same blocks (the scheduler hands out one set of block
+    ids), so all take the smallest count any of them planned: their free memory, measured a
+    moment apart, differs."""
+    if not parallel.is_parallel:
+        return spec
+    import torch.distributed as dist
+
+    count = torch.tensor([spec.num_blocks], dtype=torch.int64, device=parallel.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MIN, group=parallel.group)
+    return dataclasses.replace(spec, num_blocks=int(count.item()))
