@@ -31,15 +31,19 @@ import torch.multiprocessing as mp
 LOOPBACK = "127.0.0.1"
 BLOCK_SIZE = 16
 SMALL = {"hidden_size": 384, "num_hidden_layers": 4, "num_attention_heads": 6,
-         "num_key_value_heads": 6, "head_dim": 64, "vocab_size": 8192,
-         "max_position_embeddings": 1024, "tie_word_embeddings": False}
+         "num_key_value_heads": 6, "head_dim": 64, "vocab_size": 49152,  # the built-in tokenizer's
+         "max_position_embeddings": 1024, "tie_word_embeddings": True}
 EXPERTS = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 384,
            "norm_topk_prob": True}
 
 
 def make_small_models(folder: Path) -> dict[str, str]:
-    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3MoeConfig
 
+    from tokenmill.loader.model_source import open_model_source
+
+    builtin = open_model_source(None).path
+    tokenizer = AutoTokenizer.from_pretrained(builtin.parent, gguf_file=builtin.name)
     torch.manual_seed(0)
     paths = {}
     active = EXPERTS["num_experts_per_tok"] * EXPERTS["moe_intermediate_size"]
@@ -47,6 +51,7 @@ def make_small_models(folder: Path) -> dict[str, str]:
                          ("dense", Qwen3Config(**SMALL, intermediate_size=active))):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
         paths[name] = str(folder / name)
     return paths
 
@@ -92,7 +97,7 @@ def run_model(model: torch.nn.Module, prompt_len: int, steps: int, world_size: i
                                  decode_kernel=kernel)
         hidden = model(torch.tensor([token]), torch.tensor([pos]), meta, kv)
         token = int(model.compute_logits(hidden).argmax())
-    return prefill, (time.perf_counter() - start) / steps
+    return prefill, (time.perf_counter() - start) / max(1, steps)
 
 
 def measure(model: torch.nn.Module, args: argparse.Namespace, world_size: int,
@@ -138,7 +143,7 @@ def rank_main(rank: int, world_size: int, port: int, model_path: str | None,
     dist.destroy_process_group()
 
 
-def single_main(model_path: str | None, threads: int, args: argparse.Namespace,
+def single_main(_index: int, model_path: str | None, threads: int, args: argparse.Namespace,
                 results: dict) -> None:
     from tokenmill.distributed.parallel_state import ParallelContext
 
