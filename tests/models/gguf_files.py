@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 # HF model architecture -> GGUF architecture llama.cpp's converter writes
-GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                     "gemma": "gemma"}
 PERMUTED = {"llama"}
 
 _LAYER_NAMES = {
@@ -114,6 +115,8 @@ def write_gguf(model: Any, path: Path, tokenizer_reader: Any, *, qtype: str = "F
             array = permute_rows(array, num_heads)
         elif arch in PERMUTED and ".k_proj." in name:
             array = permute_rows(array, num_kv_heads)
+        if arch == "gemma" and name.endswith("norm.weight"):
+            array = array + 1  # llama.cpp's converter stores Gemma's 1 + w scale
         target = gguf_name(name)
         if array.ndim == 2 and quant_type != gguf.GGMLQuantizationType.F32:
             writer.add_tensor(target, gguf.quants.quantize(array, quant_type),

@@ -1,4 +1,4 @@
-"""The model families tokenmill runs (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3), each as a tiny random
+"""The model families tokenmill runs (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, Gemma), each as a tiny random
 model made with transformers, loaded from safetensors and from a GGUF file written the way llama.cpp's
 converter writes it (q/k rows permuted for the llama architecture only): logits equal transformers',
 greedy tokens equal through the whole engine (``LLM``), generation stops on any of several end
@@ -33,7 +33,7 @@ COMMON = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
 
 
 def _configs() -> dict:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     return {
         # Llama 2 style, with q/k/v biases so the bias permutation is exercised too
@@ -47,6 +47,8 @@ def _configs() -> dict:
         "qwen2.5": Qwen2Config(**COMMON, tie_word_embeddings=True),
         # head_dim 32, not hidden / heads = 16: the config's value must be used
         "qwen3": Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=False),
+        # GELU (tanh) MLP, embeddings scaled by sqrt(hidden), norms as 1 + w; head_dim 32
+        "gemma": GemmaConfig(**COMMON, head_dim=32, hidden_activation="gelu_pytorch_tanh"),
     }
 
 
@@ -117,7 +119,7 @@ def test_gguf_architecture_and_permutation_per_family(families):
     """The q/k rows of a llama-architecture file come back un-permuted; qwen2/qwen3 files were
     never permuted, so undoing a permutation there would scramble the heads."""
     for family, gguf_arch in (("llama", "llama"), ("mistral", "llama"), ("qwen2.5", "qwen2"),
-                              ("qwen3", "qwen3")):
+                              ("qwen3", "qwen3"), ("gemma", "gemma")):
         _, gguf_path, reference = families[family]
         source = open_model_source(gguf_path)
         assert source.arch.extra["gguf_architecture"] == gguf_arch

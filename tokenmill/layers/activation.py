@@ -1,4 +1,5 @@
-"""SwiGLU's activation on a fused gate/up projection."""
+"""Gated MLP activations on a fused gate/up projection: SwiGLU (Llama, Qwen, Mistral) and GeGLU with
+GELU's tanh approximation (Gemma)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,17 @@ class SiluAndMul(nn.Module):
     def forward_reference(gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluTanhAndMul(nn.Module):
+    """``gelu_tanh(gate) * up`` (Gemma's ``gelu_pytorch_tanh``); the input is gate then up.
+    PyTorch ops only: no model tokenmill serves by default uses it."""
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
+
+def gated_activation(name: str) -> nn.Module:
+    """The ``ArchConfig.hidden_act`` module: "silu" or "gelu_tanh"."""
+    return {"silu": SiluAndMul, "gelu_tanh": GeluTanhAndMul}[name]()

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 # is no "mistral" GGUF architecture; "mistral3" is another model and is refused).
 # A "llama" file with {arch}.expert_count is a Mixtral (tokenmill key "mixtral").
 SUPPORTED_GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-                                **GGUF_MOE_ARCHITECTURES}
+                                "gemma": "gemma", **GGUF_MOE_ARCHITECTURES}
 # GGUF architectures whose attn_q / attn_k rows llama.cpp's converter permuted (LlamaModel's
 # modify_tensors; Qwen2Model and Qwen3Model leave them as Hugging Face has them).
 ROTARY_PERMUTED_GGUF_ARCHITECTURES = frozenset({"llama"})
@@ -143,6 +143,9 @@ def read_arch_config(reader: Any, path: Path) -> ArchConfig:
         o_proj_bias="blk.0.attn_output.bias" in names,
         qk_norm=gguf_arch in ("qwen3", "qwen3moe"),
         sliding_window=int(window) if window else None,
+        # Gemma: GELU MLP and scaled embeddings; its norm weights are stored as 1 + w already
+        hidden_act="gelu_tanh" if gguf_arch == "gemma" else "silu",
+        embedding_multiplier=hidden_size ** 0.5 if gguf_arch == "gemma" else 1.0,
         bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=gguf_eos_token_ids(reader),
         extra={GGUF_ARCHITECTURE_KEY: gguf_arch},

@@ -20,6 +20,7 @@ SUPPORTED_HF_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",  # Qwen2 and Qwen2.5
     "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",  # Gemma 1 (Gemma 2 and 3 add soft-capping and more norms)
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
@@ -68,12 +69,28 @@ def read_hf_config(folder: Path) -> ArchConfig:
             o_proj_bias=known[0] != "qwen2" and bool(config.get("attention_bias", False)),
             qk_norm=known[0] in ("qwen3", "qwen3_moe"),
             sliding_window=_sliding_window(config, config_file),
+            hidden_act=_hidden_act(config, config_file),
+            embedding_multiplier=hidden ** 0.5 if known[0] == "gemma" else 1.0,
+            norm_weight_offset=1.0 if known[0] == "gemma" else 0.0,
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=eos_ids,
             moe=moe_from_hf_config(config, known[0], config_file),
         )
     except KeyError as exc:
         raise CorruptModelFileError(f"{config_file} lacks the field {exc.args[0]!r}") from exc
+
+
+# Hugging Face activation names -> the MLP activations tokenmill has
+_HIDDEN_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _hidden_act(config: dict[str, Any], config_file: Path) -> str:
+    # Gemma's config names it ``hidden_activation`` (its ``hidden_act`` is a legacy field)
+    name = config.get("hidden_activation") or config.get("hidden_act") or "silu"
+    if name not in _HIDDEN_ACTS:
+        raise UnsupportedModelError(f"{config_file}: hidden activation {name!r} is not supported; "
+                                    f"tokenmill runs {', '.join(_HIDDEN_ACTS)}")
+    return _HIDDEN_ACTS[name]
 
 
 def read_quantization_config(folder: Path) -> dict[str, Any] | None:

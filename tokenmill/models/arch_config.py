@@ -28,8 +28,8 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ArchConfig:
-    architecture: str  # registry key: "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
-    # "qwen3_moe"
+    architecture: str  # registry key: "llama", "mistral", "qwen2", "qwen3", "gemma", "mixtral",
+    # "qwen2_moe", "qwen3_moe"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -46,6 +46,11 @@ class ArchConfig:
     o_proj_bias: bool = False  # Llama's attention_bias also puts one on o_proj (Qwen2 does not)
     qk_norm: bool = False  # Qwen3: an RMSNorm over each query and key head before rotary
     sliding_window: int | None = None  # Mistral
+    hidden_act: str = "silu"  # the MLP's gate activation: "silu", or Gemma's "gelu_tanh"
+    embedding_multiplier: float = 1.0  # Gemma scales the embeddings by sqrt(hidden_size)
+    norm_weight_offset: float = 0.0
+    """Added to every RMSNorm weight at load: Gemma's checkpoints store ``w`` for a ``1 + w``
+    scale (its GGUF files hold ``1 + w`` already: llama.cpp's converter adds it)."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     moe: MoeConfig | None = None  # Mixture-of-Experts models: Mixtral, Qwen2-MoE, Qwen3-MoE

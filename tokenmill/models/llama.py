@@ -18,7 +18,7 @@ from torch import nn
 from tokenmill.distributed.parallel_state import ParallelContext
 from tokenmill.distributed.sharding import check_model_split
 from tokenmill.errors import CorruptModelFileError
-from tokenmill.layers.activation import SiluAndMul
+from tokenmill.layers.activation import gated_activation
 from tokenmill.layers.attention import AttentionMetadata, paged_attention
 from tokenmill.layers.linear import MergedLinear
 from tokenmill.layers.norm import RMSNorm
@@ -92,7 +92,7 @@ class LlamaMLP(nn.Module):
                                                  False, dtype, device, parallel)
         self.down_proj = RowParallelLinear(size, arch.hidden_size, False, dtype, device, parallel,
                                            reduce_results)
-        self.act = SiluAndMul()
+        self.act = gated_activation(arch.hidden_act)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(hidden)))
@@ -153,6 +153,8 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Hidden states ``[num_tokens, hidden]`` for a flattened batch of sequences."""
         hidden = self.embed_tokens(input_ids)
+        if self.arch.embedding_multiplier != 1.0:  # Gemma; rounded to the dtype, as it does
+            hidden = hidden * torch.tensor(self.arch.embedding_multiplier, dtype=hidden.dtype)
         stack = self.decode_stack
         if stack is not None and stack.can_run(hidden, meta, kv_caches):
             return stack(hidden, positions, meta, kv_caches)
@@ -190,6 +192,10 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise CorruptModelFileError(f"the checkpoint lacks {len(missing)} tensors, e.g. "
                                         f"{sorted(missing)[:3]}")
+        if self.arch.norm_weight_offset:
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.weight.data += self.arch.norm_weight_offset
         for module_name, module in self.named_modules():
             if isinstance(module, MergedLinear):
                 # the LM head stays as the checkpoint holds it (vLLM's convention, and its

@@ -57,7 +57,7 @@ class LlamaDecodeStack:
                 or dtype not in (torch.float32, torch.bfloat16)
                 or arch.num_attention_heads % arch.num_key_value_heads
                 or arch.num_attention_heads // arch.num_key_value_heads > 16
-                or arch.head_dim > 256):
+                or arch.head_dim > 256 or arch.hidden_act != "silu"):
             return None
         if any(not hasattr(layer.mlp, "gate_up_proj") for layer in model.layers):
             return None  # an MoE layer (routed experts): the native stack chains dense MLPs only

@@ -16,6 +16,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,  # the Llama model with per-head q/k RMSNorm (ArchConfig.qk_norm)
+    "gemma": LlamaForCausalLM,  # GELU MLP, scaled embeddings, 1 + w norms (ArchConfig fields)
     "mixtral": MoeForCausalLM,
     "qwen2_moe": MoeForCausalLM,
     "qwen3_moe": MoeForCausalLM,
