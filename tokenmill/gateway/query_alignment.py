@@ -31,7 +31,7 @@ DEFAULT_WORD_THRESHOLD = 0.85
 DEFAULT_CONTEXT_WORD_THRESHOLD = 0.3
 DEFAULT_CONTEXT_QUERY_THRESHOLD = 0.96
 _NEGATING_PREFIXES = ("un", "dis", "in", "im", "il", "ir", "non", "de", "anti", "mis", "counter")
-_QUESTION_WORDS = frozenset("what which who whom whose when where why how".split())
+_QUESTION_WORDS = frozenset({"what", "which", "who", "whom", "whose", "when", "where", "why", "how"})
 
 
 @dataclass(frozen=True)
