@@ -9,8 +9,10 @@ what each word is) and allows only differences that cannot change the question:
 1. fillers ("please", "can you", "the") are ignored;
 2. the same lemma in the same tense matches ("refrigerators work" / "refrigerator works");
 3. a content word may stand for a different one when the two are synonyms by the word-embedding
-   test (``WordSimilarity`` above ``word_threshold``) and neither is the other with a negating
-   prefix (lock/unlock), or when one is an unknown word within two edits of the other (a typo);
+   test (``WordSimilarity`` above ``word_threshold``, or above ``context_word_threshold`` when
+   the whole queries are nearly identical) and their forms do not mark them as opposites or
+   siblings (lock/unlock, upload/download, sunrise/sunset), or when one is an unknown word one
+   edit away from the other (a typo);
 4. a preposition may be added or dropped, but not replaced by another;
 5. the matched words must keep their order, except that one phrase may move as a whole when it
    starts with a preposition or is a lone question word ("In Python, how ..." / "How ... in
@@ -22,6 +24,7 @@ negation) denies the hit. A false miss costs one upstream call; a false hit serv
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from tokenmill.gateway.query_words import NEGATIONS, QueryWord, WordRole, split_query
@@ -120,14 +123,14 @@ class QueryAlignment:
 
     def _interchangeable(self, first: QueryWord, second: QueryWord, similarity: float,
                          query_similarity: float) -> bool:
-        if _negates(first.text, second.text):
-            return False
         # A typo: an unknown word one slip away from the other. Not at the first letter, where
         # a changed prefix is a changed meaning (encrypt/decrypt).
         if (not first.is_known or not second.is_known) and \
                 min(len(first.text), len(second.text)) >= 5 and first.text[0] == second.text[0] \
                 and _edit_distance(first.text, second.text) <= self.max_typo_edits:
             return True
+        if _differ_by_form(first.text, second.text):
+            return False
         if similarity >= self.word_threshold:
             return True
         # Words alone cannot tell "large"/"big" from "lend"/"borrow"; in a query that otherwise
@@ -254,10 +257,20 @@ def _can_move(block: list[int], a: list[QueryWord]) -> bool:
     return len(block) == 1 and first.text in _QUESTION_WORDS
 
 
-def _negates(first: str, second: str) -> bool:
-    """lock/unlock, like/dislike, legal/illegal: one is the other with a negating prefix."""
+def _differ_by_form(first: str, second: str) -> bool:
+    """Words built from one shared part and one differing part name different things, whatever
+    their embeddings say: lock/unlock (a negating prefix), enable/disable, upload/download,
+    maximum/minimum (same ending, different start), sunrise/sunset, weekdays/weekends (same
+    start, a different word after it). Inflections and derivations ("invented"/"inventor",
+    "polite"/"politely", "colour"/"color") differ only in a short ending and are not caught."""
     short, long = sorted((first, second), key=len)
-    return any(long == prefix + short for prefix in _NEGATING_PREFIXES)
+    if any(long == prefix + short for prefix in _NEGATING_PREFIXES):
+        return True
+    shared_start = len(os.path.commonprefix([first, second]))
+    shared_end = len(os.path.commonprefix([first[::-1], second[::-1]]))
+    if shared_end >= 4 and min(len(first), len(second)) - shared_end >= 2:
+        return True
+    return shared_start >= 3 and min(len(first), len(second)) - shared_start >= 3
 
 
 def _edit_distance(first: str, second: str) -> int:
