@@ -68,7 +68,8 @@ class QueryAlignment:
         left = [i for i in range(len(a)) if i not in pairs]
         right_used = set(pairs.values())
         right = [j for j in range(len(b)) if j not in right_used]
-        left, right = _drop_acronyms(a, b, left, right), _drop_acronyms(b, a, right, left)
+        left = _drop_acronyms(a, b, left, right)
+        right = _drop_acronyms(b, a, right, left)
         for words, rest in ((a, left), (b, right)):
             for i in rest:
                 if words[i].role is WordRole.FIXED:
@@ -87,7 +88,7 @@ class QueryAlignment:
         pairs.update(justified)
         # Where "not" sits ("don't cats like" / "do cats not like") does not change the question.
         pairs = {i: j for i, j in pairs.items() if a[i].text not in NEGATIONS}
-        hinges = _hinges(dropped_left, dropped_right, pairs)
+        hinges = _hinges(dropped_left, dropped_right)
         if not _order_kept(pairs, a, hinges):
             return Verdict(False, "words changed places (roles swapped)")
         return Verdict(True, "aligned")
@@ -181,35 +182,33 @@ def _drop_acronyms(a: list[QueryWord], b: list[QueryWord], left: list[int],
 
 
 def _initials_run(letters: str, b: list[QueryWord], right: list[int]) -> list[int] | None:
-    for start, j in enumerate(right):
+    """Consecutive unmatched words of b whose initials spell ``letters`` (prepositions inside
+    the run are skipped over), or None."""
+    for start in range(len(right)):
         run: list[int] = []
-        position = 0
+        num_spelled = 0
         for k in right[start:]:
             if run and k != run[-1] + 1:
                 break
-            if b[k].role is WordRole.RELATION and run:  # "of" in "United States of America"
+            if run and b[k].role is WordRole.RELATION:  # "of" in "United States of America"
                 run.append(k)
                 continue
-            if position >= len(letters) or b[k].text[0] != letters[position]:
+            if num_spelled == len(letters) or b[k].text[0] != letters[num_spelled]:
                 break
             run.append(k)
-            position += 1
-        if position == len(letters):
-            while run and b[run[-1]].role is WordRole.RELATION:
+            num_spelled += 1
+        if num_spelled == len(letters):
+            while b[run[-1]].role is WordRole.RELATION:
                 run.pop()
             return run
-        del j
     return None
 
 
-def _hinges(dropped_left: list[int], dropped_right: list[int],
-            pairs: dict[int, int]) -> list[tuple[int, int]]:
-    """Prepositions only one query has, as (position in a, position in b) gaps: "symptoms of
-    a migraine" / "migraine symptoms" may swap the phrases such a word joined."""
-    hinges = [(i, -1) for i in dropped_left]
-    hinges += [(-1, j) for j in dropped_right]
-    del pairs
-    return hinges
+def _hinges(dropped_left: list[int], dropped_right: list[int]) -> list[tuple[int, int]]:
+    """Prepositions only one query has, as (position in a, position in b), -1 for the side
+    without it: "symptoms of a migraine" / "migraine symptoms" may swap the phrases such a word
+    joined."""
+    return [(i, -1) for i in dropped_left] + [(-1, j) for j in dropped_right]
 
 
 def _order_kept(pairs: dict[int, int], a: list[QueryWord],
