@@ -65,12 +65,29 @@ def curve_row(rows, similarity, verdicts, threshold: float, verify: bool) -> dic
             "num_para": num_para}
 
 
+def sweep_context_threshold(rows: list[dict], embedder, section) -> None:
+    import dataclasses
+
+    from tokenmill.gateway.semantic_cache import build_verifier
+
+    print("| verifier_context_query_threshold | dev recall | dev false hits |")
+    print("|---|---|---|")
+    for value in (0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 1.0):
+        varied = dataclasses.replace(section, verifier_context_query_threshold=value)
+        similarity, verdicts, _ = scores(rows, embedder, build_verifier(varied, embedder))
+        r = curve_row(rows, similarity, verdicts, section.similarity_threshold, True)
+        print(f"| {value:.2f} | {r['recall']:.2f} | {r['false_hits']}/{r['num_near']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threshold", type=float, action="append",
                         help="lookup thresholds to print (default: a sweep)")
     parser.add_argument("--show-errors", action="store_true",
                         help="list the dev pairs the default settings get wrong")
+    parser.add_argument("--context-sweep", action="store_true",
+                        help="on the dev half only: recall and false hits over "
+                             "verifier_context_query_threshold (how its default was chosen)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tokenmill.gateway.config import CacheSection
@@ -79,6 +96,9 @@ def main() -> None:
 
     embedder = load_embedder()
     section = CacheSection()
+    if args.context_sweep:
+        sweep_context_threshold(load_sets()["dev"], embedder, section)
+        return
     print(f"defaults: similarity_threshold={section.similarity_threshold} "
           f"verifier_word_threshold={section.verifier_word_threshold} "
           f"verifier_context_word_threshold={section.verifier_context_word_threshold} "

@@ -128,6 +128,12 @@ def _lemmas(word: str) -> tuple[frozenset[str], bool, frozenset[str], bool]:
     return frozenset(lemmas), bool(found), past_of, is_modifier
 
 
+def load_lexicon() -> None:
+    """Load the lemmatizer's tables now (they load on first use, ~0.5 s) so that the first
+    request after start-up does not pay for it."""
+    _lemmas("warmed")
+
+
 def split_query(text: str) -> list[QueryWord]:
     """The words of ``text`` in order, fillers included (the verifier drops them)."""
     if text.isupper():  # "HOW DO I RESET MY ROUTER": capitals carry no name information

@@ -28,6 +28,7 @@ from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
 from tokenmill.gateway.protocol import context_key, query_text, sampling_key
 from tokenmill.gateway.query_alignment import QueryAlignment
 from tokenmill.gateway.query_embedding import embed_query
+from tokenmill.gateway.query_words import load_lexicon
 from tokenmill.gateway.response_cache import CachedAnswer, can_cache, replay, store_when_done
 from tokenmill.gateway.word_similarity import WordSimilarity
 
@@ -133,6 +134,7 @@ class SemanticIndex:
 def build_verifier(section: CacheSection, embedder: Embedder) -> QueryAlignment | None:
     if not section.verify_queries:
         return None
+    load_lexicon()
     return QueryAlignment(WordSimilarity(embedder), section.verifier_word_threshold,
                           section.verifier_context_word_threshold,
                           section.verifier_context_query_threshold)
