@@ -65,15 +65,18 @@ def curve_row(rows, similarity, verdicts, threshold: float, verify: bool) -> dic
             "num_para": num_para}
 
 
-def sweep_context_threshold(rows: list[dict], embedder, section) -> None:
+def sweep_verifier_setting(rows: list[dict], embedder, section, name: str,
+                           values: tuple[float, ...]) -> None:
+    """Dev-half recall and false hits at the default lookup threshold while one verifier
+    setting varies: how its default was chosen."""
     import dataclasses
 
     from tokenmill.gateway.semantic_cache import build_verifier
 
-    print("| verifier_context_query_threshold | dev recall | dev false hits |")
+    print(f"| {name} | dev recall | dev false hits |")
     print("|---|---|---|")
-    for value in (0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 1.0):
-        varied = dataclasses.replace(section, verifier_context_query_threshold=value)
+    for value in values:
+        varied = dataclasses.replace(section, **{name: value})
         similarity, verdicts, _ = scores(rows, embedder, build_verifier(varied, embedder))
         r = curve_row(rows, similarity, verdicts, section.similarity_threshold, True)
         print(f"| {value:.2f} | {r['recall']:.2f} | {r['false_hits']}/{r['num_near']} |")
@@ -85,9 +88,9 @@ def main() -> None:
                         help="lookup thresholds to print (default: a sweep)")
     parser.add_argument("--show-errors", action="store_true",
                         help="list the dev pairs the default settings get wrong")
-    parser.add_argument("--context-sweep", action="store_true",
-                        help="on the dev half only: recall and false hits over "
-                             "verifier_context_query_threshold (how its default was chosen)")
+    parser.add_argument("--sweep-verifier", action="store_true",
+                        help="on the dev half only: recall and false hits while each verifier "
+                             "threshold varies (how the defaults were chosen)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tokenmill.gateway.config import CacheSection
@@ -96,8 +99,14 @@ def main() -> None:
 
     embedder = load_embedder()
     section = CacheSection()
-    if args.context_sweep:
-        sweep_context_threshold(load_sets()["dev"], embedder, section)
+    if args.sweep_verifier:
+        dev = load_sets()["dev"]
+        for name, values in (
+                ("verifier_word_threshold", (0.70, 0.75, 0.80, 0.85, 0.90, 1.0)),
+                ("verifier_context_query_threshold", (0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 1.0)),
+                ("verifier_context_word_threshold", (0.1, 0.2, 0.3, 0.4, 0.5))):
+            sweep_verifier_setting(dev, embedder, section, name, values)
+            print()
         return
     print(f"defaults: similarity_threshold={section.similarity_threshold} "
           f"verifier_word_threshold={section.verifier_word_threshold} "
