@@ -50,6 +50,7 @@ def test_explained_differences_pass(embedder, verifier, cached, asked):
     ("What is a good gift for my nephew?", "What is a good gift for my niece?", "unexplained"),
     ("Book a room for 3 nights.", "Book a room for 4 nights.", "no counterpart"),
     ("What should I eat before running?", "What must I eat before running?", "no counterpart"),
+    ("Hi!", "Thanks!", "only filler"),
 ])
 def test_unexplained_differences_deny(embedder, verifier, cached, asked, reason):
     verdict = verifier.verify(cached, asked, _similarity(embedder, cached, asked))

@@ -64,6 +64,10 @@ class QueryAlignment:
             return Verdict(False, "the tense differs")
         a = [w for w in all_a if w.role is not WordRole.FILLER]
         b = [w for w in all_b if w.role is not WordRole.FILLER]
+        if not a and not b:
+            # Nothing but fillers ("hi" / "thanks"): no content to align, so they must be equal.
+            same = [w.text for w in all_a] == [w.text for w in all_b]
+            return Verdict(same, "aligned" if same else "only filler words, and they differ")
         pairs = _match_same_lemma(a, b)
         left = [i for i in range(len(a)) if i not in pairs]
         right_used = set(pairs.values())
