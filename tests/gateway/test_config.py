@@ -27,6 +27,9 @@ def test_example_config_is_valid():
     (lambda c: c.update(guardrails={"input_rules": [{"name": "x", "pattern": "(unclosed"}]}),
      r"guardrails\.input_rules\[0\]\.pattern is not a valid regex"),
     (lambda c: c.update(cache={"similarity_threshold": 1.5}), r"cache\.similarity_threshold"),
+    (lambda c: c.update(cache={"verifier_word_threshold": 0}), r"cache\.verifier_word_threshold"),
+    (lambda c: c["tenants"][1].update(semantic_cache_threshold=0),
+     r"tenants\[1\]\.semantic_cache_threshold: must be in \(0, 1\], got 0"),
     (lambda c: c["tenants"][0].pop("name"), r"missing required field tenants\[0\]\.name"),
     (lambda c: c.update(server={"max_body_bytes": True}), r"server\.max_body_bytes must be an"),
 ])

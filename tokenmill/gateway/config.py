@@ -94,6 +94,9 @@ class TenantSection:
     rag_collection: str | None = _help("RAG collection used when a request names none.",
                                        default=None)
     cache: bool = _help("Whether this tenant's requests use the caches.", default=True)
+    semantic_cache_threshold: float | None = _help(
+        "This tenant's cache.similarity_threshold (stricter for a tenant whose near-identical "
+        "questions need different answers); None: the cache's.", default=None)
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,23 @@ class CacheSection:
     exact: bool = _help("Exact-match response cache.", default=True)
     semantic: bool = _help("Semantic (embedding) response cache.", default=True)
     only_deterministic: bool = _help("Cache only requests with temperature 0.", default=True)
-    similarity_threshold: float = _help("Cosine similarity for a semantic hit.", default=0.85)
+    similarity_threshold: float = _help(
+        "Cosine similarity of two queries' embeddings for a semantic-cache candidate (a tenant's "
+        "semantic_cache_threshold overrides it). Chosen on the dev half of "
+        "benchmarks/data/semantic_cache_pairs.jsonl; see docs/gateway.md.", default=0.80)
+    verify_queries: bool = _help(
+        "Serve a semantic candidate only when the word-level verifier explains every word in "
+        "which the two queries differ. Off: the embedding alone decides (more hits, and some "
+        "of them answers to a different question).", default=True)
+    verifier_word_threshold: float = _help(
+        "Cosine of two single words' embeddings that makes them synonyms on their own.",
+        default=0.85)
+    verifier_context_word_threshold: float = _help(
+        "Lower word cosine accepted as a synonym when the whole queries are nearly identical "
+        "(verifier_context_query_threshold).", default=0.30)
+    verifier_context_query_threshold: float = _help(
+        "Query cosine above which a differing word only needs verifier_context_word_threshold.",
+        default=0.96)
     ttl_s: float = _help("Seconds a cached answer stays valid.", default=3600.0)
     max_entries: int = _help("Entries per cache tier; least recently used are evicted.",
                              default=10000)
@@ -257,6 +276,9 @@ def _validate(config: GatewayConfig) -> None:
                f"{t.pii_policy!r} is not one of {', '.join(PII_POLICIES)}")
         for name in ("requests_per_minute", "tokens_per_minute", "max_concurrent"):
             _check(getattr(t, name) >= 0, f"{p}.{name}", "must be >= 0 (0 = unlimited)")
+        if t.semantic_cache_threshold is not None:
+            _check(0.0 < t.semantic_cache_threshold <= 1.0, f"{p}.semantic_cache_threshold",
+                   f"must be in (0, 1], got {t.semantic_cache_threshold}")
         for j, h in enumerate(t.api_key_hashes):
             # A plain key pasted here would be a secret in a config file: refuse it outright.
             _check(bool(KEY_HASH_RE.match(h)), f"{p}.api_key_hashes[{j}]",
@@ -277,7 +299,9 @@ def _validate(config: GatewayConfig) -> None:
     _check(g.output_window_chars >= 1, "guardrails.output_window_chars", "must be >= 1")
     _check(g.output_holdback_chars >= 0, "guardrails.output_holdback_chars", "must be >= 0")
     c = config.cache
-    _check(0.0 < c.similarity_threshold <= 1.0, "cache.similarity_threshold", "must be in (0, 1]")
+    for name in ("similarity_threshold", "verifier_word_threshold",
+                 "verifier_context_word_threshold", "verifier_context_query_threshold"):
+        _check(0.0 < getattr(c, name) <= 1.0, f"cache.{name}", "must be in (0, 1]")
     _check(c.ttl_s > 0, "cache.ttl_s", "must be > 0")
     _check(c.max_entries >= 1, "cache.max_entries", "must be >= 1")
     _check(1 <= config.rag.top_k <= config.rag.max_top_k, "rag.top_k", "must be in 1..max_top_k")

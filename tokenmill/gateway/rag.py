@@ -8,7 +8,6 @@ used are returned in the ``x-tokenmill-rag-sources`` header and, for JSON answer
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from tokenmill.errors import InvalidRequestError
@@ -16,6 +15,7 @@ from tokenmill.gateway.config import RagSection
 from tokenmill.gateway.embeddings import Embedder
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
 from tokenmill.gateway.protocol import CHAT, COMPLETIONS, query_text
+from tokenmill.gateway.query_embedding import embed_query
 from tokenmill.gateway.rag_store import RagStore, Retrieved
 
 SOURCES_HEADER = "x-tokenmill-rag-sources"
@@ -68,7 +68,7 @@ class RagStage:
         collection = self.store.collection(name)
         collection.reload_if_changed()
         question = query_text(request.endpoint, request.body)
-        vector = (await asyncio.to_thread(self.embedder.embed, [question]))[0]
+        vector = await embed_query(request, self.embedder, question)
         found = collection.search(vector, top_k)
         if found:
             self._inject(request, format_context(found))

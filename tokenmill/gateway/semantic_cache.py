@@ -1,10 +1,12 @@
-"""Semantic cache stage: a question close enough in meaning to an earlier one gets its answer.
+"""Semantic cache stage: a question that asks the same thing as an earlier one gets its answer.
 
-The query text (last user message, or the prompt) is embedded and looked up in a FAISS inner-product
-index over unit vectors (= cosine similarity). Entries are scoped by tenant, model, sampling
-parameters, the rest of the conversation and the RAG spec: only the query itself may differ, and a
-tenant never sees another tenant's answers. A candidate above the threshold must also pass the
-``query_guard`` checks (negations, numbers, entities, opposites) before it counts as a hit.
+The query text (last user message, or the prompt) is embedded once per request
+(``query_embedding``) and looked up in a FAISS inner-product index over unit vectors (= cosine
+similarity). Entries are scoped by tenant, model, sampling parameters, the rest of the
+conversation and the RAG spec: only the query itself may differ, and a tenant never sees another
+tenant's answers. The embedding only finds candidates; a candidate above the threshold (the
+tenant's own, or the cache's) is served only when ``QueryAlignment`` explains every word in which
+the two queries differ. A false miss costs an upstream call; a false hit serves a wrong answer.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,8 +26,11 @@ from tokenmill.gateway.embeddings import Embedder
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
 from tokenmill.gateway.protocol import context_key, query_text, sampling_key
-from tokenmill.gateway.query_guard import QueryFeatures, extract_features, same_meaning_markers
+from tokenmill.gateway.query_alignment import QueryAlignment
+from tokenmill.gateway.query_embedding import embed_query
+from tokenmill.gateway.query_words import load_lexicon
 from tokenmill.gateway.response_cache import CachedAnswer, can_cache, replay, store_when_done
+from tokenmill.gateway.word_similarity import WordSimilarity
 
 _NUM_CANDIDATES = 4
 
@@ -33,7 +39,6 @@ _NUM_CANDIDATES = 4
 class _Entry:
     scope: str
     text: str
-    features: QueryFeatures
     answer: CachedAnswer
     expires: float
 
@@ -46,53 +51,74 @@ class SemanticMatch:
 
 
 class SemanticIndex:
-    """Scoped vectors + entries with TTL and an LRU bound; usable without HTTP (benchmarks)."""
+    """Scoped vectors + entries with TTL and an LRU bound; usable without HTTP (benchmarks).
 
-    def __init__(self, dim: int, threshold: float, max_entries: int, ttl_s: float) -> None:
+    ``verifier`` None serves any candidate above the threshold (the embedding alone decides).
+    """
+
+    def __init__(self, dim: int, threshold: float, max_entries: int, ttl_s: float,
+                 verifier: QueryAlignment | None = None) -> None:
         self.dim = dim
         self.threshold = threshold
         self.max_entries = max_entries
         self.ttl_s = ttl_s
+        self.verifier = verifier
         self._indexes: dict[str, object] = {}
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._next_id = 0
+        # Lookups run in worker threads (the verifier embeds words); adds on the event loop.
+        self._lock = threading.Lock()
 
-    def lookup(self, scope: str, text: str, vector: np.ndarray) -> tuple[SemanticMatch | None,
-                                                                         CachedAnswer | None]:
-        index = self._indexes.get(scope)
-        if index is None or index.ntotal == 0:  # type: ignore[attr-defined]
-            return None, None
-        k = min(_NUM_CANDIDATES, index.ntotal)  # type: ignore[attr-defined]
-        scores, ids = index.search(vector.reshape(1, -1), k)  # type: ignore[attr-defined]
-        features = extract_features(text)
-        now = time.monotonic()
-        for score, entry_id in zip(scores[0], ids[0]):
-            entry = self._entries.get(int(entry_id))
-            if entry is None or score < self.threshold:
+    def lookup(self, scope: str, text: str, vector: np.ndarray, threshold: float | None = None
+               ) -> tuple[SemanticMatch | None, CachedAnswer | None]:
+        for candidate in self._candidates(
+                scope, vector, self.threshold if threshold is None else threshold):
+            # Verified outside the lock: it may run the embedder on the differing words.
+            if self.verifier is not None and not self.verifier.verify(
+                    candidate.text, text, candidate.similarity).same_question:
                 continue
-            if entry.expires < now:
-                self._remove(int(entry_id))
-                continue
-            if not same_meaning_markers(features, entry.features):
-                continue
-            self._entries.move_to_end(int(entry_id))
-            return SemanticMatch(int(entry_id), float(score), entry.text), entry.answer
+            with self._lock:
+                entry = self._entries.get(candidate.entry_id)
+                if entry is None:  # evicted meanwhile
+                    continue
+                self._entries.move_to_end(candidate.entry_id)
+                return candidate, entry.answer
         return None, None
+
+    def _candidates(self, scope: str, vector: np.ndarray, threshold: float
+                    ) -> list[SemanticMatch]:
+        with self._lock:
+            index = self._indexes.get(scope)
+            if index is None or index.ntotal == 0:  # type: ignore[attr-defined]
+                return []
+            k = min(_NUM_CANDIDATES, index.ntotal)  # type: ignore[attr-defined]
+            scores, ids = index.search(vector.reshape(1, -1), k)  # type: ignore[attr-defined]
+            now = time.monotonic()
+            found = []
+            for score, entry_id in zip(scores[0], ids[0]):
+                entry = self._entries.get(int(entry_id))
+                if entry is None or score < threshold:
+                    continue
+                if entry.expires < now:
+                    self._remove(int(entry_id))
+                    continue
+                found.append(SemanticMatch(int(entry_id), float(score), entry.text))
+            return found
 
     def add(self, scope: str, text: str, vector: np.ndarray, answer: CachedAnswer) -> None:
         import faiss  # heavy and optional: only loaded when a semantic cache exists
 
-        index = self._indexes.get(scope)
-        if index is None:
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-            self._indexes[scope] = index
-        entry_id = self._next_id
-        self._next_id += 1
-        index.add_with_ids(vector.reshape(1, -1), np.array([entry_id], dtype=np.int64))
-        self._entries[entry_id] = _Entry(scope, text, extract_features(text), answer,
-                                         time.monotonic() + self.ttl_s)
-        while len(self._entries) > self.max_entries:
-            self._remove(next(iter(self._entries)))
+        with self._lock:
+            index = self._indexes.get(scope)
+            if index is None:
+                index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+                self._indexes[scope] = index
+            entry_id = self._next_id
+            self._next_id += 1
+            index.add_with_ids(vector.reshape(1, -1), np.array([entry_id], dtype=np.int64))
+            self._entries[entry_id] = _Entry(scope, text, answer, time.monotonic() + self.ttl_s)
+            while len(self._entries) > self.max_entries:
+                self._remove(next(iter(self._entries)))
 
     def _remove(self, entry_id: int) -> None:
         entry = self._entries.pop(entry_id)
@@ -103,6 +129,15 @@ class SemanticIndex:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def build_verifier(section: CacheSection, embedder: Embedder) -> QueryAlignment | None:
+    if not section.verify_queries:
+        return None
+    load_lexicon()
+    return QueryAlignment(WordSimilarity(embedder), section.verifier_word_threshold,
+                          section.verifier_context_word_threshold,
+                          section.verifier_context_query_threshold)
 
 
 def semantic_scope(request: GatewayRequest) -> str:
@@ -119,7 +154,8 @@ class SemanticCacheStage:
         self.section = section
         self.embedder = embedder
         self.index = SemanticIndex(embedder.dim, section.similarity_threshold,
-                                   section.max_entries, section.ttl_s)
+                                   section.max_entries, section.ttl_s,
+                                   build_verifier(section, embedder))
         self.metrics = metrics
 
     async def __call__(self, request: GatewayRequest, call_next: Handler) -> GatewayResponse:
@@ -128,9 +164,9 @@ class SemanticCacheStage:
         if not text.strip():
             return await call_next(request)
         scope = semantic_scope(request)
-        # The model runs off the event loop so other requests keep flowing meanwhile.
-        vector = (await asyncio.to_thread(self.embedder.embed, [text]))[0]
-        match, answer = self.index.lookup(scope, text, vector)
+        vector = await embed_query(request, self.embedder, text)
+        threshold = request.tenant.semantic_cache_threshold if request.tenant else None
+        match, answer = await asyncio.to_thread(self.index.lookup, scope, text, vector, threshold)
         if answer is not None and match is not None:
             self.metrics.cache_lookups.labels("semantic", "hit").inc()
             request.extra_headers["x-tokenmill-cache-similarity"] = f"{match.similarity:.3f}"
