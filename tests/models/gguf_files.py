@@ -102,6 +102,8 @@ def write_gguf(model: Any, path: Path, tokenizer_reader: Any, *, qtype: str = "F
     elif rope.get("rope_type") not in (None, "default"):
         writer.add_rope_scaling_type(gguf.RopeScalingType(rope["rope_type"]))
         writer.add_rope_scaling_factor(float(rope["factor"]))
+        if rope["rope_type"] == "yarn":
+            writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
     _copy_tokenizer(tokenizer_reader, writer)
     if eot_token_id is not None:
         writer.add_eot_token_id(eot_token_id)

@@ -45,6 +45,9 @@ def _configs() -> dict:
         # llama.cpp writes Mistral as "llama"; its window (longer than the prompts) is not written
         "mistral": MistralConfig(**COMMON, sliding_window=4096, tie_word_embeddings=False),
         "qwen2.5": Qwen2Config(**COMMON, tie_word_embeddings=True),
+        # Qwen2.5's long-context setting: YaRN over an "original" context shorter than the prompt
+        "qwen2.5-yarn": Qwen2Config(**COMMON, tie_word_embeddings=True, rope_scaling={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
         # head_dim 32, not hidden / heads = 16: the config's value must be used
         "qwen3": Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=False),
         # GELU (tanh) MLP, embeddings scaled by sqrt(hidden), norms as 1 + w; head_dim 32

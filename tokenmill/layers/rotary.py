@@ -1,4 +1,4 @@
-"""Rotary position embeddings (rotate-half form), with the linear and llama3 scaling variants
+"""Rotary position embeddings (rotate-half form), with the linear, llama3 and YaRN scaling variants
 (llama3 also as explicit per-frequency factors, the form GGUF files carry it in).
 
 On the CPU the rotation is one native call (``kernels/fused_ops``) that rotates query and key in
@@ -38,7 +38,40 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) 
         blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
         is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         return torch.where(is_medium, blended, scaled)
+    if scaling.rope_type == "yarn":
+        return _yarn_inverse_frequencies(inv_freq, head_dim, theta, scaling)
     return inv_freq
+
+
+def _yarn_inverse_frequencies(inv_freq: torch.Tensor, head_dim: int, theta: float,
+                              scaling: RopeScaling) -> torch.Tensor:
+    """YaRN (arXiv 2309.00071): frequencies that turn more than ``beta_fast`` times over the
+    original context are kept, those turning fewer than ``beta_slow`` times are divided by
+    ``factor`` (interpolated), and the dimensions between are blended along a linear ramp."""
+
+    def dimension_of(rotations: float) -> float:
+        # the rotary dimension whose frequency turns `rotations` times over the original context
+        wavelengths = scaling.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return head_dim * math.log(wavelengths) / (2 * math.log(theta))
+
+    low, high = dimension_of(scaling.beta_fast), dimension_of(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # a ramp of zero width
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    kept = 1 - ramp  # 1: keep the original frequency, 0: interpolate
+    return inv_freq / scaling.factor * (1 - kept) + inv_freq * kept
+
+
+def rope_attention_factor(scaling: RopeScaling) -> float:
+    """What cos and sin are multiplied by: YaRN's attention temperature, 1 otherwise."""
+    if scaling.rope_type != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+    return 1.0 if scaling.factor <= 1 else 0.1 * math.log(scaling.factor) + 1.0
 
 
 class RotaryEmbedding(nn.Module):
@@ -49,9 +82,12 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
+        scale = rope_attention_factor(scaling)
         # Tables are indexed by position each step; kept in the compute dtype on the device.
-        self.register_buffer("cos", emb.cos().to(device=device, dtype=dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("cos", (emb.cos() * scale).to(device=device, dtype=dtype),
+                             persistent=False)
+        self.register_buffer("sin", (emb.sin() * scale).to(device=device, dtype=dtype),
+                             persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -179,8 +179,13 @@ def _rope_scaling(arch_key: Any, reader: Any, path: Path) -> RopeScaling:
         return RopeScaling()
     if kind == "linear":
         return RopeScaling(rope_type="linear", factor=float(arch_key("rope.scaling.factor", 1.0)))
+    if kind == "yarn":
+        original = arch_key("rope.scaling.original_context_length") or arch_key("context_length")
+        return RopeScaling(rope_type="yarn", factor=float(arch_key("rope.scaling.factor", 1.0)),
+                           original_max_position_embeddings=int(original))
     raise UnsupportedModelError(f"{path}: rope scaling {kind!r} in GGUF metadata is not "
-                                "supported; tokenmill runs none, linear and rope_freqs factors")
+                                "supported; tokenmill runs none, linear, yarn and rope_freqs "
+                                "factors")
 
 
 def iter_gguf_tensors(tensors: list[Any], arch: ArchConfig, path: Path

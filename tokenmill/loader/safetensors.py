@@ -62,7 +62,8 @@ def read_hf_config(folder: Path) -> ArchConfig:
             max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-            rope_scaling=_rope_scaling(scaling, config_file),
+            rope_scaling=_rope_scaling(scaling, config_file,
+                                       int(config.get("max_position_embeddings", 2048))),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=known[0] == "qwen2" or bool(config.get("attention_bias", False))
             or (known[0] == "qwen2_moe" and bool(config.get("qkv_bias", True))),
@@ -109,7 +110,8 @@ def read_quantization_config(folder: Path) -> dict[str, Any] | None:
     return None
 
 
-def _rope_scaling(scaling: dict[str, Any], config_file: Path) -> RopeScaling:
+def _rope_scaling(scaling: dict[str, Any], config_file: Path,
+                  max_position_embeddings: int) -> RopeScaling:
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if kind == "default":
         return RopeScaling()
@@ -123,8 +125,23 @@ def _rope_scaling(scaling: dict[str, Any], config_file: Path) -> RopeScaling:
             high_freq_factor=float(scaling["high_freq_factor"]),
             original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
         )
+    if kind == "yarn":
+        if scaling.get("mscale") or scaling.get("mscale_all_dim"):
+            raise UnsupportedModelError(f"{config_file}: yarn rope scaling with mscale "
+                                        "(DeepSeek's variant) is not supported")
+        attention_factor = scaling.get("attention_factor")
+        return RopeScaling(
+            rope_type="yarn",
+            factor=float(scaling["factor"]),
+            original_max_position_embeddings=int(
+                scaling.get("original_max_position_embeddings") or max_position_embeddings),
+            beta_fast=float(scaling.get("beta_fast") or 32.0),
+            beta_slow=float(scaling.get("beta_slow") or 1.0),
+            attention_factor=None if attention_factor is None else float(attention_factor),
+            truncate=bool(scaling.get("truncate", True)),
+        )
     raise UnsupportedModelError(f"{config_file}: rope scaling {kind!r} is not supported; tokenmill "
-                                "runs default, linear and llama3")
+                                "runs default, linear, llama3 and yarn")
 
 
 def _sliding_window(config: dict[str, Any], config_file: Path) -> int | None:
