@@ -1,7 +1,8 @@
 """Text <-> token ids, built from a GGUF file's metadata or a Hugging Face ``tokenizer.json``.
 
-The Hugging Face ``tokenizers`` library does the byte-level BPE; this file only assembles it from the
-GGUF vocabulary and merges, and carries the special tokens and the chat template along.
+The Hugging Face ``tokenizers`` library does the work; this file only assembles it from the GGUF
+vocabulary (byte-level BPE with its merges, ``gpt2``; or sentencepiece pieces with their scores,
+``llama``: ``sentencepiece_gguf.py``), and carries the special tokens and the chat template along.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from tokenmill.errors import CorruptModelFileError, ModelNotFoundError, UnsupportedModelError
 from tokenmill.loader.chat_template import render_chat_template
+from tokenmill.loader.sentencepiece_gguf import sentencepiece_backend
 
 # GGUF token types (llama.cpp's llama_token_type): 3 = control, 4 = user defined.
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
@@ -74,31 +76,26 @@ def tokenizer_from_gguf(reader: Any, path: Path) -> Tokenizer:
     from tokenmill.loader.gguf import field_value, gguf_eos_token_ids
 
     kind = field_value(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
+    if kind not in ("gpt2", "llama"):
         raise UnsupportedModelError(
             f"{path}: tokenizer model {kind!r} is not supported (tokenmill reads byte-level BPE, "
-            "tokenizer.ggml.model = gpt2)"
+            "tokenizer.ggml.model = gpt2, and sentencepiece, llama)"
         )
     tokens: list[str] = field_value(reader, "tokenizer.ggml.tokens")
-    merges: list[str] = field_value(reader, "tokenizer.ggml.merges") or []
     token_types: list[int] = field_value(reader, "tokenizer.ggml.token_type") or []
     if not tokens:
         raise CorruptModelFileError(f"{path}: the GGUF file holds no tokenizer vocabulary")
-    vocab = {token: index for index, token in enumerate(tokens)}
-    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
-                     fuse_unk=False, byte_fallback=False)
-    backend = BackendTokenizer(bpe)
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    specials = [AddedToken(tokens[i], special=True, normalized=False)
-                for i, t in enumerate(token_types) if t == _GGUF_CONTROL]
-    user_defined = [AddedToken(tokens[i], special=False, normalized=False)
-                    for i, t in enumerate(token_types) if t == _GGUF_USER_DEFINED]
-    backend.add_special_tokens(specials)
-    backend.add_tokens(user_defined)
-
+    if kind == "llama":
+        backend = sentencepiece_backend(
+            tokens, field_value(reader, "tokenizer.ggml.scores") or [], token_types,
+            bool(field_value(reader, "tokenizer.ggml.add_space_prefix", True)))
+        add_bos_default = True  # llama.cpp's default for a sentencepiece vocabulary
+    else:
+        backend = byte_level_bpe_backend(tokens, field_value(reader, "tokenizer.ggml.merges")
+                                         or [], token_types)
+        add_bos_default = False
     bos = field_value(reader, "tokenizer.ggml.bos_token_id")
-    if field_value(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+    if field_value(reader, "tokenizer.ggml.add_bos_token", add_bos_default) and bos is not None:
         bos_text = tokens[bos]
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos_text} $A", pair=f"{bos_text} $A {bos_text} $B",
@@ -111,6 +108,23 @@ def tokenizer_from_gguf(reader: Any, path: Path) -> Tokenizer:
         pad_token_id=field_value(reader, "tokenizer.ggml.padding_token_id"),
         chat_template=field_value(reader, "tokenizer.chat_template"),
     )
+
+
+def byte_level_bpe_backend(tokens: list[str], merges: list[str], token_types: list[int]
+                           ) -> BackendTokenizer:
+    vocab = {token: index for index, token in enumerate(tokens)}
+    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
+                     fuse_unk=False, byte_fallback=False)
+    backend = BackendTokenizer(bpe)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    specials = [AddedToken(tokens[i], special=True, normalized=False)
+                for i, t in enumerate(token_types) if t == _GGUF_CONTROL]
+    user_defined = [AddedToken(tokens[i], special=False, normalized=False)
+                    for i, t in enumerate(token_types) if t == _GGUF_USER_DEFINED]
+    backend.add_special_tokens(specials)
+    backend.add_tokens(user_defined)
+    return backend
 
 
 def tokenizer_from_folder(folder: Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
