@@ -4,10 +4,10 @@
     .venv/bin/python benchmarks/injection_split.py --check  # fail if either file is out of date
 
 ``benchmarks/data/injection_prompts.jsonl`` holds every labelled prompt (``label`` attack|benign,
-``category``, ``text``, ``split``). Within each (label, category) the prompts are ordered by the
-sha256 of their text and dealt alternately to ``dev`` and ``test``: the split depends only on the
-texts, every kind of attack and look-alike lands in both halves, and adding a prompt moves few
-others. The dev half becomes the exemplar library shipped with the gateway
+``category``, ``text``, ``split``). A prompt goes to ``dev`` when the sha256 of its text is even,
+to ``test`` when odd: the split depends only on the text itself, so adding prompts never moves
+one already placed from one half to the other, and each kind of attack and look-alike lands in
+both halves in about equal parts. The dev half becomes the exemplar library shipped with the gateway
 (``tokenmill/gateway/data/injection_exemplars.jsonl``) and is the only half used to tune the
 threshold; the test half is read only by ``benchmarks/gateway_injection.py`` for the reported
 figure (and by a fixed sample in the tests, which never tune anything).
@@ -35,14 +35,13 @@ def load_prompts(split: str | None = None) -> list[dict]:
     return [r for r in rows if split is None or r["split"] == split]
 
 
+def split_of(text: str) -> str:
+    return "dev" if hashlib.sha256(text.encode()).digest()[-1] % 2 == 0 else "test"
+
+
 def assign_splits(rows: list[dict]) -> list[dict]:
-    groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["label"], row["category"]), []).append(row)
-    for group in groups.values():
-        group.sort(key=lambda r: hashlib.sha256(r["text"].encode()).hexdigest())
-        for i, row in enumerate(group):
-            row["split"] = "dev" if i % 2 == 0 else "test"
+        row["split"] = split_of(row["text"])
     return rows
 
 

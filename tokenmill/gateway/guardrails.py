@@ -46,7 +46,7 @@ RAG_DROPPED_HEADER = "x-tokenmill-rag-dropped"
 # mail or files for it. System and assistant turns are the application's own words.
 _SCANNED_ROLES = ("user", "tool", "function")
 
-__all__ = ["GuardrailsStage", "CompiledRule", "luhn_ok"]
+__all__ = ["CompiledRule", "GuardrailsStage", "luhn_ok"]
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class GuardrailsStage:
             self.metrics.guardrail_blocks.labels(DETECTOR_NAME, "input", "block").inc()
             raise ContentFilterError(
                 f"request blocked by guardrail detector {DETECTOR_NAME!r} (score {score:.3f} >= "
-                f"threshold {threshold:.2f}, in {texts[worst][0]})", param=DETECTOR_NAME)
+                f"threshold {threshold:g}, in {texts[worst][0]})", param=DETECTOR_NAME)
 
     # -- RAG chunks ----------------------------------------------------------------------------
 
