@@ -1,13 +1,14 @@
-"""Semantic prompt-injection / jailbreak detector: a classifier trained at start-up on a labelled
-library of attack and benign exemplars, over the gateway's MiniLM embedding.
+"""Semantic prompt-injection / jailbreak detector: classifiers trained at start-up on a labelled
+library of attack and benign exemplars, over the gateway's MiniLM embedding and over n-grams.
 
 Why a classifier and not regexes: attacks are paraphrased endlessly ("disregard everything you
 were told before", "you are now in developer mode") while harmless prompts share their words
 ("jailbreak my iPhone", "ignore the typo"). A logistic regression over sentence embeddings learns
 the meaning; a second one over word and character n-grams (TF-IDF) is averaged with it because
 MiniLM is an English model and the n-grams carry the look of attacks in other languages and of
-obfuscated spellings. The library ships with the package (``data/injection_exemplars.jsonl``, the dev half
-of ``benchmarks/data/injection_prompts.jsonl``); a deployment can point at its own file.
+obfuscated spellings. The library ships with the package (``data/injection_exemplars.jsonl``,
+the dev half of ``benchmarks/data/injection_prompts.jsonl``); a deployment can point at its own
+file.
 
 Training (a few seconds, once per process and library):
 
