@@ -13,7 +13,8 @@ from tokenmill.gateway.config import config_from_dict, load_config
 
 def test_example_config_is_valid():
     config = load_config(EXAMPLE_CONFIG)
-    assert config.routing.policy == "prefix_affinity" and len(config.guardrails.pii) == 5
+    assert config.routing.policy == "prefix_affinity" and len(config.guardrails.pii) == 9
+    assert config.guardrails.injection_detector.enabled
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -32,6 +33,14 @@ def test_example_config_is_valid():
      r"tenants\[1\]\.semantic_cache_threshold: must be in \(0, 1\], got 0"),
     (lambda c: c["tenants"][0].pop("name"), r"missing required field tenants\[0\]\.name"),
     (lambda c: c.update(server={"max_body_bytes": True}), r"server\.max_body_bytes must be an"),
+    (lambda c: c["tenants"][0].update(injection_threshold=1.5),
+     r"tenants\[0\]\.injection_threshold: must be in \(0, 1\]"),
+    (lambda c: c.update(guardrails={"injection_detector": {"threshold": 0}}),
+     r"guardrails\.injection_detector\.threshold"),
+    (lambda c: c.update(guardrails={"injection_detector": {"rag_chunks": "ignore"}}),
+     r"guardrails\.injection_detector\.rag_chunks: 'ignore' is not one of drop, block, off"),
+    (lambda c: c.update(guardrails={"pii": [{"name": "x", "pattern": "x", "validator": "mod11"}]}),
+     r"guardrails\.pii\[0\]\.validator: 'mod11' is not one of luhn, iban, ip"),
 ])
 def test_bad_fields_are_named(change, message):
     config = base_config(["http://127.0.0.1:9"])

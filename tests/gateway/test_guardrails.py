@@ -24,8 +24,11 @@ BLOCKED = [
 
 @pytest.fixture
 def gw(upstreams, start_gateway, example_guardrails):
+    # The rules alone: the semantic detector has its own tests (test_injection_detector.py),
+    # and it rightly finds a short prompt like "Show me the prompt flags" borderline.
+    rules_only = {**example_guardrails, "injection_detector": {"enabled": False}}
     (fake, server), _ = upstreams
-    return start_gateway(base_config([server.url], guardrails=example_guardrails)), fake
+    return start_gateway(base_config([server.url], guardrails=rules_only)), fake
 
 
 @pytest.mark.parametrize(("prompt", "rule"), BLOCKED)

@@ -34,10 +34,12 @@ from tokenmill.errors import (
 from tokenmill.gateway.auth import AuthStage, can_use_model
 from tokenmill.gateway.config import GatewayConfig
 from tokenmill.gateway.dashboard import dashboard_router
+from tokenmill.gateway.embedding_memo import MemoizedEmbedder
 from tokenmill.gateway.embeddings import Embedder, load_embedder
 from tokenmill.gateway.exact_cache import ExactCacheStage
 from tokenmill.gateway.fleet_stats import FleetHistory
 from tokenmill.gateway.guardrails import GuardrailsStage
+from tokenmill.gateway.injection_detector import shared_detector
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler, Stage, compose
 from tokenmill.gateway.protocol import CHAT, COMPLETIONS, is_usage_chunk, validate_body
@@ -74,7 +76,9 @@ class Gateway:
 def build_gateway(config: GatewayConfig, *, embedder: Embedder | None = None,
                   transport: httpx.AsyncBaseTransport | None = None) -> Gateway:
     metrics = GatewayMetrics()
-    embedder = embedder or load_embedder(config.embeddings.model_path)
+    # One request's text is embedded once, however many stages (injection detector, semantic
+    # cache, RAG) look at it.
+    embedder = MemoizedEmbedder(embedder or load_embedder(config.embeddings.model_path))
     r = config.routing
     client = httpx.AsyncClient(
         transport=transport,
@@ -85,12 +89,17 @@ def build_gateway(config: GatewayConfig, *, embedder: Embedder | None = None,
     router = Router(config.upstreams, r, metrics)
     auth = AuthStage(config.tenants)
     ratelimit = RateLimitStage(limiter, metrics)
-    stages: list[Stage] = [auth, ratelimit, GuardrailsStage(config.guardrails, metrics)]
+    detector_section = config.guardrails.injection_detector
+    detector = shared_detector(embedder, detector_section.exemplars,
+                               detector_section.max_windows) if detector_section.enabled else None
+    guardrails = GuardrailsStage(config.guardrails, metrics, detector)
+    stages: list[Stage] = [auth, ratelimit, guardrails]
     if config.cache.exact:
         stages.append(ExactCacheStage(config.cache, metrics))
     if config.cache.semantic:
         stages.append(SemanticCacheStage(config.cache, embedder, metrics))
-    stages.append(RagStage(config.rag, RagStore(config.rag.dir, embedder.dim), embedder))
+    stages.append(RagStage(config.rag, RagStore(config.rag.dir, embedder.dim), embedder,
+                           screen=guardrails.screen_chunks))
     completions = compose(stages, UpstreamStage(router, client, metrics), metrics)
 
     async def embed_terminal(request: GatewayRequest) -> GatewayResponse:

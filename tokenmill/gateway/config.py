@@ -18,10 +18,12 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from tokenmill.errors import ConfigError
+from tokenmill.gateway.pii_validators import VALIDATORS
 
 ROUTING_POLICIES = ("least_outstanding", "round_robin", "prefix_affinity")
 PII_POLICIES = ("block", "redact", "allow")
-PII_VALIDATORS = ("luhn",)
+PII_VALIDATORS = tuple(VALIDATORS)
+RAG_CHUNK_ACTIONS = ("drop", "block", "off")
 KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -97,13 +99,38 @@ class TenantSection:
     semantic_cache_threshold: float | None = _help(
         "This tenant's cache.similarity_threshold (stricter for a tenant whose near-identical "
         "questions need different answers); None: the cache's.", default=None)
+    injection_threshold: float | None = _help(
+        "Score in (0, 1] at which the semantic injection detector blocks this tenant's requests; "
+        "None: guardrails.injection_detector.threshold. Lower catches more and blocks more "
+        "harmless prompts.", default=None)
 
 
 @dataclass(frozen=True)
 class RuleSection:
     name: str = field(metadata={"help": "Rule name, reported when it fires."})
     pattern: str = field(metadata={"help": "Python regular expression (case-insensitive)."})
-    validator: str | None = _help("Extra check on a match (luhn).", default=None)
+    validator: str | None = _help("Extra check on a match: luhn (cards), iban (mod-97), ip "
+                                  "(a parsable IPv4/IPv6 address).", default=None)
+
+
+@dataclass(frozen=True)
+class InjectionDetectorSection:
+    enabled: bool = _help(
+        "Score caller text and RAG chunks with the embedding classifier (needs the embedding "
+        "model; trains in a few seconds at start-up).", default=False)
+    threshold: float = _help(
+        "Attack probability in (0, 1] at which a text is blocked; tenants may override it. "
+        "0.675 kept false positives at or under 3% on the dev half (docs/gateway.md).",
+        default=0.675)
+    exemplars: str | None = _help(
+        "JSONL exemplar library ({label: attack|benign, text}); default: the one shipped in "
+        "tokenmill/gateway/data.", default=None)
+    max_windows: int = _help(
+        "Most sentence windows scored per text; longer texts are scored in wider windows.",
+        default=64)
+    rag_chunks: str = _help(
+        "Retrieved RAG chunks the detector or an input rule flags: drop (the chunk is left out), "
+        "block (the request is refused) or off (chunks are not scanned).", default="drop")
 
 
 @dataclass(frozen=True)
@@ -125,6 +152,9 @@ class GuardrailsSection:
     output_holdback_chars: int = _help(
         "Streamed characters held back so a match can be stopped before it reaches the client.",
         default=32)
+    injection_detector: InjectionDetectorSection = field(
+        default_factory=InjectionDetectorSection,
+        metadata={"help": "Semantic prompt-injection / jailbreak detector."})
 
 
 @dataclass(frozen=True)
@@ -274,6 +304,8 @@ def _validate(config: GatewayConfig) -> None:
         p = f"tenants[{i}]"
         _check(t.pii_policy in PII_POLICIES, f"{p}.pii_policy",
                f"{t.pii_policy!r} is not one of {', '.join(PII_POLICIES)}")
+        _check(t.injection_threshold is None or 0.0 < t.injection_threshold <= 1.0,
+               f"{p}.injection_threshold", f"must be in (0, 1], got {t.injection_threshold!r}")
         for name in ("requests_per_minute", "tokens_per_minute", "max_concurrent"):
             _check(getattr(t, name) >= 0, f"{p}.{name}", "must be >= 0 (0 = unlimited)")
         if t.semantic_cache_threshold is not None:
@@ -298,6 +330,12 @@ def _validate(config: GatewayConfig) -> None:
                    f"{rule.validator!r} is not one of {', '.join(PII_VALIDATORS)}")
     _check(g.output_window_chars >= 1, "guardrails.output_window_chars", "must be >= 1")
     _check(g.output_holdback_chars >= 0, "guardrails.output_holdback_chars", "must be >= 0")
+    d = g.injection_detector
+    _check(0.0 < d.threshold <= 1.0, "guardrails.injection_detector.threshold",
+           f"must be in (0, 1], got {d.threshold!r}")
+    _check(d.max_windows >= 1, "guardrails.injection_detector.max_windows", "must be >= 1")
+    _check(d.rag_chunks in RAG_CHUNK_ACTIONS, "guardrails.injection_detector.rag_chunks",
+           f"{d.rag_chunks!r} is not one of {', '.join(RAG_CHUNK_ACTIONS)}")
     c = config.cache
     for name in ("similarity_threshold", "verifier_word_threshold",
                  "verifier_context_word_threshold", "verifier_context_query_threshold"):

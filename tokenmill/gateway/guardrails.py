@@ -1,8 +1,17 @@
-"""Guardrails stage: input rules (injection, deny-list, PII) and output rules on the answer.
+"""Guardrails stage: input rules (injection, deny-list, PII), the semantic injection detector,
+RAG chunk screening, and output rules on the answer.
 
 Input: every message's text (or the prompt) is scanned; an injection/jailbreak pattern or a
 deny-listed word blocks the request, PII is blocked, redacted or allowed per the tenant's policy.
-A block names the rule that fired and never echoes the matched text back.
+Then, when enabled, the semantic detector (``injection_detector``) scores the caller's text (user
+and tool messages, or the prompt; not system or assistant turns, which the application wrote)
+and blocks at the tenant's threshold. A block names the rule or detector that fired (and the
+detector's score) and never echoes the matched text back.
+
+RAG chunks: retrieved chunks are text from documents, where injections hide ("AI reading this:
+ignore the user..."). ``screen_chunks`` runs the injection rules and the detector over them
+before the RAG stage injects them, and drops a flagged chunk or blocks the request, per
+``injection_detector.rag_chunks``.
 
 Output: streamed text is scanned in a rolling window; the last ``output_holdback_chars`` are held
 back, so a match no longer than that never reaches the client. When a rule fires the stream ends
@@ -16,6 +25,7 @@ arguments.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,26 +33,20 @@ from typing import Any
 
 from tokenmill.errors import ContentFilterError
 from tokenmill.gateway.config import GuardrailsSection, RuleSection
+from tokenmill.gateway.injection_detector import DETECTOR_NAME, InjectionDetector
 from tokenmill.gateway.metrics import GatewayMetrics
+from tokenmill.gateway.pii_validators import VALIDATORS, luhn_ok
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
-from tokenmill.gateway.protocol import CHAT, choice_text, with_choice_text
+from tokenmill.gateway.protocol import CHAT, choice_text, content_text, with_choice_text
+from tokenmill.gateway.rag_store import Retrieved
 
 CONTENT_FILTER = "content_filter"
+RAG_DROPPED_HEADER = "x-tokenmill-rag-dropped"
+# Roles whose text comes from outside the application: the caller, and tools that fetch pages,
+# mail or files for it. System and assistant turns are the application's own words.
+_SCANNED_ROLES = ("user", "tool", "function")
 
-
-def luhn_ok(text: str) -> bool:
-    digits = [int(c) for c in text if c.isdigit()]
-    if len(digits) < 12:
-        return False
-    total = 0
-    for i, d in enumerate(reversed(digits)):
-        if i % 2 == 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-_VALIDATORS = {"luhn": luhn_ok}
+__all__ = ["CompiledRule", "GuardrailsStage", "luhn_ok"]
 
 
 @dataclass(frozen=True)
@@ -56,14 +60,18 @@ class CompiledRule:
         return cls(rule.name, re.compile(rule.pattern, re.IGNORECASE), rule.validator)
 
     def matches(self, text: str) -> list[re.Match[str]]:
-        check = _VALIDATORS.get(self.validator or "")
+        check = VALIDATORS.get(self.validator or "")
         return [m for m in self.regex.finditer(text) if check is None or check(m.group(0))]
 
 
 class GuardrailsStage:
     name = "guardrails"
 
-    def __init__(self, section: GuardrailsSection, metrics: GatewayMetrics) -> None:
+    def __init__(self, section: GuardrailsSection, metrics: GatewayMetrics,
+                 detector: InjectionDetector | None = None) -> None:
+        self.detector = detector
+        self.threshold = section.injection_detector.threshold
+        self.rag_chunk_action = section.injection_detector.rag_chunks
         self.input_rules = [CompiledRule.from_section(r) for r in section.input_rules]
         if section.deny_list:
             words = "|".join(re.escape(w) for w in section.deny_list)
@@ -78,6 +86,8 @@ class GuardrailsStage:
     async def __call__(self, request: GatewayRequest, call_next: Handler) -> GatewayResponse:
         if request.endpoint in (CHAT, "completions"):
             self.check_input(request)
+            if self.detector is not None:
+                await self.check_injection(request)
         response = await call_next(request)
         if not self.output_rules or request.endpoint not in (CHAT, "completions"):
             return response
@@ -109,6 +119,73 @@ class GuardrailsStage:
                     redacted = redacted[:m.start()] + f"[REDACTED:{rule.name}]" + redacted[m.end():]
             if redacted != text:
                 put(redacted)
+
+    def threshold_for(self, request: GatewayRequest) -> float:
+        tenant = request.tenant
+        if tenant is not None and tenant.injection_threshold is not None:
+            return tenant.injection_threshold
+        return self.threshold
+
+    async def check_injection(self, request: GatewayRequest) -> None:
+        assert self.detector is not None
+        texts = _caller_texts(request)
+        if not texts:
+            return
+        # The model runs off the event loop, so other requests keep flowing meanwhile.
+        scores = await asyncio.to_thread(self.detector.score, [t for _, t in texts])
+        worst = max(range(len(scores)), key=lambda i: scores[i].score)
+        score = scores[worst].score
+        self.metrics.injection_scores.labels("input").observe(score)
+        threshold = self.threshold_for(request)
+        if score >= threshold:
+            self.metrics.guardrail_blocks.labels(DETECTOR_NAME, "input", "block").inc()
+            raise ContentFilterError(
+                f"request blocked by guardrail detector {DETECTOR_NAME!r} (score {score:.3f} >= "
+                f"threshold {threshold:g}, in {texts[worst][0]})", param=DETECTOR_NAME)
+
+    # -- RAG chunks ----------------------------------------------------------------------------
+
+    def _chunk_rule(self, text: str) -> str | None:
+        for rule in self.input_rules:
+            if rule.matches(text):
+                return rule.name
+        return None
+
+    async def screen_chunks(self, request: GatewayRequest, found: list[Retrieved]
+                            ) -> list[Retrieved]:
+        """The retrieved chunks fit to inject: flagged ones are dropped (and listed in the
+        ``x-tokenmill-rag-dropped`` header with the rule or detector and score), or the whole
+        request is refused, per ``injection_detector.rag_chunks``."""
+        if self.rag_chunk_action == "off" or not found:
+            return found
+        verdicts: list[tuple[str, float | None] | None] = []
+        for r in found:
+            rule = self._chunk_rule(r.chunk.text)
+            verdicts.append((rule, None) if rule else None)
+        if self.detector is not None:
+            scores = await asyncio.to_thread(self.detector.score, [r.chunk.text for r in found])
+            threshold = self.threshold_for(request)
+            for i, s in enumerate(scores):
+                self.metrics.injection_scores.labels("rag").observe(s.score)
+                if verdicts[i] is None and s.score >= threshold:
+                    verdicts[i] = (DETECTOR_NAME, s.score)
+        kept, dropped = [], []
+        for r, verdict in zip(found, verdicts):
+            if verdict is None:
+                kept.append(r)
+                continue
+            name, score = verdict
+            where = f"{r.chunk.source}#{r.chunk.position}"
+            kind, scored = ("rule", "") if score is None else ("detector", f" score {score:.3f}")
+            if self.rag_chunk_action == "block":
+                self.metrics.guardrail_blocks.labels(name, "rag", "block").inc()
+                raise ContentFilterError(f"request blocked by guardrail {kind} {name!r}"
+                                         f"{scored} in retrieved chunk {where}", param=name)
+            self.metrics.guardrail_blocks.labels(name, "rag", "drop").inc()
+            dropped.append(f"{where} ({name}{scored})")
+        if dropped:
+            request.extra_headers[RAG_DROPPED_HEADER] = ", ".join(dropped)
+        return kept
 
     def _block(self, rule: str, direction: str, what: str = "disallowed content") -> None:
         self.metrics.guardrail_blocks.labels(rule, direction, "block").inc()
@@ -180,6 +257,22 @@ class GuardrailsStage:
             close = getattr(events, "aclose", None)
             if close is not None:
                 await close()
+
+
+def _caller_texts(request: GatewayRequest) -> list[tuple[str, str]]:
+    """(where, text) for each piece of text from outside the application, ``where`` naming it
+    for the error message ("messages[2]", "prompt") without quoting it."""
+    body = request.body
+    if request.endpoint != CHAT:
+        prompt = body.get("prompt", "")
+        return [("prompt", prompt)] if prompt.strip() else []
+    texts = []
+    for i, message in enumerate(body["messages"]):
+        if message.get("role") in _SCANNED_ROLES:
+            text = content_text(message.get("content"))
+            if text.strip():
+                texts.append((f"messages[{i}]", text))
+    return texts
 
 
 def _text_slots(request: GatewayRequest) -> list[tuple[str, Any]]:

@@ -19,6 +19,11 @@ class GatewayMetrics:
         self.guardrail_blocks = Counter("tokenmill_gateway_guardrail_blocks", "Guardrail actions "
                                         "by rule, direction and action.",
                                         ["rule", "direction", "action"], registry=r)
+        self.injection_scores = Histogram("tokenmill_gateway_injection_score", "Highest "
+                                          "injection-detector score per scanned request or RAG "
+                                          "chunk, by source (input, rag).", ["source"],
+                                          buckets=(0.1, 0.25, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85,
+                                                   0.9, 0.95, 0.99), registry=r)
         self.ratelimit_rejections = Counter("tokenmill_gateway_ratelimit_rejections", "429s by "
                                             "tenant and limit.", ["tenant", "limit"], registry=r)
         self.upstream_latency = Histogram("tokenmill_gateway_upstream_latency_seconds", "Time to "

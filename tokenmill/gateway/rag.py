@@ -4,10 +4,14 @@ A request names a collection with an extra body field ``"rag": {"collection": NA
 (or gets its tenant's default). The field is removed before the request goes upstream. Sources
 used are returned in the ``x-tokenmill-rag-sources`` header and, for JSON answers, in
 ``tokenmill_rag_sources``.
+
+Retrieved chunks pass through ``screen`` (the guardrails' ``screen_chunks``) before injection:
+a document can carry instructions aimed at the model, and it may drop such chunks or refuse.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tokenmill.errors import InvalidRequestError
@@ -20,6 +24,7 @@ from tokenmill.gateway.rag_store import RagStore, Retrieved
 
 SOURCES_HEADER = "x-tokenmill-rag-sources"
 SOURCES_FIELD = "tokenmill_rag_sources"
+ChunkScreen = Callable[[GatewayRequest, list[Retrieved]], Awaitable[list[Retrieved]]]
 _INSTRUCTION = ("Answer using the context below when it is relevant. Cite the sources you use "
                 "by their [number].")
 
@@ -32,10 +37,12 @@ def format_context(found: list[Retrieved]) -> str:
 class RagStage:
     name = "rag"
 
-    def __init__(self, section: RagSection, store: RagStore, embedder: Embedder) -> None:
+    def __init__(self, section: RagSection, store: RagStore, embedder: Embedder,
+                 screen: ChunkScreen | None = None) -> None:
         self.section = section
         self.store = store
         self.embedder = embedder
+        self.screen = screen
 
     def _spec(self, request: GatewayRequest) -> tuple[str | None, int]:
         spec: Any = request.body.pop("rag", None)
@@ -70,6 +77,8 @@ class RagStage:
         question = query_text(request.endpoint, request.body)
         vector = await embed_query(request, self.embedder, question)
         found = collection.search(vector, top_k)
+        if self.screen is not None:
+            found = await self.screen(request, found)
         if found:
             self._inject(request, format_context(found))
         request.extra_headers[SOURCES_HEADER] = ", ".join(

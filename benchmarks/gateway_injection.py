@@ -1,0 +1,182 @@
+"""Injection detector quality and cost: a threshold curve on the dev half, detection and false
+positives on the held-back test half, and the latency the detector adds to a request.
+
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gateway_injection.py \\
+        [--threshold 0.75] [--folds 5]
+
+Data: ``benchmarks/data/injection_prompts.jsonl`` (``benchmarks/injection_split.py`` made the
+split). The dev half is the shipped exemplar library, so its curve comes from k-fold
+cross-validation (each dev prompt scored by a detector trained on the other folds) and suggests
+a threshold: the lowest step of 0.025 whose dev false-positive rate stays at or under 3%.
+The test half is scored once, by the detector trained on the whole dev half (exactly what the
+gateway ships), at ``--threshold`` (default: the config default). Nothing here changes the
+detector; the test figures are only printed.
+
+Latency: the detector's own time per request on one thread, for the test prompts and for long
+documents with an attack hidden in the middle: "cold" embeds every window; "with cache reuse"
+starts from a memo that already holds the whole text, as when the semantic cache or RAG embeds
+the same query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = REPO / "benchmarks" / "data" / "injection_prompts.jsonl"
+EXAMPLE_CONFIG = REPO / "examples" / "gateway.yaml"
+MAX_DEV_FPR = 0.03
+
+
+def load(split: str) -> list[dict]:
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["split"] == split]
+
+
+def rates(scores: np.ndarray, is_attack: np.ndarray, threshold: float) -> tuple[float, float]:
+    flagged = scores >= threshold
+    return float(flagged[is_attack].mean()), float(flagged[~is_attack].mean())
+
+
+def dev_curve(embedder, dev: list[dict], folds: int) -> np.ndarray:
+    from sklearn.model_selection import StratifiedKFold
+
+    from tokenmill.gateway.injection_detector import Exemplar, InjectionDetector
+
+    exemplars = [Exemplar(r["text"], r["label"] == "attack", r["category"]) for r in dev]
+    labels = np.array([e.is_attack for e in exemplars])
+    scores = np.zeros(len(dev))
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=0)
+    for train, held in splitter.split(np.zeros(len(dev)), labels):
+        detector = InjectionDetector(embedder, [exemplars[i] for i in train])
+        found = detector.score([exemplars[i].text for i in held])
+        scores[held] = [s.score for s in found]
+    return scores
+
+
+def regex_baseline(rows: list[dict]) -> tuple[float, float]:
+    import yaml
+
+    from tokenmill.gateway.config import RuleSection
+    from tokenmill.gateway.guardrails import CompiledRule
+
+    rules = [CompiledRule.from_section(RuleSection(**r)) for r in
+             yaml.safe_load(EXAMPLE_CONFIG.read_text())["guardrails"]["input_rules"]]
+    hit = np.array([any(rule.matches(r["text"]) for rule in rules) for r in rows])
+    is_attack = np.array([r["label"] == "attack" for r in rows])
+    return float(hit[is_attack].mean()), float(hit[~is_attack].mean())
+
+
+def long_documents(attacks: list[str], num: int) -> list[str]:
+    filler = ("The quarterly figures were reviewed by the finance team on Monday. Revenue grew "
+              "in every region, with the strongest gains in the north. The board will meet "
+              "again in the spring to discuss the new office. ")
+    return [filler * 8 + attack + " " + filler * 8 for attack in attacks[:num]]
+
+
+def percentile_ms(samples: list[float], q: float) -> float:
+    return 1000 * float(np.percentile(samples, q))
+
+
+def time_detector(detector, texts: list[str], warm: bool) -> list[float]:
+    from tokenmill.gateway.embedding_memo import MemoizedEmbedder
+
+    samples = []
+    for text in texts:
+        memo = MemoizedEmbedder(detector.embedder)
+        view = detector.using(memo)
+        if warm:  # the whole text already embedded, as by the semantic cache of this request
+            memo.embed([text])
+        start = time.perf_counter()
+        view.score([text])
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def main() -> None:
+    from tokenmill.gateway.config import InjectionDetectorSection
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threshold", type=float, default=InjectionDetectorSection().threshold)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--long-docs", type=int, default=20, help="long documents timed")
+    parser.add_argument("--dev-only", action="store_true",
+                        help="print only the dev-half curve (to choose a threshold before the "
+                        "test half is ever scored)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("TOKENMILL_NUM_THREADS", "1")))
+    from tokenmill.gateway.embedding_memo import MemoizedEmbedder
+    from tokenmill.gateway.embeddings import load_embedder
+    from tokenmill.gateway.injection_detector import InjectionDetector, load_exemplars
+    from tokenmill.gateway.injection_windows import windows
+
+    model = load_embedder()
+    embedder = MemoizedEmbedder(model, max_entries=100_000)  # folds share the windows' vectors
+    dev, test = load("dev"), load("test")
+    print(f"prompts: dev {len(dev)} ({sum(r['label'] == 'attack' for r in dev)} attacks), "
+          f"test {len(test)} ({sum(r['label'] == 'attack' for r in test)} attacks)")
+
+    dev_scores = dev_curve(embedder, dev, args.folds)
+    dev_attack = np.array([r["label"] == "attack" for r in dev])
+    print(f"\ndev half, {args.folds}-fold cross-validation")
+    print("| threshold | attacks caught | benign blocked |")
+    print("|---|---|---|")
+    suggested = None
+    for threshold in np.round(np.arange(0.40, 0.96, 0.025), 3):
+        caught, blocked = rates(dev_scores, dev_attack, threshold)
+        print(f"| {threshold:.3f} | {caught:.3f} | {blocked:.3f} |")
+        if suggested is None and blocked <= MAX_DEV_FPR:
+            suggested = threshold
+    print(f"suggested threshold (lowest step with dev false positives <= {MAX_DEV_FPR:.0%}): "
+          f"{suggested}")
+    if args.dev_only:
+        return
+
+    detector = InjectionDetector(embedder, load_exemplars())  # the shipped library = dev half
+    test_scores = np.array([s.score for s in detector.score([r["text"] for r in test])])
+    test_attack = np.array([r["label"] == "attack" for r in test])
+    caught, blocked = rates(test_scores, test_attack, args.threshold)
+    print(f"\ntest half (held back), threshold {args.threshold:.3f}: attacks caught "
+          f"{caught:.3f} ({round(caught * test_attack.sum())}/{int(test_attack.sum())}), "
+          f"benign blocked {blocked:.3f} ({round(blocked * (~test_attack).sum())}/"
+          f"{int((~test_attack).sum())})")
+    print("| label | category | flagged |")
+    print("|---|---|---|")
+    categories = sorted({(r["label"], r["category"]) for r in test})
+    for label, category in categories:
+        picked = [i for i, r in enumerate(test) if (r["label"], r["category"]) == (label,
+                                                                                  category)]
+        num = int((test_scores[picked] >= args.threshold).sum())
+        print(f"| {label} | {category} | {num}/{len(picked)} |")
+    regex_caught, regex_blocked = regex_baseline(test)
+    print(f"regex rules of examples/gateway.yaml on the test half: attacks caught "
+          f"{regex_caught:.3f}, benign blocked {regex_blocked:.3f}")
+
+    detector = detector.using(model)  # timing: no memo left over from the runs above
+    prompts = [r["text"] for r in test]
+    docs = long_documents([r["text"] for r in test if r["label"] == "attack"], args.long_docs)
+    print(f"\ndetector latency on {torch.get_num_threads()} torch thread(s), ms")
+    print("| input | cold p50 | cold p99 | with cache reuse p50 | with cache reuse p99 |")
+    print("|---|---|---|---|---|")
+    for name, texts in ((f"test prompts ({len(prompts)})", prompts),
+                        (f"~{len(docs[0]) // 100 * 100}-char documents ({len(docs)})", docs)):
+        cold, warm = time_detector(detector, texts, False), time_detector(detector, texts, True)
+        print(f"| {name} | {percentile_ms(cold, 50):.1f} | {percentile_ms(cold, 99):.1f} | "
+              f"{percentile_ms(warm, 50):.1f} | {percentile_ms(warm, 99):.1f} |")
+    num_windows = [len(windows(t, detector.max_windows)) for t in prompts]
+    print(f"windows per test prompt: mean {statistics.mean(num_windows):.2f}, "
+          f"max {max(num_windows)}")
+
+
+if __name__ == "__main__":
+    main()

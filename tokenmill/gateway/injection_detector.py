@@ -1,0 +1,198 @@
+"""Semantic prompt-injection / jailbreak detector: classifiers trained at start-up on a labelled
+library of attack and benign exemplars, over the gateway's MiniLM embedding and over n-grams.
+
+Why a classifier and not regexes: attacks are paraphrased endlessly ("disregard everything you
+were told before", "you are now in developer mode") while harmless prompts share their words
+("jailbreak my iPhone", "ignore the typo"). A logistic regression over sentence embeddings learns
+the meaning; a second one over word and character n-grams (TF-IDF) is averaged with it because
+MiniLM is an English model and the n-grams carry the look of attacks in other languages and of
+obfuscated spellings. The library ships with the package (``data/injection_exemplars.jsonl``,
+the dev half of ``benchmarks/data/injection_prompts.jsonl``); a deployment can point at its own
+file.
+
+Training (a few seconds, once per process and library):
+
+- every benign exemplar gives negatives: the whole text and each of its windows
+  (``injection_windows``), so harmless sentences out of context do not score high;
+- every attack gives positives: the whole text, its decoded payloads, and, after a first fit,
+  its highest-scoring sentence (an attack hidden in a document is one sentence among harmless
+  ones; the first fit finds it, the second learns it).
+
+A text's score is the highest probability over its windows, in [0, 1].
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from tokenmill.errors import ConfigError
+from tokenmill.gateway.embeddings import Embedder
+from tokenmill.gateway.injection_windows import decoded_payloads, windows
+
+DETECTOR_NAME = "injection.semantic"
+LABELS = ("attack", "benign")
+# Inverse regularisation strength; 1 to 16 were within two points of each other in
+# cross-validation on the dev half, 4 sits in the middle.
+_REGULARIZATION = 4.0
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    text: str
+    is_attack: bool
+    category: str = ""
+
+
+@dataclass(frozen=True)
+class TextScore:
+    score: float
+    """Highest attack probability over the text's windows."""
+    window: int
+    """Which window scored it: 0 the whole text, then sentences, then decoded payloads."""
+
+
+def default_exemplars_path() -> str:
+    return str(resources.files("tokenmill.gateway") / "data" / "injection_exemplars.jsonl")
+
+
+def load_exemplars(path: str | None = None) -> list[Exemplar]:
+    """Read a JSONL library: one ``{"label": "attack"|"benign", "text": ..., "category": ...}``
+    per line. Errors name the line, since the file is edited by hand."""
+    path = path or default_exemplars_path()
+    where = "guardrails.injection_detector.exemplars"
+    if not Path(path).is_file():
+        raise ConfigError(f"{where}: {path!r} is not a file", param=where)
+    exemplars = []
+    for num, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            label, text = row["label"], row["text"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{where}: {path}:{num} is not a JSON object with 'label' and "
+                              "'text'", param=where) from None
+        if label not in LABELS or not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"{where}: {path}:{num} needs label attack or benign and a "
+                              f"non-empty text, got label {label!r}", param=where)
+        exemplars.append(Exemplar(text, label == "attack", str(row.get("category", ""))))
+    num_attacks = sum(e.is_attack for e in exemplars)
+    if num_attacks < 10 or len(exemplars) - num_attacks < 10:
+        raise ConfigError(f"{where}: {path} needs at least 10 attack and 10 benign exemplars, "
+                          f"has {num_attacks} and {len(exemplars) - num_attacks}", param=where)
+    return exemplars
+
+
+class InjectionDetector:
+    def __init__(self, embedder: Embedder, exemplars: list[Exemplar], max_windows: int = 64,
+                 ) -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.pipeline import FeatureUnion
+
+        self.embedder = embedder
+        self.max_windows = max_windows
+        self.ngrams = FeatureUnion([
+            ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), min_df=2,
+                                      sublinear_tf=True)),
+            ("words", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)),
+        ]).fit([e.text for e in exemplars])
+        self.models: dict[str, object] = {}
+        self._fit(exemplars)
+
+    def _features(self, view: str, texts: list[str], vectors: np.ndarray):
+        return vectors if view == "embedding" else self.ngrams.transform(texts)
+
+    def _view_probs(self, view: str, texts: list[str], vectors: np.ndarray) -> np.ndarray:
+        model = self.models[view]
+        return model.predict_proba(self._features(view, texts, vectors))[:, 1]  # type: ignore
+
+    def _fit(self, exemplars: list[Exemplar]) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        texts: list[str] = []
+        labels: list[bool] = []
+        attack_sentences: list[list[str]] = []
+        for e in exemplars:
+            parts = windows(e.text, self.max_windows)
+            if e.is_attack:
+                payloads = decoded_payloads(e.text)
+                texts += [e.text, *payloads]
+                labels += [True] * (1 + len(payloads))
+                sentences = [p for p in parts[1:] if p not in payloads]
+                if sentences:
+                    attack_sentences.append(sentences)
+            else:
+                texts += parts
+                labels += [False] * len(parts)
+        candidates = sorted({s for group in attack_sentences for s in group})
+        all_texts = texts + candidates
+        vector_of = dict(zip(all_texts, self.embedder.embed(all_texts)))
+
+        def vectors(some: list[str]) -> np.ndarray:
+            return np.stack([vector_of[t] for t in some])
+
+        # Two views, each its own logistic regression; their probabilities are averaged. In
+        # cross-validation on the dev half this beat one model over both feature sets joined
+        # (85% vs 76% of attacks at 2.6% false positives): the n-grams' many weights no longer
+        # drown the embedding's.
+        for view in ("embedding", "ngrams"):
+            view_texts, view_labels = list(texts), list(labels)
+            model = LogisticRegression(C=_REGULARIZATION, class_weight="balanced",
+                                       max_iter=5000)
+            self.models[view] = model
+            model.fit(self._features(view, view_texts, vectors(view_texts)), view_labels)
+            # Multiple-instance step: the sentence the first fit likes best is the hidden attack.
+            if candidates:
+                scores = dict(zip(candidates, self._view_probs(view, candidates,
+                                                               vectors(candidates))))
+                for group in attack_sentences:
+                    view_texts.append(max(group, key=scores.__getitem__))
+                    view_labels.append(True)
+                model.fit(self._features(view, view_texts, vectors(view_texts)), view_labels)
+
+    def _predict(self, texts: list[str], vectors: np.ndarray) -> np.ndarray:
+        return np.mean([self._view_probs(view, texts, vectors) for view in self.models], axis=0)
+
+    def using(self, embedder: Embedder) -> InjectionDetector:
+        """The same trained model, embedding through ``embedder`` (e.g. a memoizing wrapper)."""
+        view = copy.copy(self)
+        view.embedder = embedder
+        return view
+
+    def score(self, texts: list[str]) -> list[TextScore]:
+        """One score per text; all windows of all texts go through the model in one batch."""
+        per_text = [windows(t, self.max_windows) for t in texts]
+        flat = [w for group in per_text for w in group]
+        if not flat:
+            return []
+        probs = self._predict(flat, self.embedder.embed(flat))
+        results, start = [], 0
+        for group in per_text:
+            window = int(np.argmax(probs[start:start + len(group)]))
+            results.append(TextScore(float(probs[start + window]), window))
+            start += len(group)
+        return results
+
+
+_trained: dict[tuple[int, str, int], InjectionDetector] = {}
+_trained_lock = threading.Lock()
+
+
+def shared_detector(embedder: Embedder, exemplars_path: str | None = None,
+                    max_windows: int = 64) -> InjectionDetector:
+    """One trained detector per process, model and library: training embeds every exemplar.
+    A wrapper embedder (``embedding_memo``) names the model it wraps as ``inner``."""
+    model = getattr(embedder, "inner", embedder)
+    key = (id(model), exemplars_path or default_exemplars_path(), max_windows)
+    with _trained_lock:
+        if key not in _trained:
+            _trained[key] = InjectionDetector(model, load_exemplars(exemplars_path), max_windows)
+        detector = _trained[key]
+    return detector.using(embedder)
