@@ -64,6 +64,8 @@ class FakeUpstream:
         self.hold: threading.Event | None = None
         self.gate: threading.Event | None = None
         self.completion_tokens: int | None = None
+        self.send_finish = True
+        """False: a stream ends without its finish_reason chunk (some servers do)."""
         self.bodies: list[dict[str, Any]] = []
         self.num_started = 0
         self.lock = threading.Lock()
@@ -148,7 +150,8 @@ class FakeUpstream:
                     await asyncio.to_thread(self.gate.wait, 30)
             last = {"index": 0, "finish_reason": "stop", **({"delta": {}} if chat else
                                                             {"text": ""})}
-            yield f"data: {json.dumps({**base, 'choices': [last]})}\n\n"
+            if self.send_finish:
+                yield f"data: {json.dumps({**base, 'choices': [last]})}\n\n"
             if include_usage:
                 yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"

@@ -25,7 +25,7 @@ from tokenmill.errors import ContentFilterError
 from tokenmill.gateway.config import GuardrailsSection, RuleSection
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
-from tokenmill.gateway.protocol import CHAT, choice_text, with_choice_text
+from tokenmill.gateway.protocol import CHAT, choice_text, chunk_object, with_choice_text
 
 CONTENT_FILTER = "content_filter"
 
@@ -141,8 +141,10 @@ class GuardrailsStage:
                             ) -> AsyncIterator[dict[str, Any]]:
         tails: dict[int, str] = {}     # already sent, kept only as wide as the window
         pending: dict[int, str] = {}   # received but held back
+        base: dict[str, Any] = {}      # id, created, model of the upstream's chunks
         try:
             async for event in events:
+                base = base or {k: event[k] for k in ("id", "created", "model") if k in event}
                 choices = event.get("choices") or []
                 if not choices:
                     yield event
@@ -175,7 +177,7 @@ class GuardrailsStage:
                 if text:
                     choice = with_choice_text(endpoint, {"index": index, "finish_reason": None},
                                               text, streamed=True)
-                    yield {"object": "chat.completion.chunk", "choices": [choice]}
+                    yield {**base, "object": chunk_object(endpoint), "choices": [choice]}
         finally:
             close = getattr(events, "aclose", None)
             if close is not None:
