@@ -64,6 +64,10 @@ class UpstreamStage:
         plan = self.router.plan(model, prompt_text(request.endpoint, request.body))
         last_error = "no upstream is healthy"
         for replica in plan:
+            attempt = object()
+            if not self.router.acquire(replica, attempt):  # half-open, its probe already out
+                last_error = f"{replica.name}: circuit half-open, waiting for its probe"
+                continue
             replica.outstanding += 1
             self.metrics.upstream_outstanding.labels(replica.name).set(replica.outstanding)
             started = time.perf_counter()
@@ -72,15 +76,18 @@ class UpstreamStage:
                     "POST", replica.url + PATHS[request.endpoint], json=body, headers=headers)
                 resp = await self.client.send(http_request, stream=True)
             except httpx.TransportError as exc:
-                self._done(replica)
+                self._done(replica, attempt)
                 self.router.record_failure(replica, type(exc).__name__)
                 last_error = f"{replica.name}: {type(exc).__name__}"
                 continue
+            except BaseException:  # the caller went away: a probe without a verdict
+                self._done(replica, attempt)
+                raise
             self.metrics.upstream_latency.labels(replica.name).observe(
                 time.perf_counter() - started)
             if resp.status_code >= 500:
                 await resp.aclose()
-                self._done(replica)
+                self._done(replica, attempt)
                 self.router.record_failure(replica, f"http_{resp.status_code}")
                 last_error = f"{replica.name}: HTTP {resp.status_code}"
                 continue
@@ -92,15 +99,16 @@ class UpstreamStage:
                     last_error = f"{replica.name}: {type(exc).__name__} while reading"
                     continue
                 finally:
-                    self._done(replica)
+                    self._done(replica, attempt)
             self.router.record_success(replica)
-            return GatewayResponse(events=self._events(replica, resp),
+            return GatewayResponse(events=self._events(replica, resp, attempt),
                                    headers=_passed_headers(resp))
         raise UpstreamUnavailableError(f"no upstream could answer for model {model!r} "
                                        f"(tried {len(plan)}; last: {last_error})",
                                        code="upstream_unavailable")
 
-    def _done(self, replica: Replica) -> None:
+    def _done(self, replica: Replica, attempt: object) -> None:
+        self.router.release(replica, attempt)
         replica.outstanding -= 1
         self.metrics.upstream_outstanding.labels(replica.name).set(replica.outstanding)
 
@@ -120,7 +128,7 @@ class UpstreamStage:
         return GatewayResponse(body=data, status_code=resp.status_code,
                                headers=_passed_headers(resp))
 
-    async def _events(self, replica: Replica, resp: httpx.Response
+    async def _events(self, replica: Replica, resp: httpx.Response, attempt: object
                       ) -> AsyncIterator[dict[str, Any]]:
         try:
             async for line in resp.aiter_lines():
@@ -140,4 +148,4 @@ class UpstreamStage:
                                f"({type(exc).__name__})")
         finally:
             await resp.aclose()
-            self._done(replica)
+            self._done(replica, attempt)
