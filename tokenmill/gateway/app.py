@@ -1,7 +1,7 @@
 """The gateway's FastAPI app: HTTP in and out, and the stage pipelines composed once here.
 
-    chat / completions:  auth → ratelimit → guardrails → exact_cache → semantic_cache → rag
-                         → upstream
+    chat / completions:  auth → ratelimit → guardrails → rag_spec → exact_cache → semantic_cache
+                         → rag → upstream
     embeddings:          auth → ratelimit → local embedding model
     models:              auth → union of the replicas' models the tenant may use
 
@@ -41,7 +41,7 @@ from tokenmill.gateway.guardrails import GuardrailsStage
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler, Stage, compose
 from tokenmill.gateway.protocol import CHAT, COMPLETIONS, is_usage_chunk, validate_body
-from tokenmill.gateway.rag import RagStage
+from tokenmill.gateway.rag import RagSpecStage, RagStage
 from tokenmill.gateway.rag_store import RagStore
 from tokenmill.gateway.ratelimit import RateLimiter, RateLimitStage
 from tokenmill.gateway.router import Router
@@ -85,12 +85,13 @@ def build_gateway(config: GatewayConfig, *, embedder: Embedder | None = None,
     router = Router(config.upstreams, r, metrics)
     auth = AuthStage(config.tenants)
     ratelimit = RateLimitStage(limiter, metrics)
-    stages: list[Stage] = [auth, ratelimit, GuardrailsStage(config.guardrails, metrics)]
+    stages: list[Stage] = [auth, ratelimit, GuardrailsStage(config.guardrails, metrics),
+                           RagSpecStage(config.rag, RagStore(config.rag.dir, embedder.dim))]
     if config.cache.exact:
         stages.append(ExactCacheStage(config.cache, metrics))
     if config.cache.semantic:
         stages.append(SemanticCacheStage(config.cache, embedder, metrics))
-    stages.append(RagStage(config.rag, RagStore(config.rag.dir, embedder.dim), embedder))
+    stages.append(RagStage(embedder))
     completions = compose(stages, UpstreamStage(router, client, metrics), metrics)
 
     async def embed_terminal(request: GatewayRequest) -> GatewayResponse:
