@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import httpx
 import openai
@@ -10,7 +11,7 @@ import pytest
 
 from tests.gateway.helpers import DOCS_DIR, KEY_ACME, KEY_BETA, base_config, chat
 from tokenmill.cli import main
-from tokenmill.gateway.rag_store import chunk_text
+from tokenmill.gateway.rag_store import Collection, chunk_text
 
 QUESTIONS = [
     ("How many days do I have to return an item?", "returns.md", "30 days"),
@@ -113,6 +114,37 @@ def test_reingest_is_not_hidden_by_a_cached_answer(rag_gateway, capsys, stream):
     response = chat(client, "How long is the warranty?")  # the new answer is cached in turn
     assert response.headers.get("x-tokenmill-cache") in ("exact", "semantic")
     assert response.parse().choices[0].message.content == "five years"
+
+
+def test_a_slow_collection_reload_does_not_stall_other_requests(rag_gateway, monkeypatch):
+    """Loading a collection (first use, or after a re-ingest) reads files; it runs off the event
+    loop, so requests that need no RAG (/health, a plain chat) are answered while it is stuck."""
+    gw, fake, _, _ = rag_gateway
+    load_started, release = threading.Event(), threading.Event()
+    real_load = Collection.load
+
+    def slow_load(self):  # fault hook: the load blocks until the test lets it go
+        load_started.set()
+        release.wait(30)
+        real_load(self)
+
+    monkeypatch.setattr(Collection, "load", slow_load)
+    result = {}
+    waiting = threading.Thread(target=lambda: result.setdefault("rag", chat(
+        gw.client(KEY_ACME), "How long is the warranty?",
+        extra_body={"rag": {"collection": "shop"}})))
+    waiting.start()
+    assert load_started.wait(30)
+    try:
+        assert httpx.get(gw.url + "/health", timeout=10).status_code == 200
+        plain = chat(gw.client(KEY_ACME, timeout=10), "hello there", temperature=0.5)
+        assert plain.parse().choices[0].message.content
+        assert not release.is_set() and waiting.is_alive()  # both answered during the load
+    finally:
+        release.set()
+        waiting.join(30)
+    assert "three-year" in system_context(fake.bodies[-1])
+    assert result["rag"].headers["x-tokenmill-rag-sources"]
 
 
 def test_unknown_collection_and_bad_rag_fields(rag_gateway):

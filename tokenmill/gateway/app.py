@@ -156,7 +156,7 @@ def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            gw.limiter.save()
+            await gw.limiter.save_off_loop()
             await gw.client.aclose()
             if owns_provider:
                 await asyncio.to_thread(tracer_provider.shutdown)  # flushes what is batched
@@ -282,4 +282,4 @@ async def _sse(events: AsyncIterator[dict[str, Any]], wants_usage: bool) -> Asyn
 async def _save_loop(limiter: RateLimiter) -> None:
     while True:
         await asyncio.sleep(_STATE_SAVE_INTERVAL_S)
-        limiter.save()
+        await limiter.save_off_loop()  # a file write: never on the event loop

@@ -8,11 +8,13 @@ used are returned in the ``x-tokenmill-rag-sources`` header and, for JSON answer
 Two stages, because the caches sit between them: ``RagSpecStage`` (before the caches) reads the
 spec and brings the collection up to date, so the caches can key answers on the collection's
 version (an answer built from documents since re-ingested is never served); ``RagStage`` (after
-them, so a hit costs no retrieval) searches and injects.
+them, so a hit costs no retrieval) searches and injects. Loading a collection reads files and
+runs off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -89,7 +91,7 @@ class RagSpecStage:
         name, top_k = self._spec(request)
         if name is not None:
             collection = self.store.collection(name)
-            view = collection.reload_if_changed()
+            view = await asyncio.to_thread(collection.reload_if_changed)  # reads files
             request.rag = RagPlan(name, top_k, view)
         return await call_next(request)
 
@@ -106,7 +108,7 @@ class RagStage:
             return await call_next(request)
         question = query_text(request.endpoint, request.body)
         vector = await embed_query(request, self.embedder, question)
-        found = plan.view.search(vector, plan.top_k)
+        found = await asyncio.to_thread(plan.view.search, vector, plan.top_k)
         if found:
             self._inject(request, format_context(found))
         request.extra_headers[SOURCES_HEADER] = ", ".join(
