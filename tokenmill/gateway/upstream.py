@@ -2,8 +2,8 @@
 
 Replicas are tried in the router's order; one that cannot be reached, times out, or answers 5xx
 *before the first byte* of its answer is recorded as a failure and the next one is tried. Once an
-answer has started, it is passed through chunk by chunk (SSE events, parsed one at a time so the
-later stages can look at them); a failure after that point ends the stream with an error event.
+answer has started, it is passed through chunk by chunk (SSE events, parsed one at a time by
+``tokenmill.sse_parser`` so the later stages can look at them); a failure after that point ends the stream with an error event.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse
 from tokenmill.gateway.protocol import CHAT, prompt_text
 from tokenmill.gateway.router import Replica, Router
+from tokenmill.sse_parser import aiter_sse
 from tokenmill.telemetry import child_span, inject_traceparent
 
 PATHS = {CHAT: "/v1/chat/completions", "completions": "/v1/completions"}
@@ -131,17 +132,17 @@ class UpstreamStage:
     async def _events(self, replica: Replica, resp: httpx.Response, attempt: object
                       ) -> AsyncIterator[dict[str, Any]]:
         try:
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # SSE comments, event names and blank separators
-                payload = line[5:].strip()
-                if payload == "[DONE]":
+            async for sse in aiter_sse(resp):  # the one SSE parser (tokenmill/sse_parser.py)
+                if sse.data.strip() == "[DONE]":
                     return
                 try:
-                    yield json.loads(payload)
+                    event = json.loads(sse.data)
                 except ValueError:
+                    event = None
+                if not isinstance(event, dict):
                     yield _error_event(f"upstream {replica.name} sent a malformed stream event")
                     return
+                yield event
         except httpx.HTTPError as exc:
             self.router.record_failure(replica, "stream_" + type(exc).__name__)
             yield _error_event(f"upstream {replica.name} failed mid-stream "
