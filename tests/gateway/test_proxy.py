@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 
 import httpx
@@ -149,13 +148,6 @@ def test_upstream_4xx_passes_through_and_health_and_metrics(upstreams, start_gat
     assert 'status="422"' in metrics
     assert 'tokenmill_gateway_stage_seconds_count{stage="auth"}' in metrics
     assert 'tokenmill_gateway_upstream_latency_seconds_count{replica="r0"}' in metrics
-
-
-@pytest.fixture
-def real_upstream_url(request) -> str:
-    """TOKENMILL_GATEWAY_UPSTREAM_URL if set, else the session's real `tokenmill serve`."""
-    url = os.environ.get("TOKENMILL_GATEWAY_UPSTREAM_URL")
-    return url or request.getfixturevalue("tokenmill_server").url
 
 
 def test_against_real_upstream(start_gateway, real_upstream_url):
