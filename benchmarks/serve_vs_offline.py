@@ -29,6 +29,7 @@ from serve_load import launched_server
 
 from tokenmill.bench.tokens import load_counting_tokenizer
 from tokenmill.bench.workload import LengthDist, WorkloadSpec, build_requests
+from tokenmill.sse_parser import aiter_sse
 
 
 def prompts(num: int, input_len: int) -> list[str]:
@@ -73,8 +74,8 @@ async def stream_all(url: str, texts: list[str], output_len: int) -> list[float]
             body["model"] = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
             times = []
             async with client.stream("POST", url + "/v1/completions", json=body) as resp:
-                async for line in resp.aiter_lines():
-                    if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                async for sse in aiter_sse(resp):  # the shared SSE parser
+                    if sse.data.startswith("{") and json.loads(sse.data)["choices"][0]["text"]:
                         times.append(time.perf_counter())
             return (times[-1] - times[0]) / max(len(times) - 1, 1)
 

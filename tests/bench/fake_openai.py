@@ -32,6 +32,7 @@ class Behavior:
     malformed: bool = False  # send a non-JSON event after the first token
     send_usage: bool = True  # honour stream_options.include_usage
     prompt_tokens: int = 11  # what usage reports as prompt_tokens
+    crlf_multiline: bool = False  # legal SSE framed unusually: CRLF, comments, JSON over lines
 
 
 class FakeOpenAI:
@@ -80,6 +81,10 @@ class FakeOpenAI:
                 "object": "chat.completion.chunk" if chat else "text_completion"}
 
         def event(payload: dict) -> str:
+            if b.crlf_multiline:
+                lines = json.dumps(payload, indent=1).split("\n")
+                return ": ping\r\nevent: message\r\n" + "".join(
+                    f"data: {line}\r\n" for line in lines) + "\r\n"
             return f"data: {json.dumps(payload)}\n\n"
 
         def choice(text: str, finish: str | None) -> dict:
@@ -105,7 +110,7 @@ class FakeOpenAI:
             yield event({**base, "choices": [], "usage": {
                 "prompt_tokens": b.prompt_tokens, "completion_tokens": num_tokens,
                 "total_tokens": b.prompt_tokens + num_tokens}})
-        yield "data: [DONE]\n\n"
+        yield "data: [DONE]\r\n\r\n" if b.crlf_multiline else "data: [DONE]\n\n"
 
 
 class ServerThread:

@@ -154,6 +154,19 @@ def test_malformed_sse_is_counted_as_such(fake, run_cli, tmp_path, tokenizer_jso
     assert record["levels"][0]["summary"]["errors_by_kind"] == {"malformed_sse": 2}
 
 
+def test_any_legal_sse_framing_is_read(fake, run_cli, tmp_path, tokenizer_json) -> None:
+    """CRLF line ends, comments, event names and an event's JSON over several data lines: the
+    shared parser (tokenmill/sse_parser.py) reads them like plain ``data: {...}`` events."""
+    server, url = fake
+    server.reset(crlf_multiline=True)
+    code, _, stderr, record = _bench(run_cli, url, tmp_path, "--num-requests", "2",
+                                     "--input-len", "10", "--output-len", "4",
+                                     "--tokenizer", tokenizer_json)
+    assert code == 0, stderr
+    s = record["levels"][0]["summary"]
+    assert s["output_tokens"] == 8 and s["usage_reported"]
+
+
 def test_no_usage_from_server_counts_chunks(fake, run_cli, tmp_path, tokenizer_json) -> None:
     server, url = fake
     server.reset(send_usage=False)

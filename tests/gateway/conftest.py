@@ -64,3 +64,8 @@ def start_gateway(embedder) -> Iterator[Callable[[dict[str, Any]], RunningGatewa
         gw.server.stop()
 
 
+@pytest.fixture
+def real_upstream_url(request) -> str:
+    """TOKENMILL_GATEWAY_UPSTREAM_URL if set, else the session's real `tokenmill serve`."""
+    url = os.environ.get("TOKENMILL_GATEWAY_UPSTREAM_URL")
+    return url or request.getfixturevalue("tokenmill_server").url

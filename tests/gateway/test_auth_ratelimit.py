@@ -13,6 +13,7 @@ from tests.gateway.helpers import KEY_ACME, KEY_BETA, base_config, chat
 from tokenmill.cli import main
 from tokenmill.errors import ConfigError
 from tokenmill.gateway.config import config_from_dict
+from tokenmill.gateway.ratelimit import RateLimiter
 
 
 def test_missing_and_wrong_keys_get_the_same_401(upstreams, start_gateway):
@@ -124,3 +125,33 @@ def test_rate_limit_state_survives_restart(tmp_path, upstreams, start_gateway):
     again = start_gateway(config)
     with pytest.raises(openai.RateLimitError):
         chat(again.client(), "right after the restart")
+
+
+def test_a_slow_state_save_does_not_stall_other_requests(tmp_path, upstreams, start_gateway,
+                                                         monkeypatch):
+    """The periodic rate-limit state save writes a file; it runs off the event loop, so
+    requests are answered while a save is stuck (a fault hook holds the write)."""
+    (_fake, server), _ = upstreams
+    write_started, release = threading.Event(), threading.Event()
+    real_write = RateLimiter.write
+
+    def slow_write(self, state):
+        write_started.set()
+        release.wait(30)
+        real_write(self, state)
+
+    monkeypatch.setattr(RateLimiter, "write", slow_write)
+    state_file = tmp_path / "state.json"
+    gw = start_gateway(base_config([server.url], server={"state_file": str(state_file)}))
+    try:
+        assert write_started.wait(30)  # the first periodic save (after ~1 s) is now stuck
+        assert httpx.get(gw.url + "/health", timeout=10).status_code == 200
+        answer = chat(gw.client(timeout=10), "answered while the save is stuck")
+        assert answer.parse().choices[0].message.content
+        assert not release.is_set() and not state_file.exists()  # the save had not finished
+    finally:
+        release.set()
+    wait_until = time.monotonic() + 30
+    while not state_file.exists():
+        assert time.monotonic() < wait_until, "the held save never completed"
+        time.sleep(0.05)

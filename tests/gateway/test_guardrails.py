@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -89,3 +91,25 @@ def test_output_rule_on_a_json_answer_and_clean_stream_untouched(gw):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == fake.reply
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 20
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+
+def test_held_back_text_is_flushed_as_a_completions_chunk(gw):
+    """An upstream stream that ends without a finish_reason: the held-back tail is sent in the
+    endpoint's own chunk shape (``text_completion``, ``choices[].text``), not a chat delta."""
+    gateway, fake = gw
+    fake.reply = "a short answer"  # shorter than the hold-back: all of it is held to the end
+    fake.send_finish = False
+    with httpx.stream("POST", gateway.url + "/v1/completions",
+                      headers={"Authorization": f"Bearer {KEY_BETA}"},
+                      json={"model": "tiny", "prompt": "hi", "stream": True}) as r:
+        payloads = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert all(c["object"] == "text_completion" and "delta" not in c["choices"][0]
+               for c in chunks if c.get("choices"))
+    assert "".join(c["choices"][0]["text"] for c in chunks if c.get("choices")) == fake.reply
+    assert chunks[-1]["id"] == "cmpl-fake" and chunks[-1]["model"] == "tiny"
+    streamed = gateway.client(KEY_BETA).completions.create(model="tiny", prompt="hi",
+                                                           stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == fake.reply

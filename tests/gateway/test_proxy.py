@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 import threading
 
 import httpx
@@ -51,6 +51,36 @@ def test_stream_usage_when_asked(upstreams, start_gateway):
         model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True,
         stream_options={"include_usage": True}))
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+
+
+def crlf_multiline_frame(data: str) -> str:
+    """Legal SSE an upstream may send: CRLF line ends, comments, an event name, an id, and the
+    JSON split over several data lines (joined again with newlines by the reader)."""
+    lines = data if data == "[DONE]" else json.dumps(json.loads(data), indent=1)
+    body = "".join(f"data:{line}\r\n" if i % 2 else f"data: {line}\r\n"
+                   for i, line in enumerate(lines.split("\n")))
+    return f": keep-alive\r\nevent: message\r\nid: 1\r\n{body}\r\n"
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_any_legal_sse_framing_from_the_upstream_is_read(upstreams, start_gateway, endpoint):
+    (fake, server), _ = upstreams
+    fake.reply = "one two three"
+    fake.frame = crlf_multiline_frame
+    gw = start_gateway(base_config([server.url]))
+    client = gw.client()
+    if endpoint == "chat":
+        chunks = list(client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "count"}], stream=True,
+            stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        chunks = list(client.completions.create(model="tiny", prompt="count", stream=True,
+                                                stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == "one two three"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
 
 
 def test_models_is_union_the_tenant_may_use(upstreams, start_gateway):
@@ -118,13 +148,6 @@ def test_upstream_4xx_passes_through_and_health_and_metrics(upstreams, start_gat
     assert 'status="422"' in metrics
     assert 'tokenmill_gateway_stage_seconds_count{stage="auth"}' in metrics
     assert 'tokenmill_gateway_upstream_latency_seconds_count{replica="r0"}' in metrics
-
-
-@pytest.fixture
-def real_upstream_url(request) -> str:
-    """TOKENMILL_GATEWAY_UPSTREAM_URL if set, else the session's real `tokenmill serve`."""
-    url = os.environ.get("TOKENMILL_GATEWAY_UPSTREAM_URL")
-    return url or request.getfixturevalue("tokenmill_server").url
 
 
 def test_against_real_upstream(start_gateway, real_upstream_url):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import httpx
 import openai
@@ -10,7 +11,7 @@ import pytest
 
 from tests.gateway.helpers import DOCS_DIR, KEY_ACME, KEY_BETA, base_config, chat
 from tokenmill.cli import main
-from tokenmill.gateway.rag_store import chunk_text
+from tokenmill.gateway.rag_store import Collection, chunk_text
 
 QUESTIONS = [
     ("How many days do I have to return an item?", "returns.md", "30 days"),
@@ -20,7 +21,7 @@ QUESTIONS = [
 
 
 @pytest.fixture
-def rag_gateway(tmp_path, upstreams, start_gateway, capsys):
+def rag_gateway(tmp_path, upstreams, start_gateway, capsys, request):
     docs = tmp_path / "docs"
     shutil.copytree(DOCS_DIR, docs)
     rag_dir = tmp_path / "rag"
@@ -29,6 +30,7 @@ def rag_gateway(tmp_path, upstreams, start_gateway, capsys):
     assert "3 added" in capsys.readouterr().out
     (fake, server), _ = upstreams
     config = base_config([server.url], tmp_path=tmp_path)
+    config["cache"] = getattr(request, "param", {})
     config["tenants"][1]["rag_collection"] = "shop"  # beta's default collection
     return start_gateway(config), fake, docs, rag_dir
 
@@ -71,6 +73,78 @@ def test_reingest_replaces_a_changed_file(rag_gateway, capsys):
          extra_body={"rag": {"collection": "shop", "top_k": 3}})
     context = system_context(fake.bodies[-1])
     assert "five years" in context and "three-year" not in context
+
+
+def warranty_reply(body):
+    context = system_context(body)
+    return "five years" if "five years" in context else "three years" if "three-year" in \
+        context else "no idea"
+
+
+@pytest.mark.parametrize("rag_gateway", [{"exact": True, "semantic": False},
+                                         {"exact": False, "semantic": True}],
+                         ids=["exact", "semantic"], indirect=True)
+@pytest.mark.parametrize("stream", [False, True])
+def test_reingest_is_not_hidden_by_a_cached_answer(rag_gateway, capsys, stream):
+    """The caches sit before retrieval, so their keys carry the collection's version: the same
+    question after a re-ingest is answered from the new documents, not from the cache."""
+    gw, fake, docs, rag_dir = rag_gateway
+    fake.reply = warranty_reply
+    client = gw.client(KEY_BETA)  # beta's default collection is "shop"
+
+    def ask():
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions
+                           .create(model="tiny", temperature=0, stream=True, messages=[
+                               {"role": "user", "content": "How long is the warranty?"}])
+                           if c.choices)
+        return chat(client, "How long is the warranty?").parse().choices[0].message.content
+
+    assert ask() == "three years"
+    response = chat(client, "How long is the warranty?")
+    assert response.headers.get("x-tokenmill-cache") in ("exact", "semantic")  # it is cached
+    assert fake.num_requests == 1
+    (docs / "warranty.txt").write_text("Warranty\n\nThe appliance warranty now lasts five years "
+                                       "and covers liquid damage too.\n")
+    assert main(["rag", "ingest", str(docs), "--collection", "shop", "--rag-dir",
+                 str(rag_dir)]) == 0
+    assert "1 changed" in capsys.readouterr().out
+    assert ask() == "five years"
+    assert fake.num_requests == 2
+    response = chat(client, "How long is the warranty?")  # the new answer is cached in turn
+    assert response.headers.get("x-tokenmill-cache") in ("exact", "semantic")
+    assert response.parse().choices[0].message.content == "five years"
+
+
+def test_a_slow_collection_reload_does_not_stall_other_requests(rag_gateway, monkeypatch):
+    """Loading a collection (first use, or after a re-ingest) reads files; it runs off the event
+    loop, so requests that need no RAG (/health, a plain chat) are answered while it is stuck."""
+    gw, fake, _, _ = rag_gateway
+    load_started, release = threading.Event(), threading.Event()
+    real_load = Collection.load
+
+    def slow_load(self):  # fault hook: the load blocks until the test lets it go
+        load_started.set()
+        release.wait(30)
+        real_load(self)
+
+    monkeypatch.setattr(Collection, "load", slow_load)
+    result = {}
+    waiting = threading.Thread(target=lambda: result.setdefault("rag", chat(
+        gw.client(KEY_ACME), "How long is the warranty?",
+        extra_body={"rag": {"collection": "shop"}})))
+    waiting.start()
+    assert load_started.wait(30)
+    try:
+        assert httpx.get(gw.url + "/health", timeout=10).status_code == 200
+        plain = chat(gw.client(KEY_ACME, timeout=10), "hello there", temperature=0.5)
+        assert plain.parse().choices[0].message.content
+        assert not release.is_set() and waiting.is_alive()  # both answered during the load
+    finally:
+        release.set()
+        waiting.join(30)
+    assert "three-year" in system_context(fake.bodies[-1])
+    assert result["rag"].headers["x-tokenmill-rag-sources"]
 
 
 def test_unknown_collection_and_bad_rag_fields(rag_gateway):

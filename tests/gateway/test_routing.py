@@ -106,3 +106,42 @@ def test_5xx_before_first_byte_is_retried_elsewhere(upstreams, start_gateway):
         "model": "tiny", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable"
     assert Counter(b["messages"][0]["content"] for b in fb.bodies)["x"] == 1
+
+
+def test_half_open_circuit_lets_exactly_one_probe_through(upstreams, start_gateway):
+    """After the cool-down one request probes the replica; requests arriving while it is out
+    fail fast (no other replica here) instead of piling onto a replica that may still be down."""
+    (fa, sa), _ = upstreams
+    gw = start_gateway(base_config([sa.url], routing={"failure_threshold": 1,
+                                                      "cooldown_s": 0.2}))
+    headers = {"Authorization": f"Bearer {gw.client().api_key}"}
+
+    def post(text: str) -> httpx.Response:
+        return httpx.post(gw.url + "/v1/chat/completions", headers=headers, timeout=20, json={
+            "model": "tiny", "temperature": 0.5, "messages": [{"role": "user", "content": text}]})
+
+    fa.fail_status = 503
+    assert post("fail").status_code == 503  # one failure opens the circuit
+    replica = gw.state.router.replicas[0]
+    wait_for(lambda: 0 < replica.open_until <= time.monotonic())  # cooled down: half-open
+    fa.fail_status = None
+    fa.hold = threading.Event()
+    results: dict[str, httpx.Response] = {}
+    probe = threading.Thread(target=lambda: results.__setitem__("probe", post("probe")))
+    probe.start()
+    wait_for(lambda: fa.num_started == 2)  # the probe is at the replica, held there
+    others = [threading.Thread(target=lambda i=i: results.__setitem__(f"q{i}", post(f"q{i}")))
+              for i in range(3)]
+    for t in others:
+        t.start()
+    for t in others:
+        t.join(15)
+    assert fa.num_started == 2  # none of them reached the replica while the probe was out
+    assert [results[f"q{i}"].status_code for i in range(3)] == [503] * 3
+    assert all(results[f"q{i}"].json()["error"]["code"] == "upstream_unavailable"
+               for i in range(3))
+    fa.hold.set()
+    probe.join(15)
+    assert results["probe"].status_code == 200
+    assert replica.open_until == 0.0 and replica.probe is None  # the probe closed the circuit
+    assert [post(f"after{i}").status_code for i in range(2)] == [200, 200]

@@ -64,6 +64,10 @@ class FakeUpstream:
         self.hold: threading.Event | None = None
         self.gate: threading.Event | None = None
         self.completion_tokens: int | None = None
+        self.frame: Callable[[str], str] = lambda data: f"data: {data}\n\n"
+        """How one event's data goes on the wire (tests use other legal SSE framings)."""
+        self.send_finish = True
+        """False: a stream ends without its finish_reason chunk (some servers do)."""
         self.bodies: list[dict[str, Any]] = []
         self.num_started = 0
         self.lock = threading.Lock()
@@ -143,14 +147,15 @@ class FakeUpstream:
                     choice = {"index": 0, "delta": delta, "finish_reason": None}
                 else:
                     choice = {"index": 0, "text": word, "finish_reason": None}
-                yield f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+                yield self.frame(json.dumps({**base, 'choices': [choice]}))
                 if i == 0 and self.gate is not None:
                     await asyncio.to_thread(self.gate.wait, 30)
             last = {"index": 0, "finish_reason": "stop", **({"delta": {}} if chat else
                                                             {"text": ""})}
-            yield f"data: {json.dumps({**base, 'choices': [last]})}\n\n"
+            if self.send_finish:
+                yield self.frame(json.dumps({**base, 'choices': [last]}))
             if include_usage:
-                yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
-            yield "data: [DONE]\n\n"
+                yield self.frame(json.dumps({**base, 'choices': [], 'usage': usage}))
+            yield self.frame("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")

@@ -17,6 +17,7 @@ import httpx
 
 from tokenmill.bench.workload import BenchRequest
 from tokenmill.errors import BenchError
+from tokenmill.sse_parser import SSEParser, aiter_sse
 
 
 @dataclass
@@ -120,21 +121,16 @@ async def send_request(client: httpx.AsyncClient, target: Target, request: Bench
                 result.error_kind = f"http_{response.status_code}"
                 result.error_message = _error_message(raw)
                 return result
-            data_lines: list[str] = []
-            async for line in response.aiter_lines():
-                # SSE: "data:" lines accumulate until a blank line dispatches the event.
-                if line.startswith("data:"):
-                    data_lines.append(line[5:].lstrip(" "))
-                    continue
-                if line.strip() or not data_lines:
-                    if line.strip() and not line.startswith((":", "event:", "id:", "retry:")):
-                        result.error_kind = "malformed_sse"
-                        result.error_message = f"not an SSE line: {line[:120]!r}"
-                        return result
-                    continue
-                payload, data_lines = "\n".join(data_lines), []
+            parser = SSEParser()
+            async for sse in aiter_sse(response, parser, keep_unterminated=True):
+                if parser.unknown_lines:
+                    line = parser.unknown_lines[0]
+                    result.error_kind = "malformed_sse"
+                    result.error_message = f"not an SSE line: {line[:120]!r}"
+                    return result
+                payload = sse.data
                 if payload.strip() == "[DONE]":
-                    finished = True
+                    finished = True  # (also when the last event lacked its closing blank line)
                     break
                 try:
                     chunk = json.loads(payload)
@@ -168,8 +164,10 @@ async def send_request(client: httpx.AsyncClient, target: Target, request: Bench
                     if usage.get("prompt_tokens") is not None:
                         result.prompt_tokens = int(usage["prompt_tokens"])
                         result.prompt_tokens_source = "usage"
-            if data_lines and "\n".join(data_lines).strip() == "[DONE]":
-                finished = True  # the last event lacked its closing blank line
+            if parser.unknown_lines and not finished:
+                result.error_kind = "malformed_sse"
+                result.error_message = f"not an SSE line: {parser.unknown_lines[0][:120]!r}"
+                return result
     except httpx.ConnectError as exc:
         result.error_kind, result.error_message = "connect", str(exc) or "connection refused"
         return result

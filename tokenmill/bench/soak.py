@@ -30,6 +30,7 @@ import httpx
 
 from tokenmill.bench.workload import _WORDS
 from tokenmill.errors import BenchError
+from tokenmill.sse_parser import aiter_sse
 
 # Every planned request ends in exactly one of these.
 DONE = "done"  # a complete, well-formed answer
@@ -202,14 +203,12 @@ async def _read_stream(response: httpx.Response, request: SoakRequest) -> str | 
     num_events = 0
     saw_done = False
     abort = request.abort
-    async for line in response.aiter_lines():
-        if not line.startswith("data: "):
-            continue
+    async for sse in aiter_sse(response):  # the shared parser (tokenmill/sse_parser.py)
         if abort is not None and abort.kind == AFTER_EVENTS and num_events >= abort.num_events:
             raise _Aborted()
         num_events += 1
-        payload = line[len("data: "):]
-        if payload == "[DONE]":
+        payload = sse.data
+        if payload.strip() == "[DONE]":
             saw_done = True
             continue
         try:

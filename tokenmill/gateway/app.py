@@ -1,7 +1,7 @@
 """The gateway's FastAPI app: HTTP in and out, and the stage pipelines composed once here.
 
-    chat / completions:  auth → ratelimit → guardrails → exact_cache → semantic_cache → rag
-                         → upstream
+    chat / completions:  auth → ratelimit → guardrails → rag_spec → exact_cache → semantic_cache
+                         → rag → upstream
     embeddings:          auth → ratelimit → local embedding model
     models:              auth → union of the replicas' models the tenant may use
 
@@ -43,7 +43,7 @@ from tokenmill.gateway.injection_detector import shared_detector
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler, Stage, compose
 from tokenmill.gateway.protocol import CHAT, COMPLETIONS, is_usage_chunk, validate_body
-from tokenmill.gateway.rag import RagStage
+from tokenmill.gateway.rag import RagSpecStage, RagStage
 from tokenmill.gateway.rag_store import RagStore
 from tokenmill.gateway.ratelimit import RateLimiter, RateLimitStage
 from tokenmill.gateway.router import Router
@@ -93,13 +93,13 @@ def build_gateway(config: GatewayConfig, *, embedder: Embedder | None = None,
     detector = shared_detector(embedder, detector_section.exemplars,
                                detector_section.max_windows) if detector_section.enabled else None
     guardrails = GuardrailsStage(config.guardrails, metrics, detector)
-    stages: list[Stage] = [auth, ratelimit, guardrails]
+    stages: list[Stage] = [auth, ratelimit, guardrails,
+                           RagSpecStage(config.rag, RagStore(config.rag.dir, embedder.dim))]
     if config.cache.exact:
         stages.append(ExactCacheStage(config.cache, metrics))
     if config.cache.semantic:
         stages.append(SemanticCacheStage(config.cache, embedder, metrics))
-    stages.append(RagStage(config.rag, RagStore(config.rag.dir, embedder.dim), embedder,
-                           screen=guardrails.screen_chunks))
+    stages.append(RagStage(embedder, screen=guardrails.screen_chunks))
     completions = compose(stages, UpstreamStage(router, client, metrics), metrics)
 
     async def embed_terminal(request: GatewayRequest) -> GatewayResponse:
@@ -164,7 +164,7 @@ def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            gw.limiter.save()
+            await gw.limiter.save_off_loop()
             await gw.client.aclose()
             if owns_provider:
                 await asyncio.to_thread(tracer_provider.shutdown)  # flushes what is batched
@@ -290,4 +290,4 @@ async def _sse(events: AsyncIterator[dict[str, Any]], wants_usage: bool) -> Asyn
 async def _save_loop(limiter: RateLimiter) -> None:
     while True:
         await asyncio.sleep(_STATE_SAVE_INTERVAL_S)
-        limiter.save()
+        await limiter.save_off_loop()  # a file write: never on the event loop

@@ -2,7 +2,8 @@
 
 The key is a hash of the tenant and the whole request body except fields that do not change the
 answer (``stream``, ``stream_options``, ``user``), so a streamed and a non-streamed request share
-an entry. Entries expire after a TTL and the least recently used go first when full.
+an entry, plus the RAG collection, top_k and the collection's version (a re-ingest makes new
+keys). Entries expire after a TTL and the least recently used go first when full.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections import OrderedDict
 from tokenmill.gateway.config import CacheSection
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
+from tokenmill.gateway.rag import rag_cache_key
 from tokenmill.gateway.response_cache import CachedAnswer, can_cache, replay, store_when_done
 
 _IGNORED_FIELDS = ("stream", "stream_options", "user")
@@ -50,8 +52,8 @@ class LruTtlStore:
 
 def exact_key(request: GatewayRequest) -> str:
     body = {k: v for k, v in request.body.items() if k not in _IGNORED_FIELDS}
-    canonical = json.dumps([request.tenant_name, request.endpoint, body], sort_keys=True,
-                           default=str)
+    canonical = json.dumps([request.tenant_name, request.endpoint, body,
+                            rag_cache_key(request)], sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -37,7 +37,13 @@ from tokenmill.gateway.injection_detector import DETECTOR_NAME, InjectionDetecto
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pii_validators import VALIDATORS, luhn_ok
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
-from tokenmill.gateway.protocol import CHAT, choice_text, content_text, with_choice_text
+from tokenmill.gateway.protocol import (
+    CHAT,
+    choice_text,
+    chunk_object,
+    content_text,
+    with_choice_text,
+)
 from tokenmill.gateway.rag_store import Retrieved
 
 CONTENT_FILTER = "content_filter"
@@ -218,8 +224,10 @@ class GuardrailsStage:
                             ) -> AsyncIterator[dict[str, Any]]:
         tails: dict[int, str] = {}     # already sent, kept only as wide as the window
         pending: dict[int, str] = {}   # received but held back
+        base: dict[str, Any] = {}      # id, created, model of the upstream's chunks
         try:
             async for event in events:
+                base = base or {k: event[k] for k in ("id", "created", "model") if k in event}
                 choices = event.get("choices") or []
                 if not choices:
                     yield event
@@ -252,7 +260,7 @@ class GuardrailsStage:
                 if text:
                     choice = with_choice_text(endpoint, {"index": index, "finish_reason": None},
                                               text, streamed=True)
-                    yield {"object": "chat.completion.chunk", "choices": [choice]}
+                    yield {**base, "object": chunk_object(endpoint), "choices": [choice]}
         finally:
             close = getattr(events, "aclose", None)
             if close is not None:

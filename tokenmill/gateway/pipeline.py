@@ -12,11 +12,14 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tokenmill.gateway.config import TenantSection
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.telemetry import child_span
+
+if TYPE_CHECKING:
+    from tokenmill.gateway.rag import RagPlan
 
 
 @dataclass
@@ -36,6 +39,9 @@ class GatewayRequest:
     query_embedding: tuple[str, Any] | None = None
     """(query text, its embedding vector), set by ``query_embedding.embed_query`` so the
     semantic cache and RAG embed the query once between them."""
+    rag: RagPlan | None = None
+    """The RAG collection (as loaded, with its version) and top_k, set by ``rag.RagSpecStage``
+    before the caches, which key on it."""
 
     @property
     def stream(self) -> bool:

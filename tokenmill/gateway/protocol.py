@@ -118,6 +118,11 @@ def with_choice_text(endpoint: str, choice: dict[str, Any], text: str, *,
     return choice
 
 
+def chunk_object(endpoint: str) -> str:
+    """The ``object`` of a streamed chunk: chat and legacy completions differ."""
+    return "chat.completion.chunk" if endpoint == CHAT else "text_completion"
+
+
 def is_usage_chunk(event: dict[str, Any]) -> bool:
     return not event.get("choices") and event.get("usage") is not None
 
@@ -125,8 +130,7 @@ def is_usage_chunk(event: dict[str, Any]) -> bool:
 async def events_from_body(endpoint: str, body: dict[str, Any],
                            include_usage: bool) -> AsyncIterator[dict[str, Any]]:
     """Replay a whole response as stream chunks (for cached answers asked with stream=true)."""
-    obj = "chat.completion.chunk" if endpoint == CHAT else "text_completion"
-    base = {"id": body.get("id"), "object": obj, "created": body.get("created"),
+    base = {"id": body.get("id"), "object": chunk_object(endpoint), "created": body.get("created"),
             "model": body.get("model")}
     for choice in body.get("choices", []):
         text = choice_text(endpoint, choice, streamed=False) or ""

@@ -1,17 +1,25 @@
-"""RAG stage: the top-k chunks of a collection are injected as cited context before the question.
+"""RAG: the top-k chunks of a collection are injected as cited context before the question.
 
 A request names a collection with an extra body field ``"rag": {"collection": NAME, "top_k": K}``
 (or gets its tenant's default). The field is removed before the request goes upstream. Sources
 used are returned in the ``x-tokenmill-rag-sources`` header and, for JSON answers, in
 ``tokenmill_rag_sources``.
 
-Retrieved chunks pass through ``screen`` (the guardrails' ``screen_chunks``) before injection:
-a document can carry instructions aimed at the model, and it may drop such chunks or refuse.
+Two stages, because the caches sit between them: ``RagSpecStage`` (before the caches) reads the
+spec and brings the collection up to date, so the caches can key answers on the collection's
+version (an answer built from documents since re-ingested is never served); ``RagStage`` (after
+them, so a hit costs no retrieval) searches and injects. Loading a collection reads files and
+runs off the event loop. Retrieved chunks pass through ``screen`` (the guardrails'
+``screen_chunks``) before injection: a document can carry instructions aimed at the model, and it
+may drop such chunks or refuse.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.errors import InvalidRequestError
@@ -20,7 +28,7 @@ from tokenmill.gateway.embeddings import Embedder
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
 from tokenmill.gateway.protocol import CHAT, COMPLETIONS, query_text
 from tokenmill.gateway.query_embedding import embed_query
-from tokenmill.gateway.rag_store import RagStore, Retrieved
+from tokenmill.gateway.rag_store import CollectionView, RagStore, Retrieved
 
 SOURCES_HEADER = "x-tokenmill-rag-sources"
 SOURCES_FIELD = "tokenmill_rag_sources"
@@ -34,15 +42,30 @@ def format_context(found: list[Retrieved]) -> str:
     return _INSTRUCTION + "\n\n" + "\n\n".join(blocks)
 
 
-class RagStage:
-    name = "rag"
+@dataclass(frozen=True)
+class RagPlan:
+    """What ``RagSpecStage`` resolved for a request: the collection as loaded, and top_k."""
 
-    def __init__(self, section: RagSection, store: RagStore, embedder: Embedder,
-                 screen: ChunkScreen | None = None) -> None:
+    collection: str
+    top_k: int
+    view: CollectionView
+
+    @property
+    def cache_key(self) -> str:
+        return json.dumps([self.collection, self.top_k, self.view.version])
+
+
+def rag_cache_key(request: GatewayRequest) -> str | None:
+    """The part of a cache key that RAG contributes (None: no RAG for this request)."""
+    return request.rag.cache_key if request.rag is not None else None
+
+
+class RagSpecStage:
+    name = "rag_spec"
+
+    def __init__(self, section: RagSection, store: RagStore) -> None:
         self.section = section
         self.store = store
-        self.embedder = embedder
-        self.screen = screen
 
     def _spec(self, request: GatewayRequest) -> tuple[str | None, int]:
         spec: Any = request.body.pop("rag", None)
@@ -70,13 +93,27 @@ class RagStage:
         if request.endpoint not in (CHAT, COMPLETIONS):
             return await call_next(request)
         name, top_k = self._spec(request)
-        if name is None:
+        if name is not None:
+            collection = self.store.collection(name)
+            view = await asyncio.to_thread(collection.reload_if_changed)  # reads files
+            request.rag = RagPlan(name, top_k, view)
+        return await call_next(request)
+
+
+class RagStage:
+    name = "rag"
+
+    def __init__(self, embedder: Embedder, screen: ChunkScreen | None = None) -> None:
+        self.embedder = embedder
+        self.screen = screen
+
+    async def __call__(self, request: GatewayRequest, call_next: Handler) -> GatewayResponse:
+        plan = request.rag
+        if plan is None:
             return await call_next(request)
-        collection = self.store.collection(name)
-        collection.reload_if_changed()
         question = query_text(request.endpoint, request.body)
         vector = await embed_query(request, self.embedder, question)
-        found = collection.search(vector, top_k)
+        found = await asyncio.to_thread(plan.view.search, vector, plan.top_k)
         if self.screen is not None:
             found = await self.screen(request, found)
         if found:

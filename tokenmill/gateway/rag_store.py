@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,30 @@ class Chunk:
 class Retrieved:
     chunk: Chunk
     score: float
+
+
+@dataclass(frozen=True)
+class CollectionView:
+    """One loaded state of a collection: what a request searches, and its version.
+
+    ``version`` is a hash of the source files' digests, so it changes exactly when an ingest
+    changed the documents; caches key answers on it (an answer from older documents is not
+    served after a re-ingest)."""
+
+    version: str
+    index: Any
+    chunks: dict[int, Chunk]
+
+    def search(self, vector: np.ndarray, top_k: int) -> list[Retrieved]:
+        if self.index is None or self.index.ntotal == 0:
+            return []
+        scores, ids = self.index.search(vector.reshape(1, -1), min(top_k, self.index.ntotal))
+        return [Retrieved(self.chunks[int(i)], float(s)) for s, i in zip(scores[0], ids[0])
+                if int(i) in self.chunks]
+
+
+def files_version(files: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -117,6 +142,9 @@ class Collection:
         self.next_id = 0
         self.index: Any = None
         self.loaded_mtime = -1.0
+        self.view: CollectionView | None = None
+        """The state the gateway searches, replaced whole on reload (never half-updated)."""
+        self._reload_lock = threading.Lock()
 
     @property
     def sidecar(self) -> Path:
@@ -128,27 +156,30 @@ class Collection:
     def load(self) -> None:
         import faiss
 
+        mtime = self.sidecar.stat().st_mtime
         data = json.loads(self.sidecar.read_text())
-        self.loaded_mtime = self.sidecar.stat().st_mtime
         self.files = data["files"]
         self.next_id = data["next_id"]
         self.chunks = {int(c["chunk_id"]): Chunk(**c) for c in data["chunks"]}
         self.index = faiss.read_index(str(self.folder / "index.faiss"))
+        self.view = CollectionView(files_version(self.files), self.index, dict(self.chunks))
+        self.loaded_mtime = mtime
 
-    def reload_if_changed(self) -> None:
+    def reload_if_changed(self) -> CollectionView:
+        """The current view, (re)loaded first when the collection changed on disk. Blocking
+        file reads: the gateway calls it in a worker thread."""
         if not self.exists():
             raise NotFoundError(f"RAG collection {self.name!r} does not exist; create it with "
                                 f"`tokenmill rag ingest DIR --collection {self.name}`",
                                 param="rag.collection", code="collection_not_found")
-        if self.sidecar.stat().st_mtime != self.loaded_mtime:
-            self.load()
+        with self._reload_lock:  # concurrent requests load a changed collection once
+            if self.sidecar.stat().st_mtime != self.loaded_mtime or self.view is None:
+                self.load()
+            assert self.view is not None
+            return self.view
 
     def search(self, vector: np.ndarray, top_k: int) -> list[Retrieved]:
-        if self.index is None or self.index.ntotal == 0:
-            return []
-        scores, ids = self.index.search(vector.reshape(1, -1), min(top_k, self.index.ntotal))
-        return [Retrieved(self.chunks[int(i)], float(s)) for s, i in zip(scores[0], ids[0])
-                if int(i) in self.chunks]
+        return self.view.search(vector, top_k) if self.view is not None else []
 
     def ingest(self, folder: Path, embedder: Embedder, *, max_chars: int = 800,
                prune: bool = False) -> IngestReport:

@@ -4,11 +4,13 @@ Tokens are charged up front from an estimate of the prompt, then corrected from 
 ``usage`` (prompt + completion) once it is known, so a tenant's long answers count against it.
 A bucket may go into debt from that correction; the next request then waits until it refills.
 Bucket levels are saved to an optional JSON state file (wall-clock times, so a restarted gateway
-refills for the time it was down but does not forget a tenant's recent burst).
+refills for the time it was down but does not forget a tenant's recent burst); the gateway writes
+it in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -90,11 +92,23 @@ class RateLimiter:
         if tokens and actual is not None:
             tokens.level -= actual - estimated
 
+    def snapshot(self) -> dict[str, Any]:
+        """The bucket levels as plain data (cheap; taken on the event loop, written off it)."""
+        return {f"{name}/{kind}": {"level": b.level, "updated": b.updated}
+                for (name, kind), b in self.buckets.items()}
+
     def save(self) -> None:
+        self.write(self.snapshot())
+
+    async def save_off_loop(self) -> None:
+        """Save without stalling the event loop: the snapshot here, the file write in a thread."""
+        if self.state_file is not None:
+            await asyncio.to_thread(self.write, self.snapshot())
+
+    def write(self, state: dict[str, Any]) -> None:
+        """Write a snapshot to the state file (blocking file I/O)."""
         if self.state_file is None:
             return
-        state = {f"{name}/{kind}": {"level": b.level, "updated": b.updated}
-                 for (name, kind), b in self.buckets.items()}
         tmp = self.state_file.with_suffix(self.state_file.suffix + ".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(state))

@@ -11,7 +11,10 @@ the order is also the retry plan. Policies live in a small registry:
   moves only the prefixes of a replica that leaves, not everyone's.
 
 After ``failure_threshold`` consecutive failures a replica's circuit opens for ``cooldown_s``;
-afterwards one request is let through, and a failure re-opens it at once.
+afterwards it is half-open: exactly one request (the probe) is let through, the others go to
+another replica or fail fast until the probe's answer starts (closes the circuit) or fails
+(re-opens it at once). A probe that ends without a verdict (a 4xx, a caller gone) frees the
+slot for the next request.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class Replica:
     healthy: bool = True
     consecutive_failures: int = 0
     open_until: float = 0.0
+    probe: object | None = None
+    """While half-open: the token of the one attempt in flight (the probe), else None."""
 
     @property
     def models(self) -> list[str]:
@@ -50,6 +55,13 @@ class Replica:
 
     def can_route(self, now: float) -> bool:
         return self.healthy and self.open_until <= now
+
+    def is_half_open(self, now: float) -> bool:
+        return self.open_until != 0.0 and self.open_until <= now
+
+    def can_take(self, now: float) -> bool:
+        """Whether a new request may be sent now (half-open: only while no probe is out)."""
+        return self.can_route(now) and not (self.probe is not None and self.is_half_open(now))
 
 
 Policy = Callable[["Router", list[Replica], str], list[Replica]]
@@ -111,15 +123,33 @@ class Router:
     def plan(self, model: str, prompt: str) -> list[Replica]:
         """The replicas to try for this request, best first (empty: none routable now)."""
         now = time.monotonic()
-        usable = [r for r in self.replicas if r.serves(model) and r.can_route(now)]
+        usable = [r for r in self.replicas if r.serves(model) and r.can_take(now)]
         if not usable:
             return []
         ordered = self.policy(self, usable, prompt[:self.section.prefix_chars])
         return ordered[:self.section.max_attempts]
 
+    def acquire(self, replica: Replica, attempt: object) -> bool:
+        """Claim ``replica`` for ``attempt`` (any unique object); False when it cannot take one
+        now (circuit open, or half-open with its probe already out). Every True is followed by
+        ``release(replica, attempt)``."""
+        now = time.monotonic()
+        if not replica.can_take(now):
+            return False
+        if replica.is_half_open(now):
+            replica.probe = attempt  # the probe; the others wait for its verdict
+        return True
+
+    def release(self, replica: Replica, attempt: object) -> None:
+        """``attempt`` is over; a probe without a verdict leaves the circuit half-open, free for
+        the next request to probe."""
+        if replica.probe is attempt:
+            replica.probe = None
+
     def record_success(self, replica: Replica) -> None:
         replica.consecutive_failures = 0
         replica.open_until = 0.0
+        replica.probe = None
         self._publish(replica)
 
     def record_failure(self, replica: Replica, kind: str) -> None:
@@ -127,6 +157,7 @@ class Router:
         replica.consecutive_failures += 1
         if replica.consecutive_failures >= self.section.failure_threshold:
             replica.open_until = time.monotonic() + self.section.cooldown_s
+        replica.probe = None
         self._publish(replica)
 
     def _publish(self, replica: Replica) -> None:

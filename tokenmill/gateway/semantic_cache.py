@@ -3,7 +3,7 @@
 The query text (last user message, or the prompt) is embedded once per request
 (``query_embedding``) and looked up in a FAISS inner-product index over unit vectors (= cosine
 similarity). Entries are scoped by tenant, model, sampling parameters, the rest of the
-conversation and the RAG spec: only the query itself may differ, and a tenant never sees another
+conversation and the RAG collection with its version: only the query itself may differ, and a tenant never sees another
 tenant's answers. The embedding only finds candidates; a candidate above the threshold (the
 tenant's own, or the cache's) is served only when ``QueryAlignment`` explains every word in which
 the two queries differ. A false miss costs an upstream call; a false hit serves a wrong answer.
@@ -29,6 +29,7 @@ from tokenmill.gateway.protocol import context_key, query_text, sampling_key
 from tokenmill.gateway.query_alignment import QueryAlignment
 from tokenmill.gateway.query_embedding import embed_query
 from tokenmill.gateway.query_words import load_lexicon
+from tokenmill.gateway.rag import rag_cache_key
 from tokenmill.gateway.response_cache import CachedAnswer, can_cache, replay, store_when_done
 from tokenmill.gateway.word_similarity import WordSimilarity
 
@@ -143,7 +144,7 @@ def build_verifier(section: CacheSection, embedder: Embedder) -> QueryAlignment 
 def semantic_scope(request: GatewayRequest) -> str:
     parts = [request.tenant_name, request.endpoint, request.body.get("model"),
              sampling_key(request.body), context_key(request.endpoint, request.body),
-             json.dumps(request.body.get("rag"), sort_keys=True)]
+             rag_cache_key(request)]  # collection, top_k and its version
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
 

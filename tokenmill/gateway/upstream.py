@@ -2,8 +2,8 @@
 
 Replicas are tried in the router's order; one that cannot be reached, times out, or answers 5xx
 *before the first byte* of its answer is recorded as a failure and the next one is tried. Once an
-answer has started, it is passed through chunk by chunk (SSE events, parsed one at a time so the
-later stages can look at them); a failure after that point ends the stream with an error event.
+answer has started, it is passed through chunk by chunk (SSE events, parsed one at a time by
+``tokenmill.sse_parser`` so the later stages can look at them); a failure after that point ends the stream with an error event.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse
 from tokenmill.gateway.protocol import CHAT, prompt_text
 from tokenmill.gateway.router import Replica, Router
+from tokenmill.sse_parser import aiter_sse
 from tokenmill.telemetry import child_span, inject_traceparent
 
 PATHS = {CHAT: "/v1/chat/completions", "completions": "/v1/completions"}
@@ -64,6 +65,10 @@ class UpstreamStage:
         plan = self.router.plan(model, prompt_text(request.endpoint, request.body))
         last_error = "no upstream is healthy"
         for replica in plan:
+            attempt = object()
+            if not self.router.acquire(replica, attempt):  # half-open, its probe already out
+                last_error = f"{replica.name}: circuit half-open, waiting for its probe"
+                continue
             replica.outstanding += 1
             self.metrics.upstream_outstanding.labels(replica.name).set(replica.outstanding)
             started = time.perf_counter()
@@ -72,15 +77,18 @@ class UpstreamStage:
                     "POST", replica.url + PATHS[request.endpoint], json=body, headers=headers)
                 resp = await self.client.send(http_request, stream=True)
             except httpx.TransportError as exc:
-                self._done(replica)
+                self._done(replica, attempt)
                 self.router.record_failure(replica, type(exc).__name__)
                 last_error = f"{replica.name}: {type(exc).__name__}"
                 continue
+            except BaseException:  # the caller went away: a probe without a verdict
+                self._done(replica, attempt)
+                raise
             self.metrics.upstream_latency.labels(replica.name).observe(
                 time.perf_counter() - started)
             if resp.status_code >= 500:
                 await resp.aclose()
-                self._done(replica)
+                self._done(replica, attempt)
                 self.router.record_failure(replica, f"http_{resp.status_code}")
                 last_error = f"{replica.name}: HTTP {resp.status_code}"
                 continue
@@ -92,15 +100,16 @@ class UpstreamStage:
                     last_error = f"{replica.name}: {type(exc).__name__} while reading"
                     continue
                 finally:
-                    self._done(replica)
+                    self._done(replica, attempt)
             self.router.record_success(replica)
-            return GatewayResponse(events=self._events(replica, resp),
+            return GatewayResponse(events=self._events(replica, resp, attempt),
                                    headers=_passed_headers(resp))
         raise UpstreamUnavailableError(f"no upstream could answer for model {model!r} "
                                        f"(tried {len(plan)}; last: {last_error})",
                                        code="upstream_unavailable")
 
-    def _done(self, replica: Replica) -> None:
+    def _done(self, replica: Replica, attempt: object) -> None:
+        self.router.release(replica, attempt)
         replica.outstanding -= 1
         self.metrics.upstream_outstanding.labels(replica.name).set(replica.outstanding)
 
@@ -120,24 +129,24 @@ class UpstreamStage:
         return GatewayResponse(body=data, status_code=resp.status_code,
                                headers=_passed_headers(resp))
 
-    async def _events(self, replica: Replica, resp: httpx.Response
+    async def _events(self, replica: Replica, resp: httpx.Response, attempt: object
                       ) -> AsyncIterator[dict[str, Any]]:
         try:
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # SSE comments, event names and blank separators
-                payload = line[5:].strip()
-                if payload == "[DONE]":
+            async for sse in aiter_sse(resp):  # the one SSE parser (tokenmill/sse_parser.py)
+                if sse.data.strip() == "[DONE]":
                     return
                 try:
-                    yield json.loads(payload)
+                    event = json.loads(sse.data)
                 except ValueError:
+                    event = None
+                if not isinstance(event, dict):
                     yield _error_event(f"upstream {replica.name} sent a malformed stream event")
                     return
+                yield event
         except httpx.HTTPError as exc:
             self.router.record_failure(replica, "stream_" + type(exc).__name__)
             yield _error_event(f"upstream {replica.name} failed mid-stream "
                                f"({type(exc).__name__})")
         finally:
             await resp.aclose()
-            self._done(replica)
+            self._done(replica, attempt)
