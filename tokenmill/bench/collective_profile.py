@@ -44,7 +44,7 @@ def _rank_main(rank: int, port: int, hidden: int, vocab: int, dtype: str,
     measured: dict[str, list[tuple[float, float]]] = {"all_reduce": [], "all_gather": []}
     try:
         for m in rows:
-            for name in measured:
+            for name, points in measured.items():
                 if name == "all_reduce":
                     x = torch.zeros(m, hidden, dtype=torch_dtype)  # sums stay finite
                     op, nbytes = context.all_reduce, x.numel() * x.element_size()
@@ -62,7 +62,7 @@ def _rank_main(rank: int, port: int, hidden: int, vocab: int, dtype: str,
                     for _ in range(iterations):
                         op(x)
                     best = min(best, (time.perf_counter() - start) / iterations)
-                measured[name].append((float(nbytes), best))
+                points.append((float(nbytes), best))
         if rank == 0:
             results.put(measured)
     finally:
