@@ -214,12 +214,13 @@ def _rank_shape(role: str, in_features: int, out_features: int, tp: int) -> tupl
 
 
 def _oversubscription(inp: PlanInputs) -> float:
-    """How much longer the ranks' compute takes when TP ranks x threads per rank (the
-    profile's) exceed the measured machine's logical CPUs: they take turns on the cores."""
+    """How much longer the ranks' compute takes when they need more threads than the measured
+    machine has logical CPUs (they take turns on the cores): TP ranks x threads per rank, which
+    ``tokenmill serve`` sets to its thread count (the profile's) ÷ TP, at least 1."""
     decode, cpus = inp.hardware.decode, inp.hardware.extra.get("logical_cpus")
     if inp.tp == 1 or decode is None or not cpus:
         return 1.0
-    return max(1.0, inp.tp * decode.threads / float(cpus))
+    return max(1.0, inp.tp * max(1, decode.threads // inp.tp) / float(cpus))
 
 
 def decode_step(inp: PlanInputs, batch_size: int, context_len: int) -> tuple[float, str]:
