@@ -109,6 +109,14 @@ def report(name: str, summaries: dict[int, dict], hardware, args: argparse.Names
               f" {via_tpot:13.1f} {via_tpot / predicted:10.2f}   {step * 1e3:.1f} ms"
               + (f" ({detail})" if detail else ""))
         ratios.append(measured / predicted)
+        if tp > 1 and itl:  # what the prediction misses, if the collectives were all of it
+            from tokenmill.bench.communication import num_all_reduces
+
+            collectives = num_all_reduces(arch) + 1
+            communication = parts.get("communication", 0.0)
+            implied = (itl / 1000 - (step - communication)) / collectives
+            print(f"{'':>6} if the gap were all collectives: {implied * 1e3:.2f} ms per "
+                  f"collective (predicted {communication / collectives * 1e3:.2f})")
 
 
 def main() -> None:
