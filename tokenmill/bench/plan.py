@@ -8,8 +8,8 @@ Everything here is arithmetic on ``ModelArch`` and ``HardwareSpec``:
 * decode, on a device with a measured ``DecodeProfile`` (``tokenmill profile``): the sum over the
   model's linears of the measured time of that layer's kernel at that (M, K, N) and format, plus
   the measured per-layer overhead (norms, rotary, attention at the context, residuals) times the
-  layers, plus the measured fixed per-step overhead (inputs, sampling, scheduling), the sum
-  stretched by the measured cost of serving it (``tokenmill serve`` ÷ the engine alone);
+  layers, plus the measured fixed per-step overhead (inputs, sampling, scheduling), plus what
+  serving it was measured to add per step (``tokenmill serve`` against the engine alone);
 * decode elsewhere (catalog devices): a roofline, bytes read per step ÷ bandwidth or FLOPs ÷ peak
   (on a CPU, whose cores both move the bytes and do the math, the two times add up instead);
 * prefill of one prompt is compute bound (FLOPs ÷ peak), never faster than reading the weights once;
