@@ -4,13 +4,16 @@
     .venv/bin/python benchmarks/predict_vs_measure.py --reuse-profile # keep the saved profile
     .venv/bin/python benchmarks/predict_vs_measure.py --base-url http://127.0.0.1:8000 \\
         --configs default                                             # a server already running
+    .venv/bin/python benchmarks/predict_vs_measure.py --configs default,tp3 --threads 1 \\
+        --concurrency 1,4 --quick-profile                             # tensor parallelism
 
 First `tokenmill profile` measures this machine (in a subprocess, with the servers' thread count;
 saved to --profile-path, by default where `plan --hardware this` reads it): kernel times, the
 engine's overheads and what `tokenmill serve` adds per step (measured on the default
 configuration at a shorter context; the fp32 and bf16 rows are predictions from those parts). Then for each
 configuration (fp32 = `--dtype float32 --quantization none`, bf16 = `--dtype bfloat16
---quantization none`, default = no flags: the GGUF's Q4_1/Q8_0 blocks, `--dtype auto`) it starts
+--quantization none`, default = no flags: the GGUF's Q4_1/Q8_0 blocks, `--dtype auto`; tp3 = the
+default over 3 tensor-parallel ranks, planned with --tp 3) it starts
 `tokenmill serve` alone on loopback, warms it up and benches each --concurrency level with
 fixed-length prompts and outputs (ignore_eos, temperature 0), then prints the decode throughput
 `plan` predicts at that batch and context (prompt + half the output) and the measured one:
@@ -43,11 +46,14 @@ from tokenmill.bench.catalog import find_model
 from tokenmill.bench.hardware import default_profile_path, load_profile
 from tokenmill.bench.plan import PlanInputs, decode_step, plan
 
-# name -> (serve flags, weight format for plan (None: as stored), compute dtype (None: auto))
-CONFIGS: dict[str, tuple[list[str], str | None, str | None]] = {
-    "fp32": (["--dtype", "float32", "--quantization", "none"], "fp32", "fp32"),
-    "bf16": (["--dtype", "bfloat16", "--quantization", "none"], "bf16", "bf16"),
-    "default": ([], None, None),
+# name -> (serve flags, weight format for plan (None: as stored), compute dtype (None: auto),
+#          tensor-parallel degree)
+CONFIGS: dict[str, tuple[list[str], str | None, str | None, int]] = {
+    "fp32": (["--dtype", "float32", "--quantization", "none"], "fp32", "fp32", 1),
+    "bf16": (["--dtype", "bfloat16", "--quantization", "none"], "bf16", "bf16", 1),
+    "default": ([], None, None, 1),
+    # 3 ranks: the built-in model's 9 heads and 3 KV heads split only by 3 or 9
+    "tp3": (["--tensor-parallel-size", "3", "--allow-more-ranks-than-cores"], None, None, 3),
 }
 
 
@@ -71,14 +77,23 @@ def bench(url: str, levels: list[int], args: argparse.Namespace, out: Path) -> d
 
 def report(name: str, summaries: dict[int, dict], hardware, args: argparse.Namespace,
            ratios: list[float]) -> None:
-    _, weight_dtype, compute = CONFIGS[name]
+    _, weight_dtype, compute, tp = CONFIGS[name]
     arch = find_model(None)
     context = args.input_len + args.output_len // 2
-    print(f"\n{name}: {' '.join(CONFIGS[name][0]) or '(no flags)'}; context ~{context}")
+    print(f"\n{name}: {' '.join(CONFIGS[name][0]) or '(no flags)'}; context ~{context}"
+          + (f"; planned with --tp {tp}" if tp > 1 else ""))
+    decode = hardware.decode
+    if tp > 1 and decode is not None:
+        if decode.communication is None:
+            print("  note: the profile has no TP collectives measured (an older profile?): "
+                  "communication is left out")
+        if max(1, args.threads // tp) != decode.threads:
+            print(f"  note: each rank runs {max(1, args.threads // tp)} thread(s), the kernel "
+                  f"tables were measured with {decode.threads}: run with --threads 1")
     print(f"{'batch':>6} {'predicted tok/s':>16} {'measured tok/s':>15} {'meas/pred':>10}"
           f" {'via TPOT p50':>13} {'meas/pred':>10}   predicted step")
     for c, summary in summaries.items():
-        inputs = PlanInputs(arch, hardware, weight_dtype, compute or "bf16", batch_size=c,
+        inputs = PlanInputs(arch, hardware, weight_dtype, compute or "bf16", tp=tp, batch_size=c,
                             context_p50=context, context_p95=context, compute_dtype=compute)
         if compute is None:  # KV is held in the compute dtype that --dtype auto picks
             inputs = dataclasses.replace(inputs, kv_dtype=inputs.resolved_compute_dtype)
@@ -94,6 +109,14 @@ def report(name: str, summaries: dict[int, dict], hardware, args: argparse.Names
               f" {via_tpot:13.1f} {via_tpot / predicted:10.2f}   {step * 1e3:.1f} ms"
               + (f" ({detail})" if detail else ""))
         ratios.append(measured / predicted)
+        if tp > 1 and itl:  # what the prediction misses, if the collectives were all of it
+            from tokenmill.bench.communication import num_all_reduces
+
+            collectives = num_all_reduces(arch) + 1
+            communication = parts.get("communication", 0.0)
+            implied = (itl / 1000 - (step - communication)) / collectives
+            print(f"{'':>6} if the gap were all collectives: {implied * 1e3:.2f} ms per "
+                  f"collective (predicted {communication / collectives * 1e3:.2f})")
 
 
 def main() -> None:
@@ -102,7 +125,7 @@ def main() -> None:
                         help="bench this running server (one config, see --configs) instead "
                              "of starting tokenmill serve")
     parser.add_argument("--configs", default="fp32,bf16,default",
-                        help="comma-separated: fp32, bf16, default")
+                        help="comma-separated: fp32, bf16, default, tp3")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--rounds", type=int, default=2,
                         help="requests per level = rounds x concurrency (at least "

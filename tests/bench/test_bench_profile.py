@@ -75,6 +75,11 @@ def test_profile_quick_measures_decode_costs_that_plan_uses(run_cli, tmp_path) -
     assert serving is not None, f"the serving measurement failed: {err[-2000:]}"
     assert serving["batches"] == [1, 4, 16] and len(serving["step_s"]) == 3
     assert serving["context"] > 0 and "serving" in out
+    # what TP adds: the collectives between 2 ranks and the Python layers' overheads
+    communication = decode["communication"]
+    assert communication is not None, f"the TP measurement failed: {err[-2000:]}"
+    assert all(s > 0 for _, s in communication["samples"]["all_reduce"])
+    assert set(decode["python_overheads"]) == {key} and "TP all-reduce" in out
 
     code, out, err = run_cli("plan", "--hardware", "this", "--profile-path", str(path),
                              "--batch", "4", "--json")
@@ -83,3 +88,8 @@ def test_profile_quick_measures_decode_costs_that_plan_uses(run_cli, tmp_path) -
     assert here["decode_bound"] == "measured" and here["decode_model"] == "measured"
     assert set(here["decode_breakdown"]) == {"linears", "layers", "step", "serving"}
     assert here["decode_tokens_per_s"] > 0
+    code, out, err = run_cli("plan", "--hardware", "this", "--profile-path", str(path),
+                             "--batch", "4", "--tp", "3", "--json")
+    assert code == 0, err
+    (tp3,) = json.loads(out)
+    assert tp3["decode_breakdown"]["communication"] > 0

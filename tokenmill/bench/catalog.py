@@ -5,6 +5,11 @@ Device figures are datasheet numbers for *dense* math: NVIDIA datasheets print t
 "with sparsity", which are twice the dense rate, so those are halved here. Prices are not part
 of any datasheet: ``example_price_per_hour`` values are round illustrative on-demand cloud prices,
 reported as "example" wherever used; pass ``--price-per-hour`` for your own.
+
+Interconnects (for ``--tp`` > 1): the datasheet's GPU-to-GPU bandwidth, which NVIDIA quotes as the
+total of both directions, halved to the one direction a ring collective's step uses; the latency
+per collective is an assumption (no datasheet gives one): 10 µs over NVLink / ICI, 25 µs over PCIe,
+the order of a small NCCL all-reduce between two GPUs.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import re
 from pathlib import Path
 
 from tokenmill.bench.architecture import ModelArch, arch_from_gguf, arch_from_hf_folder
+from tokenmill.bench.communication import Interconnect, LinkCost
 from tokenmill.bench.hardware import HardwareSpec, default_profile_path, load_profile
 from tokenmill.errors import BenchError
 
@@ -42,6 +48,22 @@ MODELS: dict[str, ModelArch] = {
     )
 }
 
+
+
+def _link(one_direction_bytes_per_s: float, latency_s: float, source: str) -> Interconnect:
+    cost = LinkCost(latency_s, one_direction_bytes_per_s)
+    return Interconnect(cost, cost, source + " (latency assumed, not a datasheet figure)")
+
+
+NVLINK4 = _link(450 * GB, 10e-6, "NVLink 4: 900 GB/s both directions per GPU (H100/H200 SXM "
+                                 "datasheet), 450 GB/s one way")
+NVLINK3 = _link(300 * GB, 10e-6, "NVLink 3: 600 GB/s both directions per GPU (A100 SXM "
+                                 "datasheet), 300 GB/s one way")
+PCIE4 = _link(32 * GB, 25e-6, "PCIe Gen4 x16: 64 GB/s both directions (L4 datasheet; the RTX "
+                              "4090 has no NVLink), 32 GB/s one way")
+TPU_V5E_ICI = _link(200 * GB, 10e-6, "ICI: 1,600 Gbps per chip (Google Cloud TPU v5e page), "
+                                     "taken as 200 GB/s")
+
 HARDWARE: dict[str, HardwareSpec] = {
     h.key: h
     for h in (
@@ -49,37 +71,37 @@ HARDWARE: dict[str, HardwareSpec] = {
                      {"fp32": 67 * T, "bf16": 989 * T, "fp16": 989 * T, "fp8": 1979 * T},
                      source="NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column "
                             "(tensor figures halved: datasheet quotes them with sparsity)",
-                     example_price_per_hour=3.0),
+                     example_price_per_hour=3.0, interconnect=NVLINK4),
         HardwareSpec("h200-141gb", "H200 141GB SXM", 141 * GB, 4.8e12,
                      {"fp32": 67 * T, "bf16": 989 * T, "fp16": 989 * T, "fp8": 1979 * T},
                      source="NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column "
                             "(tensor figures halved: datasheet quotes them with sparsity)",
-                     example_price_per_hour=4.0),
+                     example_price_per_hour=4.0, interconnect=NVLINK4),
         HardwareSpec("a100-40gb", "A100 40GB SXM", 40 * GB, 1.555e12,
                      {"fp32": 19.5 * T, "bf16": 312 * T, "fp16": 312 * T},
                      source="NVIDIA A100 Tensor Core GPU datasheet, A100 40GB SXM column "
                             "(dense figures)",
-                     example_price_per_hour=1.5),
+                     example_price_per_hour=1.5, interconnect=NVLINK3),
         HardwareSpec("a100-80gb", "A100 80GB SXM", 80 * GB, 2.039e12,
                      {"fp32": 19.5 * T, "bf16": 312 * T, "fp16": 312 * T},
                      source="NVIDIA A100 Tensor Core GPU datasheet, A100 80GB SXM column "
                             "(dense figures)",
-                     example_price_per_hour=2.0),
+                     example_price_per_hour=2.0, interconnect=NVLINK3),
         HardwareSpec("l4", "L4 24GB", 24 * GB, 300e9,
                      {"fp32": 30.3 * T, "bf16": 121 * T, "fp16": 121 * T, "fp8": 242.5 * T},
                      source="NVIDIA L4 Tensor Core GPU datasheet "
                             "(tensor figures halved: datasheet quotes them with sparsity)",
-                     example_price_per_hour=0.8),
+                     example_price_per_hour=0.8, interconnect=PCIE4),
         HardwareSpec("rtx-4090", "GeForce RTX 4090 24GB", 24 * GB, 1008e9,
                      {"fp32": 82.6 * T, "bf16": 165.2 * T, "fp16": 165.2 * T, "fp8": 330.3 * T},
                      source="NVIDIA Ada Lovelace GPU Architecture whitepaper v1.0, Appendix A "
                             "(dense, FP32 accumulate)",
-                     example_price_per_hour=0.5),
+                     example_price_per_hour=0.5, interconnect=PCIE4),
         HardwareSpec("tpu-v5e", "TPU v5e (per chip)", 16 * 2**30, 819e9,
                      {"bf16": 197 * T},
                      source="Google Cloud TPU documentation, 'TPU v5e' system architecture page "
                             "(per-chip HBM, bandwidth and bf16 peak)",
-                     example_price_per_hour=1.2),
+                     example_price_per_hour=1.2, interconnect=TPU_V5E_ICI),
     )
 }
 

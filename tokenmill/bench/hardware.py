@@ -4,16 +4,20 @@ Catalog entries carry datasheet figures (see ``catalog.py``); "this machine" is 
 ``tokenmill profile`` writes, with measured rather than advertised figures, and (file version 2)
 a ``DecodeProfile``: the measured time of each linear kernel tokenmill runs at decode shapes and
 the measured per-layer and per-step overhead around them, which ``plan`` sums instead of a roofline.
-Version-1 files (no ``decode``) still load; ``plan`` then falls back to the roofline.
+Version-1 files (no ``decode``) still load; ``plan`` then falls back to the roofline. A profile
+may also hold the measured cost of the TP collectives and the overheads of the Python layers TP
+runs (both optional: files without them load, and ``plan`` then leaves those terms out); catalog
+entries carry their interconnect's datasheet figures (``communication.py``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from tokenmill.bench.communication import Interconnect, interconnect_from_json
 from tokenmill.errors import BenchError
 
 PROFILE_VERSION = 2
@@ -42,6 +46,15 @@ class HardwareSpec:
     measured: bool = False
     extra: dict[str, object] = field(default_factory=dict)
     decode: DecodeProfile | None = None  # measured decode costs (``tokenmill profile``)
+    # between TP ranks: datasheet link figures (catalog); a profile's are in ``decode``
+    interconnect: Interconnect | None = None
+
+    @property
+    def communication(self) -> Interconnect | None:
+        """The TP collectives' cost: measured here (``tokenmill profile``), else the catalog's."""
+        if self.decode is not None and self.decode.communication is not None:
+            return self.decode.communication
+        return self.interconnect
 
     @property
     def overlaps_memory_and_compute(self) -> bool:
@@ -167,6 +180,10 @@ class DecodeProfile:
     kernel_isa: str = ""
     model: str = ""
     serving: ServingTable | None = None  # None: engine only (``profile --no-serve``)
+    # TP > 1: the all-reduce / all-gather between 2 ranks here (None: not measured)
+    communication: Interconnect | None = None
+    # the same overheads with the native decode stack off: the Python layers TP > 1 runs
+    python_overheads: dict[str, OverheadTable] = field(default_factory=dict)
 
     def kernel(self, kernel: str, compute_dtype: str) -> tuple[KernelTable | None, str]:
         """The table for ``kernel`` and what was used: itself, or the nearest measured stand-in
@@ -178,9 +195,15 @@ class DecodeProfile:
                 return self.kernels[candidate], candidate
         return None, ""
 
-    def overhead(self, compute_dtype: str, quantized: bool = False) -> OverheadTable | None:
+    def overhead(self, compute_dtype: str, quantized: bool = False,
+                 python_layers: bool = False) -> OverheadTable | None:
         """The overhead measured on the configuration nearest to (compute dtype, quantized):
-        the same one, else the same compute dtype, else the default configuration."""
+        the same one, else the same compute dtype, else the default configuration.
+        ``python_layers`` (TP > 1, where the native decode stack steps aside): the overheads
+        measured with it off, when the profile has them."""
+        if python_layers and self.python_overheads:
+            return replace(self, overheads=self.python_overheads,
+                           python_overheads={}).overhead(compute_dtype, quantized)
         keys = [f"{compute_dtype}/quantized", compute_dtype] if quantized else [
             compute_dtype, f"{compute_dtype}/quantized"]
         keys += [f"{self.auto_dtype}/quantized", self.auto_dtype]
@@ -201,15 +224,9 @@ def _decode_from_json(data: dict | None) -> DecodeProfile | None:
             activation_dtype=str(k["activation_dtype"]),
             group_size=None if k.get("group_size") is None else int(k["group_size"]))
         for name, k in data.get("kernels", {}).items()}
-    overheads = {
-        name: OverheadTable(
-            batches=tuple(int(b) for b in o["batches"]),
-            contexts=tuple(int(c) for c in o["contexts"]),
-            layer_s=tuple(tuple(float(v) for v in row) for row in o["layer_s"]),
-            step_s=tuple(float(v) for v in o["step_s"]),
-            kv_bytes_per_token_per_layer=float(o["kv_bytes_per_token_per_layer"]),
-            weights=str(o.get("weights", "")))
-        for name, o in data.get("overheads", {}).items()}
+    overheads = {name: _overhead_from_json(o) for name, o in data.get("overheads", {}).items()}
+    python_overheads = {name: _overhead_from_json(o)
+                        for name, o in (data.get("python_overheads") or {}).items()}
     serving = data.get("serving")
     if serving:
         serving = ServingTable(tuple(int(b) for b in serving["batches"]),
@@ -217,7 +234,18 @@ def _decode_from_json(data: dict | None) -> DecodeProfile | None:
                                int(serving["context"]), str(serving.get("config", "default")))
     return DecodeProfile(kernels, overheads, str(data.get("auto_dtype", "fp32")),
                          int(data.get("threads", 1)), str(data.get("kernel_isa", "")),
-                         str(data.get("model", "")), serving or None)
+                         str(data.get("model", "")), serving or None,
+                         interconnect_from_json(data.get("communication")), python_overheads)
+
+
+def _overhead_from_json(o: dict) -> OverheadTable:
+    return OverheadTable(
+        batches=tuple(int(b) for b in o["batches"]),
+        contexts=tuple(int(c) for c in o["contexts"]),
+        layer_s=tuple(tuple(float(v) for v in row) for row in o["layer_s"]),
+        step_s=tuple(float(v) for v in o["step_s"]),
+        kv_bytes_per_token_per_layer=float(o["kv_bytes_per_token_per_layer"]),
+        weights=str(o.get("weights", "")))
 
 
 def default_profile_path() -> Path:
@@ -252,6 +280,7 @@ def load_profile(path: Path) -> HardwareSpec:
             measured=True,
             extra=dict(data.get("extra", {})),
             decode=_decode_from_json(data.get("decode")),
+            interconnect=interconnect_from_json(data.get("interconnect")),
         )
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BenchError(f"hardware profile {path} is unreadable ({exc}); run `tokenmill profile` "

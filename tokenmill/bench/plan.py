@@ -8,13 +8,20 @@ Everything here is arithmetic on ``ModelArch`` and ``HardwareSpec``:
 * decode, on a device with a measured ``DecodeProfile`` (``tokenmill profile``): the sum over the
   model's linears of the measured time of that layer's kernel at that (M, K, N) and format, plus
   the measured per-layer overhead (norms, rotary, attention at the context, residuals) times the
-  layers, plus the measured fixed per-step overhead (inputs, sampling, scheduling), the sum
-  stretched by the measured cost of serving it (``tokenmill serve`` ÷ the engine alone);
+  layers, plus the measured fixed per-step overhead (inputs, sampling, scheduling), plus what
+  serving it was measured to add per step (``tokenmill serve`` against the engine alone);
 * decode elsewhere (catalog devices): a roofline, bytes read per step ÷ bandwidth or FLOPs ÷ peak
   (on a CPU, whose cores both move the bytes and do the math, the two times add up instead);
-* prefill of one prompt is compute bound (FLOPs ÷ peak), never faster than reading the weights once.
+* prefill of one prompt is compute bound (FLOPs ÷ peak), never faster than reading the weights once;
+* TP > 1 adds the collectives of a step, ``2 x layers + 1`` all-reduces of the activations and an
+  all-gather of the logits, each latency + bytes ÷ bandwidth (``communication.py``: measured here
+  by ``tokenmill profile``, datasheet links for catalog devices); on a measured machine the
+  per-layer overhead is the one measured with the native decode stack off (TP runs the Python
+  layers), and ranks that need more threads than the machine has cores stretch the compute.
 
-Roofline estimates are ceilings: no kernel reaches the datasheet peak, TP communication is ignored.
+Roofline estimates are ceilings: no kernel reaches the datasheet peak. Communication is added
+after the compute (a decode step's all-reduce waits for the matmul before it); ranks waiting for
+the slowest one are not modelled.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import math
 from dataclasses import dataclass, replace
 
 from tokenmill.bench.architecture import BYTES_PER_PARAM, DENSE_DTYPES, ModelArch
+from tokenmill.bench.communication import communication_seconds
 from tokenmill.bench.hardware import DecodeProfile, HardwareSpec
 from tokenmill.errors import BenchError
 
@@ -106,6 +114,7 @@ class PlanResult:
     weights_description: str = ""
     # measured model: seconds per step in linears, per-layer overhead (all layers), per-step
     decode_breakdown: dict[str, float] | None = None
+    communication_seconds: float = 0.0  # TP collectives per decode step (part of the step)
 
 
 def _kv_heads_per_device(arch: ModelArch, tp: int) -> int:
@@ -163,27 +172,55 @@ def measured_decode_breakdown(inp: PlanInputs, batch_size: int,
             touched = arch.experts_touched(batch_size)
             rows = batch_size * arch.num_experts_per_token / touched
             count = layer.count / arch.num_experts * touched
-        out_features = max(1, math.ceil(layer.out_features / inp.tp))
-        nbytes = layer.fmt.nbytes(layer.in_features, out_features)
-        seconds = table.seconds(rows, layer.in_features, out_features, nbytes)
+        in_features, out_features = _rank_shape(layer.role, layer.in_features,
+                                                layer.out_features, inp.tp)
+        nbytes = layer.fmt.nbytes(in_features, out_features)
+        seconds = table.seconds(rows, in_features, out_features, nbytes)
         if used in ("q4", "q8") and table.group_size and layer.fmt.group_size != table.group_size:
             from tokenmill.bench.architecture import WeightFormat
 
             measured_fmt = WeightFormat(used, used, table.group_size)
-            extra = nbytes - measured_fmt.nbytes(layer.in_features, out_features)
+            extra = nbytes - measured_fmt.nbytes(in_features, out_features)
             seconds = max(table.fit["call_s"], seconds + extra / table.fit["bytes_per_s"])
         linears += count * seconds
     quantized = any(layer.fmt.kernel in ("q4", "q8", "fp8") for layer in layout.linears
                     if layer.role != "lm_head")
-    overhead = decode.overhead(compute, quantized)
+    overhead = decode.overhead(compute, quantized, python_layers=inp.tp > 1)
     kv_layer = (2 * _kv_heads_per_device(arch, inp.tp) * arch.head_dim
                 * BYTES_PER_PARAM[inp.kv_dtype])
     kv_scale = kv_layer / overhead.kv_bytes_per_token_per_layer
     layers = arch.num_layers * overhead.layer_seconds(batch_size, context_len, kv_scale)
     parts = {"linears": linears, "layers": layers, "step": overhead.step_seconds(batch_size)}
+    stretch = _oversubscription(inp)
+    if stretch > 1:
+        parts["oversubscribed"] = (stretch - 1) * sum(parts.values())
+    link = inp.hardware.communication
+    if inp.tp > 1 and link is not None:
+        parts["communication"] = communication_seconds(arch, link, batch_size, inp.tp, compute)
     if decode.serving is not None and inp.serving:
         parts["serving"] = decode.serving.seconds(batch_size)
     return parts
+
+
+def _rank_shape(role: str, in_features: int, out_features: int, tp: int) -> tuple[int, int]:
+    """One rank's share of a linear: row-parallel layers (attention output, MLP down) split
+    their inputs, the others (qkv, gate/up, the vocab-parallel head) their outputs; a router is
+    replicated."""
+    if tp == 1 or role == "router":
+        return in_features, out_features
+    if role in ("o", "down"):
+        return max(1, math.ceil(in_features / tp)), out_features
+    return in_features, max(1, math.ceil(out_features / tp))
+
+
+def _oversubscription(inp: PlanInputs) -> float:
+    """How much longer the ranks' compute takes when they need more threads than the measured
+    machine has logical CPUs (they take turns on the cores): TP ranks x threads per rank, which
+    ``tokenmill serve`` sets to its thread count (the profile's) ÷ TP, at least 1."""
+    decode, cpus = inp.hardware.decode, inp.hardware.extra.get("logical_cpus")
+    if inp.tp == 1 or decode is None or not cpus:
+        return 1.0
+    return max(1.0, inp.tp * max(1, decode.threads // inp.tp) / float(cpus))
 
 
 def decode_step(inp: PlanInputs, batch_size: int, context_len: int) -> tuple[float, str]:
@@ -202,9 +239,13 @@ def decode_step(inp: PlanInputs, batch_size: int, context_len: int) -> tuple[flo
     memory_time = bytes_read / hw.bandwidth_bytes_per_s
     compute_time = flops / peak
     bound = "memory" if memory_time >= compute_time else "compute"
+    link = hw.communication
+    communication = (0.0 if link is None else
+                     communication_seconds(arch, link, batch_size, inp.tp,
+                                           inp.resolved_compute_dtype))
     if hw.overlaps_memory_and_compute:
-        return max(memory_time, compute_time), bound
-    return memory_time + compute_time, bound
+        return max(memory_time, compute_time) + communication, bound
+    return memory_time + compute_time + communication, bound
 
 
 def prefill_seconds(inp: PlanInputs, prompt_len: int) -> float:
@@ -249,6 +290,9 @@ def plan(inp: PlanInputs) -> PlanResult:
     breakdown = (measured_decode_breakdown(inp, batch, inp.context_p50) if bound == "measured"
                  else None)
     _, compute_dtype = hw.flops_for(inp.weight_dtype)
+    link = hw.communication
+    communication = (0.0 if link is None else
+                     communication_seconds(arch, link, batch, inp.tp, inp.resolved_compute_dtype))
 
     price_is_example = inp.price_per_hour is None
     per_device = hw.example_price_per_hour if price_is_example else inp.price_per_hour
@@ -285,4 +329,5 @@ def plan(inp: PlanInputs) -> PlanResult:
         weights_description=arch.weight_layout(inp.weight_dtype, inp.resolved_compute_dtype,
                                                inp.group_size).description,
         decode_breakdown=breakdown,
+        communication_seconds=communication,
     )

@@ -95,10 +95,11 @@ def measure_matmul(device: str, dtype: str, size: int, budget_s: float,
 def profile_machine(*, device: str | None = None, threads: int | None = None,
                     budget_s: float = 0.5, copy_bytes: int = 256 * 2**20,
                     matmul_size: int | None = None, decode: bool = True, quick: bool = False,
-                    serve: bool = True,
+                    serve: bool = True, tp: bool = True,
                     log: Callable[[str], None] = lambda _: None) -> HardwareSpec:
     """``decode``: also measure the decode profile (CPU only; ``quick``: fewer points, the
-    default configuration's overhead only; ``serve``: and the cost of serving over HTTP)."""
+    default configuration's overhead only; ``serve``: and the cost of serving over HTTP;
+    ``tp``: and what tensor parallelism adds, the collectives and the Python layers)."""
     import psutil
     import torch
 
@@ -136,7 +137,8 @@ def profile_machine(*, device: str | None = None, threads: int | None = None,
         flops = {dt_: measure_matmul(device, dt_, size, budget_s, sync) for dt_ in dtypes}
         decode_profile = None
         if decode and not on_gpu:
-            decode_profile = profile_decode(threads=threads, quick=quick, serve=serve, log=log)
+            decode_profile = profile_decode(threads=threads, quick=quick, serve=serve, tp=tp,
+                                            log=log)
             torch.set_num_threads(threads)
     except (RuntimeError, MemoryError) as exc:
         raise BenchError(f"profiling {device} failed: {exc}") from exc
@@ -426,11 +428,13 @@ def _loop_gap(llm: Any, batch: int, num_tokens: int) -> float:
     return statistics.median(gaps) if gaps else 0.0
 
 
-def profile_decode(*, threads: int, quick: bool = False, serve: bool = True,
+def profile_decode(*, threads: int, quick: bool = False, serve: bool = True, tp: bool = True,
                    log: Callable[[str], None] = lambda _: None) -> DecodeProfile:
     """Measure the kernel tables (fp32, bf16, q4, q8), the overheads of the configurations
-    tokenmill serves (fp32 and bf16 dense, the quantized default; ``quick``: the default only)
-    and (``serve``) what serving the default over HTTP adds."""
+    tokenmill serves (fp32 and bf16 dense, the quantized default; ``quick``: the default only),
+    (``serve``) what serving the default over HTTP adds and (``tp``) what TP adds: the
+    all-reduce and all-gather between 2 ranks, and the default's overheads with the native
+    decode stack off (TP > 1 runs the Python layers)."""
     import dataclasses
 
     from tokenmill.bench.architecture import normalize_dtype
@@ -464,6 +468,8 @@ def profile_decode(*, threads: int, quick: bool = False, serve: bool = True,
         log(f"overhead {key}: {time.perf_counter() - started:.1f}s")
     decode = DecodeProfile(kernels=kernels, overheads=overheads, auto_dtype=auto, threads=threads,
                            kernel_isa=kernel_isa(), model=arch.name)
+    if tp:
+        decode = _profile_tensor_parallel(decode, configs, quick=quick, threads=threads, log=log)
     if serve and overheads:
         started = time.perf_counter()
         try:
@@ -474,6 +480,47 @@ def profile_decode(*, threads: int, quick: bool = False, serve: bool = True,
         else:
             decode = dataclasses.replace(decode, serving=serving)
             log(f"serving: {time.perf_counter() - started:.1f}s")
+    return decode
+
+
+def _profile_tensor_parallel(decode: DecodeProfile, configs: dict[str, tuple[str, str]], *,
+                             quick: bool, threads: int,
+                             log: Callable[[str], None]) -> DecodeProfile:
+    """``decode`` with what TP > 1 adds: the collectives (2 spawned ranks) and the default
+    configuration's overheads with the native decode stack off. A failure leaves the term out
+    (``plan`` then predicts TP without it) and says so."""
+    import dataclasses
+
+    from tokenmill.bench.collective_profile import measure_collectives
+    from tokenmill.models import llama_decode_stack
+
+    arch, _ = builtin_linears()
+    started = time.perf_counter()
+    try:
+        link = measure_collectives(arch.hidden_size, arch.vocab_size, decode.auto_dtype,
+                                   iterations=20 if quick else 50)
+    except (RuntimeError, OSError) as exc:
+        log(f"TP collectives: failed ({exc}); plan leaves TP communication out")
+    else:
+        decode = dataclasses.replace(decode, communication=link)
+        log(f"TP collectives: {time.perf_counter() - started:.1f}s")
+    key = f"{decode.auto_dtype}/quantized"
+    if key not in decode.overheads:
+        return decode
+    started = time.perf_counter()
+    was_enabled = llama_decode_stack.is_enabled()
+    llama_decode_stack.set_enabled(False)
+    try:
+        table = measure_overhead(configs[key], decode.kernels, OVERHEAD_BATCHES,
+                                 QUICK_CONTEXTS if quick else OVERHEAD_CONTEXTS,
+                                 steps=3 if quick else 6, threads=threads)
+    except (RuntimeError, ValueError, TypeError, AttributeError, KeyError) as exc:
+        log(f"overhead {key} (Python layers): failed ({exc!r}); skipped")
+    else:
+        decode = dataclasses.replace(decode, python_overheads={key: table})
+        log(f"overhead {key} (Python layers): {time.perf_counter() - started:.1f}s")
+    finally:
+        llama_decode_stack.set_enabled(was_enabled)
     return decode
 
 

@@ -17,8 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "plan", help="capacity planner: memory, concurrency, decode speed and cost per device",
         description="Capacity plan of a model on one or more devices. Decode speed on 'this' "
                     "machine sums the kernel times and overheads `tokenmill profile` measured; "
-                    "on catalog devices it is a roofline ceiling (datasheet peaks, no "
-                    "communication cost).")
+                    "on catalog devices it is a roofline ceiling (datasheet peaks). With --tp > 1 "
+                    "the step adds the TP collectives (measured here by `tokenmill profile`; "
+                    "datasheet link figures for catalog devices).")
     p.add_argument("--model", default=None,
                    help="catalog name (Llama-3-8B, Llama-3-70B, Mixtral-8x7B, Qwen2.5-7B, "
                         "SmolLM2-135M), a GGUF file or an HF folder; default: the built-in model")
@@ -109,8 +110,10 @@ def _decode_step(r: Any) -> str:
     text = f"{r.decode_step_seconds * 1e3:,.2f} ms"
     if r.decode_breakdown:
         parts = r.decode_breakdown
-        text += (f" = linears {parts['linears'] * 1e3:.2f} + layer overhead "
-                 f"{parts['layers'] * 1e3:.2f} + step {parts['step'] * 1e3:.2f}")
+        names = {"layers": "layer overhead"}
+        text += " = " + " + ".join(f"{names.get(k, k)} {v * 1e3:.2f}" for k, v in parts.items())
+    elif r.communication_seconds:
+        text += f" incl. TP communication {r.communication_seconds * 1e3:.2f}"
     return text
 
 
@@ -181,6 +184,11 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     for r in results:
         console.print(f"[dim]{r.inputs.hardware.name}: {r.inputs.hardware.source}[/dim]")
+        link = r.inputs.hardware.communication
+        if args.tp > 1:
+            console.print(f"[dim]  TP communication: {link.source}[/dim]" if link else
+                          "[dim]  TP communication: not known for this device (not counted; "
+                          "run `tokenmill profile` again)[/dim]")
     roofline = [r.inputs.hardware.name for r in results if r.decode_bound != "measured"]
     note = (f" Speeds on {', '.join(roofline)} are roofline ceilings." if roofline else "")
     console.print(f"[dim]model numbers: {arch.source}.{note}[/dim]")

@@ -32,6 +32,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-serve", action="store_true",
                    help="do not start `tokenmill serve` to measure what serving over HTTP adds "
                         "to a decode step (plan then predicts the engine alone)")
+    p.add_argument("--no-tp", action="store_true",
+                   help="do not measure what tensor parallelism adds (the all-reduce between 2 "
+                        "spawned ranks, the Python layers' overhead); plan then leaves TP "
+                        "communication out for this machine")
     p.add_argument("--no-decode", action="store_true",
                    help="skip the decode profile (bandwidth and FLOP/s only; plan then uses "
                         "the roofline)")
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     spec = profile_machine(device=args.device, threads=args.threads,
                            budget_s=args.seconds_per_test, copy_bytes=args.copy_mib * 2**20,
                            decode=not args.no_decode, quick=args.quick,
-                           serve=not args.no_serve,
+                           serve=not args.no_serve, tp=not args.no_tp,
                            log=lambda line: console.print(f"[dim]{line}[/dim]"))
     if args.price_per_hour is not None:
         spec = dataclasses.replace(spec, example_price_per_hour=args.price_per_hour)
@@ -103,6 +107,17 @@ def _print_decode(console: object, decode: object) -> None:
             for b, row, step in zip(table.batches, table.layer_s, table.step_s))
         console.print(f"  overhead {name:<13} (context {table.contexts[0]}-"
                       f"{table.contexts[-1]}) {cells}")
+    for name, table in decode.python_overheads.items():
+        cells = ", ".join(f"B={b}: {row[0] * 1e6:.0f}-{row[-1] * 1e6:.0f} us/layer"
+                          for b, row in zip(table.batches, table.layer_s))
+        console.print(f"  overhead {name:<13} Python layers (TP > 1): {cells}")
+    link = decode.communication
+    if link is not None:
+        ar, ag = link.all_reduce, link.all_gather
+        console.print(f"  TP all-reduce    {ar.latency_s * 1e6:.0f} us + bytes / "
+                      f"{ar.bytes_per_s / 1e9:,.2f} GB/s; all-gather {ag.latency_s * 1e6:.0f} "
+                      f"us + bytes / {ag.bytes_per_s / 1e9:,.2f} GB/s ({link.world_size} ranks, "
+                      f"{link.dtype})")
     if decode.serving is not None:
         cells = ", ".join(f"B={b}: {s * 1e3:+.1f} ms" for b, s in zip(decode.serving.batches,
                                                                        decode.serving.step_s))
