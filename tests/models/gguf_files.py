@@ -68,9 +68,10 @@ def llama3_freq_factors(config: Any) -> np.ndarray:
 
 
 def write_gguf(model: Any, path: Path, tokenizer_reader: Any, *, qtype: str = "F32",
-               eot_token_id: int | None = None) -> Path:
+               eot_token_id: int | None = None, rope_scaling_type: str | None = None) -> Path:
     """``model`` (a transformers causal LM) as a GGUF file; 2-D matrices as ``qtype`` (F32 or
-    Q8_0), norms and biases F32, as the converter writes them."""
+    Q8_0), norms and biases F32, as the converter writes them. ``rope_scaling_type`` writes that
+    ``rope.scaling.type`` instead of the model's (for files tokenmill must refuse)."""
     import gguf
 
     config = model.config
@@ -104,6 +105,8 @@ def write_gguf(model: Any, path: Path, tokenizer_reader: Any, *, qtype: str = "F
         writer.add_rope_scaling_factor(float(rope["factor"]))
         if rope["rope_type"] == "yarn":
             writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    if rope_scaling_type is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling_type))
     _copy_tokenizer(tokenizer_reader, writer)
     if eot_token_id is not None:
         writer.add_eot_token_id(eot_token_id)

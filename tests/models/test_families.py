@@ -243,20 +243,14 @@ def _edit_config(families, tmp_path, family: str, **changes):
 
 def test_unsupported_rope_scaling_is_refused_by_name(families, tmp_path, builtin_source):
     folder = _edit_config(families, tmp_path, "llama", rope_parameters={
-        "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
-    with pytest.raises(UnsupportedModelError, match=r"config.json: rope scaling 'yarn'"):
+        "rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
+    with pytest.raises(UnsupportedModelError, match=r"config.json: rope scaling 'dynamic'"):
         open_model_source(folder)
 
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(**COMMON, rope_scaling={"rope_type": "yarn", "factor": 4.0,
-                                                 "original_max_position_embeddings": 64})
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    path = write_gguf(model, tmp_path / "yarn.gguf", open_gguf(builtin_source.path))
-    with pytest.raises(UnsupportedModelError, match=r"yarn.gguf: rope scaling 'yarn'"):
+    model = families["llama"][2]
+    path = write_gguf(model, tmp_path / "longrope.gguf", open_gguf(builtin_source.path),
+                      rope_scaling_type="longrope")
+    with pytest.raises(UnsupportedModelError, match=r"longrope.gguf: rope scaling 'longrope'"):
         open_model_source(path)
 
 
