@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 
 from tokenmill.gateway.config import CacheSection
-from tokenmill.gateway.pipeline import GatewayRequest
-from tokenmill.gateway.protocol import CHAT
-from tokenmill.gateway.query_embedding import embed_query
+from tokenmill.gateway.embedding_memo import MemoizedEmbedder, embed_query
 from tokenmill.gateway.semantic_cache import build_verifier
 
 
@@ -68,12 +66,12 @@ def test_query_is_embedded_once_per_request(embedder):
             calls.append(texts)
             return embedder.embed(texts)
 
-    request = GatewayRequest(CHAT, {"messages": [{"role": "user", "content": "hi there"}]}, None)
+    shared = MemoizedEmbedder(Counting())  # as build_gateway wraps the gateway's embedder
 
     async def twice() -> None:
-        first = await embed_query(request, Counting(), "hi there")  # e.g. the semantic cache
-        second = await embed_query(request, Counting(), "hi there")  # then RAG
-        assert first is second
+        first = await embed_query(shared, "hi there")  # e.g. the semantic cache
+        second = await embed_query(shared, "hi there")  # then RAG
+        assert np.array_equal(first, second)
 
     asyncio.run(twice())
     assert calls == [["hi there"]]

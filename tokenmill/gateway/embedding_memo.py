@@ -1,13 +1,15 @@
 """An embedder that remembers its last few thousand texts, so one request's text is embedded once.
 
 The injection detector scores the user's message as a whole (its first window); the semantic
-cache and RAG then embed the same text as their query. Put behind this wrapper, the second and
-third calls are dictionary look-ups instead of MiniLM forward passes (~25 ms each on one CPU
-thread). Vectors are the model's own, so results are unchanged.
+cache and RAG then embed the same text as their query (``embed_query``). Put behind this wrapper
+(``app.build_gateway`` does), the second and third calls are dictionary look-ups instead of MiniLM
+forward passes (~25 ms each on one CPU thread). Vectors are the model's own, so results are
+unchanged. This is the gateway's one embedding cache: stages just ask.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import OrderedDict
 
@@ -43,3 +45,8 @@ class MemoizedEmbedder:
         vectors = [known[t] if t in known else fresh[t] for t in texts]
         return np.stack(vectors).astype(np.float32, copy=False) if vectors else \
             np.zeros((0, self.dim), dtype=np.float32)
+
+
+async def embed_query(embedder: Embedder, text: str) -> np.ndarray:
+    """``text``'s vector, computed off the event loop so other requests keep flowing."""
+    return (await asyncio.to_thread(embedder.embed, [text]))[0]

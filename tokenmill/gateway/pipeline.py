@@ -36,9 +36,6 @@ class GatewayRequest:
     """Headers stages want on the answer (cache tier, RAG sources), hits and misses alike."""
     extra_fields: dict[str, Any] = field(default_factory=dict)
     """Fields stages add to a non-streamed JSON answer."""
-    query_embedding: tuple[str, Any] | None = None
-    """(query text, its embedding vector), set by ``query_embedding.embed_query`` so the
-    semantic cache and RAG embed the query once between them."""
     rag: RagPlan | None = None
     """The RAG collection (as loaded, with its version) and top_k, set by ``rag.RagSpecStage``
     before the caches, which key on it."""

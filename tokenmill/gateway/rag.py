@@ -24,10 +24,10 @@ from typing import Any
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.gateway.config import RagSection
+from tokenmill.gateway.embedding_memo import embed_query
 from tokenmill.gateway.embeddings import Embedder
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
 from tokenmill.gateway.protocol import CHAT, COMPLETIONS, query_text
-from tokenmill.gateway.query_embedding import embed_query
 from tokenmill.gateway.rag_store import CollectionView, RagStore, Retrieved
 
 SOURCES_HEADER = "x-tokenmill-rag-sources"
@@ -112,7 +112,7 @@ class RagStage:
         if plan is None:
             return await call_next(request)
         question = query_text(request.endpoint, request.body)
-        vector = await embed_query(request, self.embedder, question)
+        vector = await embed_query(self.embedder, question)
         found = await asyncio.to_thread(plan.view.search, vector, plan.top_k)
         if self.screen is not None:
             found = await self.screen(request, found)

@@ -1,7 +1,7 @@
 """Semantic cache stage: a question that asks the same thing as an earlier one gets its answer.
 
 The query text (last user message, or the prompt) is embedded once per request
-(``query_embedding``) and looked up in a FAISS inner-product index over unit vectors (= cosine
+(``embedding_memo``) and looked up in a FAISS inner-product index over unit vectors (= cosine
 similarity). Entries are scoped by tenant, model, sampling parameters, the rest of the
 conversation and the RAG collection with its version: only the query itself may differ, and a tenant never sees another
 tenant's answers. The embedding only finds candidates; a candidate above the threshold (the
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from tokenmill.gateway.config import CacheSection
+from tokenmill.gateway.embedding_memo import embed_query
 from tokenmill.gateway.embeddings import Embedder
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
 from tokenmill.gateway.protocol import context_key, query_text, sampling_key
 from tokenmill.gateway.query_alignment import QueryAlignment
-from tokenmill.gateway.query_embedding import embed_query
 from tokenmill.gateway.query_words import load_lexicon
 from tokenmill.gateway.rag import rag_cache_key
 from tokenmill.gateway.response_cache import CachedAnswer, can_cache, replay, store_when_done
@@ -165,7 +165,7 @@ class SemanticCacheStage:
         if not text.strip():
             return await call_next(request)
         scope = semantic_scope(request)
-        vector = await embed_query(request, self.embedder, text)
+        vector = await embed_query(self.embedder, text)
         threshold = request.tenant.semantic_cache_threshold if request.tenant else None
         match, answer = await asyncio.to_thread(self.index.lookup, scope, text, vector, threshold)
         if answer is not None and match is not None:
