@@ -19,6 +19,7 @@ new error only needs a class here (with its ``status_code``) to be reported corr
     ├── NotFoundError                    404  a named thing (e.g. a RAG collection) does not exist
     ├── RequestTooLargeError             413  the request body is over the configured limit
     ├── UpstreamUnavailableError         503  the gateway found no upstream able to answer
+    ├── SharedStateUnavailableError      503  the gateway's Redis does not answer (fail-closed)
     ├── RequestRejectedError             429  the server is overloaded (queue bound); retry later
     ├── SlowReaderError                  408  a client left too much of its stream unread
     ├── EngineNotReadyError              503  the engine is starting or shutting down
@@ -110,6 +111,11 @@ class RequestTooLargeError(TokenmillError):
 
 
 class UpstreamUnavailableError(TokenmillError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class SharedStateUnavailableError(TokenmillError):
     status_code = 503
     error_type = "service_unavailable"
 

@@ -16,6 +16,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--otlp-endpoint", default=None,
                         help="Override server.otlp_endpoint: send OpenTelemetry spans to this "
                              "OTLP/HTTP collector (off by default).")
+    parser.add_argument("--redis-url", default=None,
+                        help="Override shared_state.redis_url: keep rate limits, quotas and the "
+                             "exact cache in this Redis, shared by every gateway process using "
+                             "it (redis://host:port/db or unix:///path.sock).")
     parser.set_defaults(func=run_gateway)
     sub = parser.add_subparsers(dest="gateway_command", metavar="SUBCOMMAND")
     keys = sub.add_parser("keys", help="Manage API keys.")
@@ -56,6 +60,8 @@ def run_gateway(args: argparse.Namespace) -> int:
     server = dataclasses.replace(config.server, host=args.host or config.server.host,
                                  port=args.port or config.server.port,
                                  otlp_endpoint=args.otlp_endpoint or config.server.otlp_endpoint)
-    config = dataclasses.replace(config, server=server)
+    shared_state = dataclasses.replace(
+        config.shared_state, redis_url=args.redis_url or config.shared_state.redis_url)
+    config = dataclasses.replace(config, server=server, shared_state=shared_state)
     uvicorn.run(create_app(config), host=server.host, port=server.port, log_level="info")
     return 0

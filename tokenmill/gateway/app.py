@@ -48,6 +48,7 @@ from tokenmill.gateway.rag_store import RagStore
 from tokenmill.gateway.ratelimit import RateLimiter, RateLimitStage
 from tokenmill.gateway.router import Router
 from tokenmill.gateway.semantic_cache import SemanticCacheStage
+from tokenmill.gateway.shared_state import SharedState
 from tokenmill.gateway.trace_proxy import fetch_trace
 from tokenmill.gateway.upstream import UpstreamStage
 from tokenmill.telemetry import TracingMiddleware, otlp_tracer_provider
@@ -63,6 +64,7 @@ class Gateway:
     config: GatewayConfig
     metrics: GatewayMetrics
     limiter: RateLimiter
+    shared_state: SharedState
     router: Router
     client: httpx.AsyncClient
     embedder: Embedder
@@ -85,7 +87,9 @@ def build_gateway(config: GatewayConfig, *, embedder: Embedder | None = None,
         timeout=httpx.Timeout(r.read_timeout_s, connect=r.connect_timeout_s),
         # Replicas are our own servers; many connections per replica keep streams concurrent.
         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
-    limiter = RateLimiter(config.tenants, config.server.state_file)
+    # Memory, or the Redis several gateway processes share (limits, quotas, exact cache).
+    shared_state = SharedState(config.shared_state, metrics)
+    limiter = RateLimiter(config.tenants, shared_state, config.server.state_file)
     router = Router(config.upstreams, r, metrics)
     auth = AuthStage(config.tenants)
     ratelimit = RateLimitStage(limiter, metrics)
@@ -96,7 +100,7 @@ def build_gateway(config: GatewayConfig, *, embedder: Embedder | None = None,
     stages: list[Stage] = [auth, ratelimit, guardrails,
                            RagSpecStage(config.rag, RagStore(config.rag.dir, embedder.dim))]
     if config.cache.exact:
-        stages.append(ExactCacheStage(config.cache, metrics))
+        stages.append(ExactCacheStage(config.cache, metrics, shared_state))
     if config.cache.semantic:
         stages.append(SemanticCacheStage(config.cache, embedder, metrics))
     stages.append(RagStage(embedder, screen=guardrails.screen_chunks))
@@ -125,7 +129,7 @@ def build_gateway(config: GatewayConfig, *, embedder: Embedder | None = None,
                 for m in names if can_use_model(request.tenant, m)]
         return GatewayResponse(body={"object": "list", "data": data})
 
-    return Gateway(config, metrics, limiter, router, client, embedder, auth, stages, completions,
+    return Gateway(config, metrics, limiter, shared_state, router, client, embedder, auth, stages, completions,
                    compose([auth, ratelimit], embed_terminal, metrics),
                    compose([auth], models_terminal, metrics))
 
@@ -152,6 +156,7 @@ def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.limiter.load()
         await gw.router.check_all(gw.client)
         tasks = [asyncio.create_task(gw.router.health_loop(gw.client))]
         if config.server.expose_metrics:
@@ -165,6 +170,7 @@ def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await gw.limiter.save_off_loop()
+            await gw.shared_state.aclose()
             await gw.client.aclose()
             if owns_provider:
                 await asyncio.to_thread(tracer_provider.shutdown)  # flushes what is batched

@@ -24,6 +24,7 @@ ROUTING_POLICIES = ("least_outstanding", "round_robin", "prefix_affinity")
 PII_POLICIES = ("block", "redact", "allow")
 PII_VALIDATORS = tuple(VALIDATORS)
 RAG_CHUNK_ACTIONS = ("drop", "block", "off")
+SHARED_STATE_FAILURE_MODES = ("open", "closed")
 KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -37,7 +38,8 @@ class ServerSection:
     port: int = _help("Port the gateway listens on.", default=8100)
     max_body_bytes: int = _help("Largest request body accepted; larger gets 413.", default=1 << 20)
     state_file: str | None = _help(
-        "JSON file the rate-limit buckets are saved to, so limits survive a restart.", default=None
+        "JSON file the rate-limit windows are saved to, so limits survive a restart (in-memory "
+        "state only: with shared_state.redis_url, Redis keeps them).", default=None
     )
     expose_metrics: bool = _help("Serve Prometheus metrics on /metrics.", default=True)
     otlp_endpoint: str | None = _help(
@@ -45,6 +47,25 @@ class ServerSection:
         "traceparent goes on to the upstream); needs the otlp extra. None: no spans.",
         default=None
     )
+
+
+@dataclass(frozen=True)
+class SharedStateSection:
+    redis_url: str | None = _help(
+        "Redis holding the rate-limit windows, token quotas and exact cache, so several gateway "
+        "processes enforce one limit together (redis://host:port/db or unix:///path.sock). "
+        "None: kept in this process's memory.", default=None)
+    on_failure: str = _help(
+        "When Redis does not answer: open (requests pass unlimited and uncached; logged and "
+        "counted) or closed (requests of tenants with limits get 503).", default="open")
+    timeout_s: float = _help("Longest wait for one Redis call (connect or command).",
+                             default=0.5)
+    retry_interval_s: float = _help(
+        "After a failed Redis call, seconds it is not asked again (requests take the on_failure "
+        "path at once instead of each waiting timeout_s).", default=2.0)
+    key_prefix: str = _help(
+        "Prefix of every Redis key, so gateway fleets (or tests) can share one Redis.",
+        default="tokenmill")
 
 
 @dataclass(frozen=True)
@@ -210,6 +231,9 @@ class GatewayConfig:
     cache: CacheSection = field(default_factory=CacheSection)
     rag: RagSection = field(default_factory=RagSection)
     embeddings: EmbeddingsSection = field(default_factory=EmbeddingsSection)
+    shared_state: SharedStateSection = field(
+        default_factory=SharedStateSection,
+        metadata={"help": "Where limits, quotas and the exact cache live (memory or Redis)."})
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -344,3 +368,12 @@ def _validate(config: GatewayConfig) -> None:
     _check(c.max_entries >= 1, "cache.max_entries", "must be >= 1")
     _check(1 <= config.rag.top_k <= config.rag.max_top_k, "rag.top_k", "must be in 1..max_top_k")
     _check(config.server.max_body_bytes >= 1024, "server.max_body_bytes", "must be >= 1024")
+    st = config.shared_state
+    _check(st.on_failure in SHARED_STATE_FAILURE_MODES, "shared_state.on_failure",
+           f"{st.on_failure!r} is not one of {', '.join(SHARED_STATE_FAILURE_MODES)}")
+    _check(st.redis_url is None or st.redis_url.startswith(("redis://", "rediss://", "unix://")),
+           "shared_state.redis_url",
+           f"must start with redis://, rediss:// or unix://, got {st.redis_url!r}")
+    for name in ("timeout_s", "retry_interval_s"):
+        _check(getattr(st, name) > 0, f"shared_state.{name}", "must be > 0")
+    _check(bool(st.key_prefix), "shared_state.key_prefix", "must not be empty")

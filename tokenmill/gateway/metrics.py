@@ -40,5 +40,17 @@ class GatewayMetrics:
                                        "stage itself (excluding the stages after it).", ["stage"],
                                        buckets=_LATENCY_BUCKETS, registry=r)
 
+        self.shared_state_up = Gauge("tokenmill_gateway_shared_state_up", "1 while the Redis of "
+                                     "shared_state answers, 0 while it is marked down (absent "
+                                     "without Redis).", registry=r)
+        self.shared_state_errors = Counter("tokenmill_gateway_shared_state_errors", "Redis "
+                                           "calls that failed or timed out, by component.",
+                                           ["component"], registry=r)
+        self.shared_state_fallbacks = Counter("tokenmill_gateway_shared_state_fallbacks",
+                                              "Requests that took shared_state.on_failure's path "
+                                              "while Redis was down, by component and action "
+                                              "(allowed, refused, skipped).",
+                                              ["component", "action"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
