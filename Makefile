@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Tests share 2 cores between the engine and the HTTP client; keep torch's pool small.
 export TOKENMILL_NUM_THREADS ?= 2
 
-.PHONY: serve test setup browser lint bench clean
+.PHONY: serve test setup browser redis lint bench clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,14 @@ browser:
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
 	  >/dev/null; } || echo "chromium is not installed: the dashboard browser tests will skip"
 
-test: $(STAMP) browser
+# The gateway's shared-state tests (tests/gateway/test_shared_state.py) start Debian's
+# redis-server on a unix socket and skip without it; installed the same way as chromium.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server \
+	  >/dev/null; } || echo "redis-server is not installed: the gateway shared-state tests will skip"
+
+test: $(STAMP) browser redis
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
