@@ -2,10 +2,14 @@
 the time each stage adds (p50/p99 from the gateway's own stage histogram samples).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/gateway_latency.py [--requests 200]
-        [--upstream-delay-ms 50] [--upstream-url URL]
+        [--upstream-delay-ms 50] [--upstream-url URL] [--with-limits] [--redis-url URL]
 
 By default the upstream is the tests' fake OpenAI server with a fixed answer delay, so the
 numbers isolate what the gateway adds; --upstream-url measures against a real server instead.
+--with-limits gives the tenant (never reached) requests/min and tokens/min limits, so the
+ratelimit stage does its window work; --redis-url (implies --with-limits) keeps the windows and
+the exact cache in that Redis (shared_state), to compare its ratelimit and exact_cache stage
+times with the in-memory ones (e.g. a local `redis-server --port 6390 --save ''`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--upstream-delay-ms", type=float, default=50.0)
     parser.add_argument("--upstream-url", default=None)
+    parser.add_argument("--with-limits", action="store_true")
+    parser.add_argument("--redis-url", default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import openai
@@ -80,6 +86,11 @@ def main() -> None:
         url = upstream.url
     config = base_config([url])
     config["tenants"][0]["models"] = ["*"]
+    prefix = f"bench-{os.getpid()}"
+    if args.with_limits or args.redis_url:
+        config["tenants"][0].update(requests_per_minute=10**6, tokens_per_minute=10**9)
+    if args.redis_url:
+        config["shared_state"] = {"redis_url": args.redis_url, "key_prefix": prefix}
     app = create_app(config_from_dict(config))
     gw = app.state.gateway
     timer = StageTimer(gw)
@@ -101,8 +112,19 @@ def main() -> None:
                                                                 "France?"), n)))
     exact = next(s for s in gw.stages if s.name == "exact_cache")
 
+    def clear_exact() -> None:
+        """A paraphrase asked twice would otherwise be an exact hit."""
+        if not args.redis_url:
+            exact.store._items.clear()
+            return
+        import redis
+
+        client = redis.Redis.from_url(args.redis_url)
+        for key in client.scan_iter(f"{prefix}:exact:*"):
+            client.delete(key)
+
     def semantic_hit(i: int) -> None:
-        exact.store._items.clear()  # a paraphrase asked twice would otherwise be an exact hit
+        clear_exact()
         ask(via, "What's the capital of France?")  # a paraphrase the verifier explains
 
     rows.append(("gateway, semantic hit", timed(semantic_hit, n)))
@@ -110,6 +132,8 @@ def main() -> None:
         v.clear()  # stage times are reported for the miss path only (every stage runs)
     timed(lambda i: ask(via, f"stage timing question {i} on subject {i * 13}"), n)
     miss_stages = {k: list(v) for k, v in timer.samples.items()}
+    print(f"state: {'redis ' + args.redis_url if args.redis_url else 'memory'}, limits "
+          f"{'on' if args.with_limits or args.redis_url else 'off'}")
     print(f"{n} sequential requests per row, upstream answer delay "
           f"{args.upstream_delay_ms if upstream else 'real'} ms")
     print(f"{'path':<24} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")

@@ -41,6 +41,11 @@ def test_example_config_is_valid():
      r"guardrails\.injection_detector\.rag_chunks: 'ignore' is not one of drop, block, off"),
     (lambda c: c.update(guardrails={"pii": [{"name": "x", "pattern": "x", "validator": "mod11"}]}),
      r"guardrails\.pii\[0\]\.validator: 'mod11' is not one of luhn, iban, ip"),
+    (lambda c: c.update(shared_state={"on_failure": "maybe"}),
+     r"shared_state\.on_failure: 'maybe' is not one of open, closed"),
+    (lambda c: c.update(shared_state={"redis_url": "127.0.0.1:6379"}),
+     r"shared_state\.redis_url: must start with redis://, rediss:// or unix://"),
+    (lambda c: c.update(shared_state={"timeout_s": 0}), r"shared_state\.timeout_s: must be > 0"),
 ])
 def test_bad_fields_are_named(change, message):
     config = base_config(["http://127.0.0.1:9"])

@@ -4,6 +4,8 @@ together and share the exact cache; Redis dying or hanging mid-run takes the con
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -204,3 +206,17 @@ def test_hung_redis_costs_a_bounded_wait_not_a_hung_request(redis, upstreams, st
                       component="ratelimit") >= 1
     finally:
         redis.resume()
+
+
+def test_in_memory_state_never_imports_redis():
+    """Without shared_state.redis_url nothing imports redis-py (the default needs no Redis)."""
+    code = ("import sys; from tokenmill.gateway.config import SharedStateSection; "
+            "from tokenmill.gateway.metrics import GatewayMetrics; "
+            "from tokenmill.gateway.ratelimit import RateLimiter; "
+            "from tokenmill.gateway.exact_cache import ExactCacheStage; "
+            "from tokenmill.gateway.shared_state import SharedState; "
+            "SharedState(SharedStateSection(), GatewayMetrics()); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('redis', 'coredis')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert out.strip() == "[]"
