@@ -79,21 +79,29 @@ class RateLimiter:
         if tenant.max_concurrent and self.in_flight[tenant.name] >= tenant.max_concurrent:
             raise _rejected(tenant, "concurrency", f"{tenant.max_concurrent} requests already "
                             "in flight", 1.0)
-        charged = True
-        if self.has_limits(tenant):
-            try:
-                await self.state.call("ratelimit", lambda: self._charge(tenant, num_tokens))
-            except SharedStateDown as exc:
-                if self.state.section.on_failure == "closed":
-                    self.state.note_fallback("ratelimit", "refused")
-                    raise SharedStateUnavailableError(
-                        f"rate limits of tenant {tenant.name!r} cannot be checked: {exc}; "
-                        "shared_state.on_failure is 'closed', so requests are refused until "
-                        "Redis answers", code="shared_state_unavailable") from None
-                self.state.note_fallback("ratelimit", "allowed")
-                charged = False
+        # The slot is taken before the (maybe Redis) await, so requests arriving meanwhile see it.
         self.in_flight[tenant.name] += 1
-        return charged
+        try:
+            return await self._charge_or_fallback(tenant, num_tokens)
+        except BaseException:
+            self.in_flight[tenant.name] -= 1
+            raise
+
+    async def _charge_or_fallback(self, tenant: TenantSection, num_tokens: int) -> bool:
+        if not self.has_limits(tenant):
+            return True
+        try:
+            await self.state.call("ratelimit", lambda: self._charge(tenant, num_tokens))
+        except SharedStateDown as exc:
+            if self.state.section.on_failure == "closed":
+                self.state.note_fallback("ratelimit", "refused")
+                raise SharedStateUnavailableError(
+                    f"rate limits of tenant {tenant.name!r} cannot be checked: {exc}; "
+                    "shared_state.on_failure is 'closed', so requests are refused until "
+                    "Redis answers", code="shared_state_unavailable") from None
+            self.state.note_fallback("ratelimit", "allowed")
+            return False
+        return True
 
     async def _charge(self, tenant: TenantSection, num_tokens: int) -> None:
         name = tenant.name
