@@ -2,15 +2,16 @@
 positives on the held-back test half, and the latency the detector adds to a request.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gateway_injection.py \\
-        [--threshold 0.75] [--folds 5]
+        [--threshold 0.75] [--folds 5] [--dev-only] [--skip-latency]
 
 Data: ``benchmarks/data/injection_prompts.jsonl`` (``benchmarks/injection_split.py`` made the
 split). The dev half is the shipped exemplar library, so its curve comes from k-fold
 cross-validation (each dev prompt scored by a detector trained on the other folds) and suggests
 a threshold: the lowest step of 0.025 whose dev false-positive rate stays at or under 3%.
 The test half is scored once, by the detector trained on the whole dev half (exactly what the
-gateway ships), at ``--threshold`` (default: the config default). Nothing here changes the
-detector; the test figures are only printed.
+gateway ships), at ``--threshold`` (default: the config default), and its curve over the same
+thresholds is printed for the record. Nothing here changes the detector; the test figures are
+only printed, and the default threshold must already have been fixed from the dev curve.
 
 Latency: the detector's own time per request on one thread, for the test prompts and for long
 documents with an attack hidden in the middle: "cold" embeds every window; "with cache reuse"
@@ -33,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "benchmarks" / "data" / "injection_prompts.jsonl"
 EXAMPLE_CONFIG = REPO / "examples" / "gateway.yaml"
 MAX_DEV_FPR = 0.03
+THRESHOLDS = np.round(np.arange(0.40, 0.96, 0.025), 3)
 
 
 def load(split: str) -> list[dict]:
@@ -107,6 +109,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=InjectionDetectorSection().threshold)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--long-docs", type=int, default=20, help="long documents timed")
+    parser.add_argument("--skip-latency", action="store_true",
+                        help="print only the quality figures (no timing)")
     parser.add_argument("--dev-only", action="store_true",
                         help="print only the dev-half curve (to choose a threshold before the "
                         "test half is ever scored)")
@@ -132,7 +136,7 @@ def main() -> None:
     print("| threshold | attacks caught | benign blocked |")
     print("|---|---|---|")
     suggested = None
-    for threshold in np.round(np.arange(0.40, 0.96, 0.025), 3):
+    for threshold in THRESHOLDS:
         caught, blocked = rates(dev_scores, dev_attack, threshold)
         print(f"| {threshold:.3f} | {caught:.3f} | {blocked:.3f} |")
         if suggested is None and blocked <= MAX_DEV_FPR:
@@ -150,6 +154,13 @@ def main() -> None:
           f"{caught:.3f} ({round(caught * test_attack.sum())}/{int(test_attack.sum())}), "
           f"benign blocked {blocked:.3f} ({round(blocked * (~test_attack).sum())}/"
           f"{int((~test_attack).sum())})")
+    print("\ntest half over thresholds (a record only: the default was fixed on dev)")
+    print("| threshold | attacks caught | benign blocked |")
+    print("|---|---|---|")
+    for threshold in THRESHOLDS:
+        caught_at, blocked_at = rates(test_scores, test_attack, threshold)
+        print(f"| {threshold:.3f} | {caught_at:.3f} | {blocked_at:.3f} |")
+    print(f"\ntest half by kind, threshold {args.threshold:.3f}")
     print("| label | category | flagged |")
     print("|---|---|---|")
     categories = sorted({(r["label"], r["category"]) for r in test})
@@ -161,6 +172,8 @@ def main() -> None:
     regex_caught, regex_blocked = regex_baseline(test)
     print(f"regex rules of examples/gateway.yaml on the test half: attacks caught "
           f"{regex_caught:.3f}, benign blocked {regex_blocked:.3f}")
+    if args.skip_latency:
+        return
 
     detector = detector.using(model)  # timing: no memo left over from the runs above
     prompts = [r["text"] for r in test]

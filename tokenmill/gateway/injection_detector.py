@@ -3,10 +3,10 @@ library of attack and benign exemplars, over the gateway's MiniLM embedding and 
 
 Why a classifier and not regexes: attacks are paraphrased endlessly ("disregard everything you
 were told before", "you are now in developer mode") while harmless prompts share their words
-("jailbreak my iPhone", "ignore the typo"). A logistic regression over sentence embeddings learns
-the meaning; a second one over word and character n-grams (TF-IDF) is averaged with it because
-MiniLM is an English model and the n-grams carry the look of attacks in other languages and of
-obfuscated spellings. The library ships with the package (``data/injection_exemplars.jsonl``,
+("jailbreak my iPhone", "ignore the typo"). A support-vector machine with an RBF kernel over
+sentence embeddings learns the meaning; a logistic regression over word and character n-grams
+(TF-IDF) is averaged with it because MiniLM is an English model and the n-grams carry the look
+of attacks in other languages and of obfuscated spellings. The library ships with the package (``data/injection_exemplars.jsonl``,
 the dev half of ``benchmarks/data/injection_prompts.jsonl``); a deployment can point at its own
 file.
 
@@ -29,6 +29,7 @@ import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,9 +39,11 @@ from tokenmill.gateway.injection_windows import decoded_payloads, windows
 
 DETECTOR_NAME = "injection.semantic"
 LABELS = ("attack", "benign")
-# Inverse regularisation strength; 1 to 16 were within two points of each other in
-# cross-validation on the dev half, 4 sits in the middle.
-_REGULARIZATION = 4.0
+# Inverse regularisation strengths, from 5-fold cross-validation on the dev half (3 shuffles,
+# attacks caught at 3% false positives): the SVM was flat from 4 to 8; with the n-gram model
+# at 16 or 64 detection was the same within noise, and a point higher than at 4.
+_SVM_C = 4.0
+_NGRAM_C = 16.0
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ class InjectionDetector:
         self.embedder = embedder
         self.max_windows = max_windows
         self.ngrams = FeatureUnion([
-            ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), min_df=2,
+            # 2-6 over 3-5: two points more on dev; 2-grams carry Chinese and Japanese words.
+            ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 6), min_df=2,
                                       sublinear_tf=True)),
             ("words", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)),
         ]).fit([e.text for e in exemplars])
@@ -113,9 +117,21 @@ class InjectionDetector:
         model = self.models[view]
         return model.predict_proba(self._features(view, texts, vectors))[:, 1]  # type: ignore
 
-    def _fit(self, exemplars: list[Exemplar]) -> None:
+    @staticmethod
+    def _new_model(view: str) -> Any:
         from sklearn.linear_model import LogisticRegression
+        from sklearn.svm import SVC
 
+        if view == "embedding":
+            # An RBF kernel over the embedding beat a logistic regression on it by 3 points
+            # of dev detection at 3% false positives (87% vs 84%, both views averaged): attacks
+            # form several clusters (overrides, personas, extraction), not one half-space.
+            # Platt scaling (probability=True) makes its output a probability to average.
+            return SVC(C=_SVM_C, kernel="rbf", probability=True, class_weight="balanced",
+                       random_state=0)
+        return LogisticRegression(C=_NGRAM_C, class_weight="balanced", max_iter=5000)
+
+    def _fit(self, exemplars: list[Exemplar]) -> None:
         texts: list[str] = []
         labels: list[bool] = []
         attack_sentences: list[list[str]] = []
@@ -138,14 +154,14 @@ class InjectionDetector:
         def vectors(some: list[str]) -> np.ndarray:
             return np.stack([vector_of[t] for t in some])
 
-        # Two views, each its own logistic regression; their probabilities are averaged. In
-        # cross-validation on the dev half this beat one model over both feature sets joined
-        # (85% vs 76% of attacks at 2.6% false positives): the n-grams' many weights no longer
-        # drown the embedding's.
+        # Two views, each its own model; their probabilities are averaged. In cross-validation
+        # on the dev half this beat one model over both feature sets joined (85% vs 76% of
+        # attacks at 2.6% false positives): the n-grams' many weights no longer drown the
+        # embedding's. Taking the larger of the two instead of the mean, or a weighted mean,
+        # scored lower.
         for view in ("embedding", "ngrams"):
             view_texts, view_labels = list(texts), list(labels)
-            model = LogisticRegression(C=_REGULARIZATION, class_weight="balanced",
-                                       max_iter=5000)
+            model = self._new_model(view)
             self.models[view] = model
             model.fit(self._features(view, view_texts, vectors(view_texts)), view_labels)
             # Multiple-instance step: the sentence the first fit likes best is the hidden attack.

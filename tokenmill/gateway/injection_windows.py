@@ -3,10 +3,11 @@ hides behind an encoding.
 
 A classifier that sees a long message only as a whole averages one hostile sentence away among
 many harmless ones, so each sentence is scored too, and the text's score is the highest of its
-windows. Encoded payloads (base64, hex, letters spaced out, digits for letters) look like noise
-to an embedding model, so their decoded text is added as one more window. The number of windows
-is bounded: past ``max_windows`` sentences are packed into that many groups, so a megabyte of
-text costs at most ``max_windows`` model calls and every sentence is still inside some window.
+windows. Encoded payloads (base64, hex, letters spaced out, digits for letters, ROT13, text
+written backwards) look like noise to an embedding model, so their decoded text is added as one
+more window. The number of windows is bounded: past ``max_windows`` sentences are packed into
+that many groups, so a megabyte of text costs at most ``max_windows`` model calls and every
+sentence is still inside some window.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+
+import lemminflect
 
 # Sentence ends, colons that introduce a quoted payload, and line breaks.
 _SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+|\n+")
@@ -24,6 +27,12 @@ _HEX = re.compile(r"\b(?:[0-9a-fA-F]{2}){8,}\b")
 _SPACED_LETTERS = re.compile(r"(?<!\w)(?:\w[ .]{1,3}){4,}\w(?!\w)")
 _MIXED_WORD = re.compile(r"[a-z][0-9]|[0-9][a-z]", re.IGNORECASE)
 _DIGITS_AS_LETTERS = str.maketrans("013457@$", "oieastas")
+_ROT13 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
+                       "NOPQRSTUVWXYZABCDEFGHIJKLMnopqrstuvwxyzabcdefghijklm")
+# Function words, which the lemmatizer's lexicon leaves out.
+_FUNCTION_WORDS = frozenset(re.findall(r"[a-z]+", (
+    "a about all an and any are as at be but by can do for from have i if in is it me my no not "
+    "now of on or so that the this to was what will with you your")))
 # MiniLM reads at most 256 word pieces (~1000 characters); longer sentences are cut so no part
 # of them falls past the model's horizon.
 _MAX_WINDOW_CHARS = 600
@@ -54,6 +63,26 @@ def _readable(raw: bytes) -> str | None:
     return text
 
 
+def _share_english(text: str) -> tuple[float, int]:
+    """The share of ``text``'s words that are English words, and how many words it has."""
+    words = re.findall(r"[a-z]+", text.lower())
+    known = sum(w in _FUNCTION_WORDS or bool(lemminflect.getAllLemmas(w)) for w in words)
+    return known / max(1, len(words)), len(words)
+
+
+def _unscrambled(sentence: str) -> str | None:
+    """``sentence`` ROT13'd or read backwards, when that turns it from mostly not English into
+    mostly English: at least three words, under a third of them known before and two thirds
+    after. A lexicon test, not a list of attack words, so any hidden sentence is found."""
+    share, num_words = _share_english(sentence)
+    if num_words < 3 or share >= 1 / 3:
+        return None
+    for plain in (sentence.translate(_ROT13), sentence[::-1]):
+        if _share_english(plain)[0] >= 2 / 3:
+            return plain
+    return None
+
+
 def decoded_payloads(text: str) -> list[str]:
     """Readable text hidden in ``text`` by a simple encoding, one entry per payload found."""
     found = []
@@ -81,6 +110,10 @@ def decoded_payloads(text: str) -> list[str]:
     if sum(len(w) < 20 and bool(_MIXED_WORD.search(w)) for w in words) >= 2:
         found.append(" ".join(w.translate(_DIGITS_AS_LETTERS) if len(w) < 20 else w
                               for w in words))
+    for sentence in sentences(text):
+        plain = _unscrambled(sentence)
+        if plain:
+            found.append(plain)
     return found
 
 
