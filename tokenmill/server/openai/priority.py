@@ -19,8 +19,8 @@ from tokenmill.errors import InvalidRequestError
 PRIORITY_HEADER = "x-tokenmill-priority"
 """Set by the gateway: the tenant's priority, higher is more important."""
 
-_MAX_MAGNITUDE = 2**31
-"""Priorities are ints in the engine; beyond a 32-bit range they only serve to break things."""
+PRIORITY_LIMIT = 2**31 - 1
+"""Largest priority magnitude taken (a 32-bit int, as elsewhere): beyond it a value is a mistake."""
 
 
 def request_priority(body_priority: int | None, headers: Mapping[str, str]) -> int:
@@ -39,7 +39,7 @@ def request_priority(body_priority: int | None, headers: Mapping[str, str]) -> i
 
 
 def _checked(value: int, name: str) -> int:
-    if not -_MAX_MAGNITUDE < value < _MAX_MAGNITUDE:
+    if not -PRIORITY_LIMIT <= value <= PRIORITY_LIMIT:
         raise InvalidRequestError(f"{name}={value} is out of range; use an integer between "
-                                  f"{-_MAX_MAGNITUDE + 1} and {_MAX_MAGNITUDE - 1}", param=name)
+                                  f"{-PRIORITY_LIMIT} and {PRIORITY_LIMIT}", param=name)
     return value

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.server.openai.priority import PRIORITY_LIMIT
 from tokenmill.server.openai.schema_types import (
     CompletionLength,
     LogitBias,
@@ -111,7 +112,7 @@ class SamplingFields(StructuredOutputFields):
     skip_special_tokens: bool = True
     cache_salt: str | None = Field(default=None, min_length=1)
     # vLLM's: lower is more urgent; absent = the gateway's tenant header, else 0 (priority.py)
-    priority: int | None = None
+    priority: int | None = Field(default=None, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT)
 
     @field_validator("stop", mode="before")
     @classmethod
