@@ -160,12 +160,25 @@ class SchedulerConfig:
         "is bounded anyway (logits are computed a few rows at a time).", default=4096
     )
 
+    priority_aging_seconds: float = _help(
+        "Seconds of waiting worth one level of request priority (lower priority value = more "
+        "urgent, vLLM's convention). A request of priority p ranks as if it had arrived "
+        "p * this many seconds later, so it is admitted before any more urgent request (priority "
+        "q < p) that arrives more than (p - q) * this many seconds after it: starvation is "
+        "bounded. 0 = strict priority (a steady stream of urgent requests can starve the rest). "
+        "docs/scheduling.md.", default=10.0
+    )
+
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_waiting_requests",
                      "max_unread_tokens", "max_prompt_logprobs_len"):
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"{name}={value} must be at least 1", param=name)
+        aging = self.priority_aging_seconds
+        if not 0 <= aging < float("inf"):
+            raise ConfigError(f"priority_aging_seconds={aging} must be a finite number >= 0",
+                              param="priority_aging_seconds")
 
 
 DISTRIBUTED_EXECUTORS = ("auto", "mp", "inprocess")

@@ -99,6 +99,7 @@ BAD = [
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_time"}},
      "tool_choice.name", "not in tools"),
     ({"max_output_tokens": 10**7}, "max_output_tokens", "max_output_tokens"),
+    ({"input": [{"type": {}}]}, "input[0].type", "not supported"),  # was a 500 (fuzzer)
 ]
 
 

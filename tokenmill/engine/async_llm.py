@@ -136,13 +136,14 @@ class AsyncLLM:
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams,
                           request_id: str | None = None, cache_salt: str | None = None,
-                          arrival_time: float | None = None, pooling: str | None = None
-                          ) -> RequestStream:
+                          arrival_time: float | None = None, pooling: str | None = None,
+                          priority: int = 0) -> RequestStream:
         """Validate and admit a request; raises (400 / 429 / 503 errors) before anything streams.
 
         ``pooling`` ("last" or "mean") makes it an embedding request: it goes through the same
         admission and batches as generation, samples nothing, and its one output carries
-        ``embedding``."""
+        ``embedding``. ``priority``: lower is more urgent, default 0 (vLLM's convention; see
+        docs/scheduling.md)."""
         self._check_accepting()
         loop = self.bind_loop()
         request_id = request_id or f"req-{next(self._ids)}"
@@ -154,7 +155,7 @@ class AsyncLLM:
             self._check_accepting()  # the engine may have died or begun shutting down meanwhile
         children = self.input_processor.make_requests(request_id, prompt_ids, params, cache_salt,
                                                       arrival_time, grammar=grammar,
-                                                      pooling=pooling)
+                                                      pooling=pooling, priority=priority)
         admitted = loop.create_future()
         stream = RequestStream(request_id, len(prompt_ids),
                                self.config.scheduler.max_unread_tokens, self.abort)
@@ -177,9 +178,10 @@ class AsyncLLM:
         return stream
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None, cache_salt: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
-        stream = await self.add_request(prompt, params, request_id, cache_salt)
+                       request_id: str | None = None, cache_salt: str | None = None,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        stream = await self.add_request(prompt, params, request_id, cache_salt,
+                                        priority=priority)
         try:
             async for output in stream:
                 yield output

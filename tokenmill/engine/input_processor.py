@@ -69,12 +69,16 @@ class InputProcessor:
                       params: SamplingParams, cache_salt: str | None = None,
                       arrival_time: float | None = None,
                       grammar: CompiledGrammar | None = None,
-                      pooling: str | None = None) -> list[Request]:
+                      pooling: str | None = None, priority: int = 0) -> list[Request]:
         """The engine requests of one prompt (``n`` of them). ``pooling``: an embedding request
-        ("last" or "mean"), which samples nothing."""
+        ("last" or "mean"), which samples nothing. ``priority``: lower is more urgent (vLLM's
+        convention, ``request_queue.py``)."""
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty; give at least one token",
                                       param="prompt")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequestError(f"priority must be an integer, not {priority!r}",
+                                      param="priority")
         self._check_token_ids(params)
         assert (grammar is None) == (params.structured_output is None), \
             "compile the request's structured_output first (compile_grammar)"
@@ -92,6 +96,6 @@ class InputProcessor:
                 eos_token_id=self.tokenizer.eos_token_id, arrival_time=arrival,
                 cache_salt=cache_salt,
                 grammar=None if grammar is None else grammar.new_matcher(),
-                pooling=pooling,
+                pooling=pooling, priority=priority,
             ))
         return children

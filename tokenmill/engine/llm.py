@@ -61,8 +61,12 @@ class LLM:
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True, cache_salt: str | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, cache_salt: str | None = None,
+                 priority: int | list[int] = 0) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs in the order of the prompts.
+
+        ``priority`` (one for all prompts, or one per prompt): lower is more urgent, as in vLLM;
+        it decides the order in which prompts are admitted when they do not all fit at once.
 
         Every prompt is validated before any is scheduled, so a bad one fails the call cleanly.
         """
@@ -72,13 +76,17 @@ class LLM:
                        else [sampling_params or SamplingParams()] * len(prompts))
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
+        priorities = priority if isinstance(priority, list) else [priority] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"{len(priorities)} priorities for {len(prompts)} prompts")
         pending = []
-        for prompt, params in zip(prompts, params_list):
+        for prompt, params, prompt_priority in zip(prompts, params_list, priorities):
             text, ids = self.input_processor.tokenize_prompt(prompt)
             request_id = f"offline-{next(self._ids)}"
             grammar = self.input_processor.compile_grammar(params)  # offline: compile in line
             pending.append((request_id, text, self.input_processor.make_requests(
-                request_id, ids, params, cache_salt, grammar=grammar)))
+                request_id, ids, params, cache_salt, grammar=grammar,
+                priority=prompt_priority)))
         order = {request_id: index for index, (request_id, _, _) in enumerate(pending)}
         added: list[str] = []
         try:

@@ -59,6 +59,7 @@ class Request(TokenProgress):
         cache_salt: str | None = None,
         grammar: GrammarMatcher | None = None,
         pooling: str | None = None,
+        priority: int = 0,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -103,6 +104,11 @@ class Request(TokenProgress):
         ("last" token or "mean" over the prompt) into ``pooled``."""
         self.pooled: list[float] | None = None
         """The pooled vector so far (mean pooling: the running sum of the computed rows)."""
+        self.priority = priority
+        """vLLM's convention: lower is more urgent, default 0 (``request_queue.py``)."""
+        self.queue_key: tuple[float, int] | None = None
+        """Its rank in the scheduler's waiting queue and running list, fixed when first queued
+        (priority aged by arrival time, see ``request_queue.py``)."""
 
     @property
     def arrival_time(self) -> float:

@@ -2,23 +2,30 @@
 
 Each step hands out ``{request_id: num_new_tokens}`` under ``max_num_batched_tokens`` and
 ``max_num_seqs`` until every request's ``num_computed_tokens`` catches up with its ``num_tokens``.
-Running requests go first (in admission order), then waiting ones (FCFS). Chunked prefill, mixed
+Running requests go first, then waiting ones. Both queues are ordered by one key per request
+(``request_queue.py``): priority (lower = more urgent, vLLM's convention) aged by arrival time;
+with equal priorities that is arrival order, first come, first served. Chunked prefill, mixed
 batches of decodes and prefill chunks, prefix-cache hits and preemption by recompute all follow:
 
 * a prompt longer than the remaining budget is simply given the budget (a chunk);
 * a prefix hit starts a request with ``num_computed_tokens > 0``;
-* when blocks run out, the most recently admitted running request is preempted: its blocks are
-  freed, ``num_computed_tokens`` drops to 0 and it waits at the front of the queue; its output
-  tokens stay, so it resumes by recomputing prompt + output and continues where it was (and so
-  does its grammar matcher, which has consumed exactly that output).
+* when blocks run out, the running request with the worst key (least urgent, then latest arrived)
+  is preempted: its blocks are freed, ``num_computed_tokens`` drops to 0 and it waits in the queue
+  under its old key (with equal priorities: at the front); its output tokens stay, so it resumes
+  by recomputing prompt + output and continues where it was (and so does its grammar matcher,
+  which has consumed exactly that output).
+
+A waiting request never preempts a running one (vLLM's v1 scheduler does not either): priority
+decides who takes a free slot or free blocks, and who loses blocks when a running request needs
+more; an urgent arrival waits at most until a running request finishes or is preempted.
 
 Structured output: ``update_from_output`` feeds each sampled token to the request's grammar matcher;
 a request whose grammar is complete finishes with "stop" (no end-of-sequence step needed), one that
 hits max_tokens first with "length".
 
 Why this cannot deadlock: admission rejects any request that could not fit in the pool alone, the
-oldest running request always gets tokens first and may preempt every younger one, so it finishes;
-then the next oldest does, and so on.
+first running request (best key) always gets tokens first and may preempt every one after it, so it
+finishes; then the next one does, and so on.
 
 Tracing (``SchedulerConfig.request_trace``): the scheduler writes each request's ``RequestTrace``
 (see ``trace.py``) as it decides: why the waiting queue's head could not start this step, who was
@@ -38,13 +45,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 
 from tokenmill.config import CacheConfig, SchedulerConfig
 from tokenmill.engine.block_manager import BlockManager, ComputedBlocks
 from tokenmill.engine.drain_rate import DrainRate
 from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.request_queue import QueueKeys, WaitingQueue, insert_running
 from tokenmill.engine.scheduler_output import (
     CachedRequestData,
     EngineCoreOutput,
@@ -79,9 +86,11 @@ class Scheduler:
         self.clock = clock
         self.requests: dict[str, Request] = {}
         """Every unfinished request, by id."""
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
-        """In admission order: the last one is the first to be preempted."""
+        """By queue key (with equal priorities: admission order): the last one is the first to
+        be preempted."""
+        self.queue_keys = QueueKeys(scheduler_config.priority_aging_seconds)
         self._finished_since_last_step: set[str] = set()
         self.num_preemptions = 0
         self.num_steps = 0
@@ -152,12 +161,13 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         now = self.clock()
         request.stats.queued_time = now
+        request.queue_key = self.queue_keys.key(request.priority, now)
         if self.trace_requests:
             request.trace = RequestTrace(request.arrival_time)
             request.trace.queued(now, len(self.waiting))
             self._queue_changed = True
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.waiting.push(request)
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> SchedulerOutput:
@@ -196,15 +206,15 @@ class Scheduler:
         kv_short: dict[str, int] | None = None
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < max_num_seqs:
-                request = self.waiting[0]
+                request = self.waiting.peek()
                 hit = (self.block_manager.get_computed_blocks(request)
                        if request.reads_prefix_cache else ComputedBlocks())
                 num_new = min(request.num_tokens - hit.num_tokens, budget)
                 if not self.block_manager.allocate_slots(request, num_new, hit):
                     if tracing:
                         kv_short = self._admission_shortfall(hit, num_new)
-                    break  # FCFS: nobody jumps the head of the queue
-                self.waiting.popleft()
+                    break  # nobody jumps the head of the queue
+                self.waiting.pop()
                 request.num_computed_tokens = hit.num_tokens
                 resumed = request.stats.first_scheduled_time is not None
                 if not resumed:
@@ -214,7 +224,7 @@ class Scheduler:
                     request.trace.admitted(now, step, hit.num_tokens, resumed)
                     request.trace.prefill(now, hit.num_tokens, num_new)
                 request.status = RequestStatus.RUNNING
-                self.running.append(request)
+                insert_running(self.running, request)
                 num_scheduled[request.request_id] = num_new
                 new_requests.append(_new_request_data(request))
                 request.num_runner_tokens = request.num_tokens
@@ -256,7 +266,8 @@ class Scheduler:
 
     def _allocate_or_preempt(self, request: Request, num_new: int, preempted: set[str],
                              now: float) -> bool:
-        """Find blocks for a running request, preempting the youngest running ones if needed."""
+        """Find blocks for a running request, preempting the running ones with the worst keys
+        (least urgent, then latest arrived) if needed."""
         bm = self.block_manager
         while not bm.allocate_slots(request, num_new):
             # Victims come from the tail, at or behind `request`, so none was scheduled this step.
@@ -309,7 +320,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.stats.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.waiting.push(request)  # under its old key: ahead of everyone who came after it
 
     # ------------------------------------------------------------------ results
     def update_from_output(self, scheduler_output: SchedulerOutput,

@@ -36,8 +36,8 @@ from __future__ import annotations
 KV_BLOCKS_SHORT = "kv_blocks_short"
 """The queue's head needs more KV blocks than are free (numbers: blocks_needed, blocks_free)."""
 PREEMPTING = "preempting"
-"""Older running requests were short of KV blocks this step and preempted younger ones; nobody is
-admitted while that happens (numbers: blocks_needed, blocks_free of the request that preempted)."""
+"""Running requests were short of KV blocks this step and preempted those ranked below them (less
+urgent, or equally urgent and younger: ``request_queue.py``); nobody is admitted while that happens (numbers: blocks_needed, blocks_free of the request that preempted)."""
 TOKEN_BUDGET_SPENT = "token_budget_spent"
 """Running requests used the whole step's token budget (numbers: token_budget, num_scheduled)."""
 BATCH_FULL = "batch_full"

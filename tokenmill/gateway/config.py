@@ -106,8 +106,12 @@ class TenantSection:
     models: list[str] = field(
         default_factory=lambda: ["*"],
         metadata={"help": "Models the tenant may use (glob patterns; '*' = all)."})
-    priority: int = _help("Higher is more important; forwarded to replicas as a header.",
-                          default=0)
+    priority: int = _help(
+        "Higher is more important. Sent to replicas as x-tokenmill-priority; a tokenmill server "
+        "schedules the tenant's requests with engine priority -priority (vLLM's convention, lower "
+        "first), so under load they are admitted sooner and preempted later (aged, so lower "
+        "tenants are not starved: docs/scheduling.md). A client's own body priority is dropped.",
+        default=0)
     requests_per_minute: int = _help("Token-bucket limit on requests; 0 = unlimited.", default=0)
     tokens_per_minute: int = _help("Token-bucket limit on prompt+completion tokens; 0 = unlimited.",
                                    default=0)

@@ -54,7 +54,8 @@ class UpstreamStage:
         if not self.router.knows_model(model):
             raise UnknownModelError(f"model {model!r} is not served by any upstream; see "
                                     "/v1/models", param="model", code="model_not_found")
-        body = {k: v for k, v in request.body.items() if k != "rag"}
+        # A client's own "priority" would override its tenant's (the server prefers the body).
+        body = {k: v for k, v in request.body.items() if k not in ("rag", "priority")}
         if request.stream:
             # Always ask for usage so the token bucket can be corrected; the app drops the usage
             # chunk again when the caller did not ask for it.

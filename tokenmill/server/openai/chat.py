@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request, Response
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
 from tokenmill.errors import InvalidRequestError
 from tokenmill.server.openai.logprobs import TokenTexts, chat_logprobs
+from tokenmill.server.openai.priority import request_priority
 from tokenmill.server.openai.protocol import ChatCompletionRequest
 from tokenmill.server.openai.serving import (
     RequestGroup,
@@ -62,9 +63,10 @@ class ChatRun:
     """One chat request from body to answer; ``/v1/responses`` drives it too."""
 
     def __init__(self, state: ServerState, body: ChatCompletionRequest,
-                 id_prefix: str = "chatcmpl"):
+                 id_prefix: str = "chatcmpl", priority: int = 0):
         self.state = state
         self.body = body
+        self.priority = priority
         self.engine = state.require_engine()
         self.request_id = new_request_id(id_prefix)
         self.created = int(time.time())
@@ -93,7 +95,8 @@ class ChatRun:
             params = dataclasses.replace(params, skip_special_tokens=False)
         try:
             return await RequestGroup.start(self.engine, self.state.metrics, self.request_id,
-                                            [self.prompt_ids], [params], self.body.cache_salt)
+                                            [self.prompt_ids], [params], self.body.cache_salt,
+                                            priority=self.priority)
         except InvalidRequestError as exc:  # e.g. "prompt plus max_tokens over the context"
             raise relabelled(exc, renames) from None
 
@@ -225,7 +228,7 @@ def _deltas(pieces: list[Piece]) -> list[dict[str, Any]]:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = server_state(request)
     state.check_model(body.model)
-    chat = ChatRun(state, body)
+    chat = ChatRun(state, body, priority=request_priority(body.priority, request.headers))
     group = await chat.start()
     return await respond(request, group, body.stream, lambda: chat.events(group),
                          lambda finals: chat.response(finals[0]))

@@ -26,6 +26,7 @@ from tokenmill.server.openai.logprobs import (
     echo_logprobs,
     vllm_prompt_logprobs,
 )
+from tokenmill.server.openai.priority import request_priority
 from tokenmill.server.openai.protocol import CompletionRequest
 from tokenmill.server.openai.serving import (
     RequestGroup,
@@ -45,9 +46,10 @@ router = APIRouter()
 class _Completion:
     """One /v1/completions call: its prompts, admitted requests, and how to render choices."""
 
-    def __init__(self, state: ServerState, body: CompletionRequest):
+    def __init__(self, state: ServerState, body: CompletionRequest, priority: int = 0):
         self.state = state
         self.body = body
+        self.priority = priority
         self.engine = state.require_engine()
         self.request_id = new_request_id("cmpl")
         self.created = int(time.time())
@@ -78,7 +80,8 @@ class _Completion:
                                                 logprobs=body.logprobs))
         try:
             return await RequestGroup.start(self.engine, self.state.metrics, self.request_id,
-                                            self.prompt_ids, params, body.cache_salt)
+                                            self.prompt_ids, params, body.cache_salt,
+                                            priority=self.priority)
         except InvalidRequestError as exc:
             if exc.param == "prompt_logprobs" and body.prompt_logprobs is None:
                 # the prompt is scored because of echo + logprobs: name what the client sent
@@ -182,7 +185,7 @@ class _Completion:
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = server_state(request)
     state.check_model(body.model)
-    completion = _Completion(state, body)
+    completion = _Completion(state, body, request_priority(body.priority, request.headers))
     group = await completion.start()
     return await respond(request, group, body.stream, lambda: completion.events(group),
                          completion.response)

@@ -4,8 +4,8 @@ Models are strict (``"0.5"`` is not a number, ``true`` is not an integer) and fo
 as OpenAI does, so a typo such as ``max_token`` is a 400 naming it rather than silently ignored.
 Beyond OpenAI's fields they accept the engine's extras (vLLM's names): ``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``,
-``include_stop_str_in_output``, ``skip_special_tokens``, ``cache_salt`` and (completions)
-``prompt_logprobs``. Structured output
+``include_stop_str_in_output``, ``skip_special_tokens``, ``cache_salt``, ``priority`` (lower is
+more urgent; ``priority.py``) and (completions) ``prompt_logprobs``. Structured output
 (``response_format``, vLLM's ``structured_outputs`` and ``guided_*``) comes from
 ``structured_output.py`` and is taken by both endpoints. A few OpenAI fields that change nothing
 here (``user``, ``metadata``, ``store``, ...) are accepted and ignored; ones we cannot honour
@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.server.openai.priority import PRIORITY_LIMIT
 from tokenmill.server.openai.schema_types import (
     CompletionLength,
     LogitBias,
@@ -110,6 +111,8 @@ class SamplingFields(StructuredOutputFields):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     cache_salt: str | None = Field(default=None, min_length=1)
+    # vLLM's: lower is more urgent; absent = the gateway's tenant header, else 0 (priority.py)
+    priority: int | None = Field(default=None, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -30,6 +30,7 @@ from tokenmill.engine.outputs import RequestOutput
 from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.server.error_handlers import validation_error
 from tokenmill.server.openai.chat import ChatRun
+from tokenmill.server.openai.priority import request_priority
 from tokenmill.server.openai.responses_protocol import NamedFunctionChoice, ResponsesRequest
 from tokenmill.server.openai.serving import RequestGroup, respond
 from tokenmill.server.openai.tool_call_stream import ArgumentsPiece, CallStart, ContentPiece, Piece
@@ -235,7 +236,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     state.check_model(body.model)
     try:
         chat_body = body.to_chat_request()
-        run = ChatRun(state, chat_body, id_prefix="resp")
+        run = ChatRun(state, chat_body, id_prefix="resp",
+                      priority=request_priority(None, request.headers))
         group = await run.start()
     except ValidationError as exc:  # cannot happen for a body that passed ResponsesRequest
         raise _relabelled(validation_error(list(exc.errors()))) from None

@@ -193,7 +193,7 @@ def _check_item(index: int, item: Any) -> None:
         raise InvalidRequestError(f"{where} must be an object (a message or a function_call / "
                                   "function_call_output item)", param=where)
     kind = item.get("type", "message")
-    if kind not in _ITEM_KEYS:
+    if not isinstance(kind, str) or kind not in _ITEM_KEYS:  # a fuzzer sent {"type": {}}
         raise InvalidRequestError(
             f"{where}.type {kind!r} is not supported; use message, function_call or "
             "function_call_output (tokenmill has no built-in tools, reasoning items or "

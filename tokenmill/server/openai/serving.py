@@ -88,12 +88,13 @@ class RequestGroup:
     @classmethod
     async def start(cls, engine: AsyncLLM, metrics: ServerMetrics, base_id: str,
                     prompts: list[list[int]], params: list[SamplingParams],
-                    cache_salt: str | None, pooling: str | None = None) -> RequestGroup:
+                    cache_salt: str | None, pooling: str | None = None,
+                    priority: int = 0) -> RequestGroup:
         # Admit concurrently: the engine thread takes its whole inbox between two steps, so n
         # prompts cost one step boundary, not n.
         ids = [prompt_request_id(base_id, i, len(prompts)) for i in range(len(prompts))]
         results = await asyncio.gather(
-            *(engine.add_request(p, sp, rid, cache_salt, pooling=pooling)
+            *(engine.add_request(p, sp, rid, cache_salt, pooling=pooling, priority=priority)
               for p, sp, rid in zip(prompts, params, ids, strict=True)),
             return_exceptions=True)
         streams = [r for r in results if isinstance(r, RequestStream)]
