@@ -171,6 +171,18 @@ def test_a_worker_killed_while_idle_is_found_by_the_health_check(mp_llm: LLM) ->
     assert_dead_for_good(mp_llm)
 
 
+def test_a_worker_ignores_signals_sent_to_the_whole_process_group(mp_llm: LLM) -> None:
+    """Ctrl+C in a terminal, or SIGTERM to the process group, reaches the workers too: they must
+    outlive it so the server can drain its running requests, then stop them itself."""
+    (pid,) = mp_llm.engine.executor.worker_pids
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    outputs = mp_llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+    assert outputs[0].outputs[0].token_ids
+    mp_llm.engine.check_health()
+    assert psutil.Process(pid).is_running()
+
+
 def test_a_worker_that_raises_fails_the_engine_with_its_traceback(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(WORKER_FAULT_STEP_ENV, "3")  # read by the worker process it spawns

@@ -11,8 +11,11 @@ Protocol over one duplex pipe, each message a pickled ``(kind, body)`` tuple of 
 
 A worker never outlives the engine: the kernel kills it when the thread that spawned it (the
 engine thread) ends (``PR_SET_PDEATHSIG``), a watcher thread exits it if its parent process is
-gone anyway, and end-of-file on its pipe ends it too. It ignores Ctrl+C (the terminal sends it to
-the whole process group): the engine's process decides when workers stop.
+gone anyway, and end-of-file on its pipe ends it too. It ignores Ctrl+C and SIGTERM: a terminal
+sends Ctrl+C to the whole process group, and `kill -TERM -PGID` (or a supervisor that signals the
+group) would otherwise kill the workers before the server has drained its running requests. The
+engine's process decides when workers stop; if it dies, the parent-death signal (SIGKILL) still
+ends them.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def worker_main(config: EngineConfig, max_model_len: int, rank: int, world_size:
                 init_method: str | None, conn: Connection, parent_pid: int,
                 log_level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     watch_parent(parent_pid, f"tm-worker-{rank}")
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s %(name)s [rank {rank}]: %(message)s")
