@@ -21,6 +21,7 @@ from tokenmill.engine.fault_injection import FAULT_STEP_ENV
 from tokenmill.errors import EngineDeadError
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.state import ServerSettings, ServerState
+from tokenmill.sse_parser import iter_sse
 
 BODY = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0,
         "ignore_eos": True}
@@ -32,8 +33,7 @@ def _stream_until_error(url: str) -> dict:
     with httpx.stream("POST", url + "/v1/completions", json={**BODY, "stream": True},
                       timeout=DEADLINE_S) as response:
         assert response.status_code == 200
-        events = [line.removeprefix("data: ") for line in response.iter_lines()
-                  if line.startswith("data: ")]
+        events = [sse.data for sse in iter_sse(response)]
     errors = [json.loads(e) for e in events if e != "[DONE]" and "error" in json.loads(e)]
     assert errors, f"the stream ended without an error: {events[-3:]}"
     return errors[-1]["error"]

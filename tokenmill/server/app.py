@@ -26,9 +26,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from tokenmill.engine.async_llm import AsyncLLM, engine_info
 from tokenmill.errors import TokenmillError
+from tokenmill.openai_protocol import error_response
 from tokenmill.server import dashboard, trace_routes
 from tokenmill.server.cost_metrics import CostTracker
-from tokenmill.server.error_handlers import error_response, install_error_handlers
+from tokenmill.server.error_handlers import install_error_handlers
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai import chat, completions, embeddings, models, responses, tokenize
 from tokenmill.server.openapi import READ_RESPONSES, install_openapi

@@ -1,7 +1,7 @@
-"""Server-sent events as OpenAI streams them, and watching for a client that went away.
+"""The streaming response, and watching for a client that went away.
 
-A streaming response ends with ``data: [DONE]``; an error after the stream started (the status line
-is gone by then) is sent as one ``data: {"error": {...}}`` event, as OpenAI and vLLM do.
+The events themselves (``data: <json>``, ``data: [DONE]``, the error event sent once the status
+line is gone) are written by ``tokenmill/openai_protocol.py``, which the gateway uses too.
 
 Disconnects: for streams, Starlette's ``StreamingResponse`` listens for ``http.disconnect`` (ASGI
 spec < 2.4, which uvicorn speaks) and cancels the body iterator, whose ``finally`` closes the
@@ -12,31 +12,17 @@ engine requests. Non-streaming requests would otherwise keep decoding for nobody
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from tokenmill.errors import TokenmillError
-
 T = TypeVar("T")
-
-DONE = "data: [DONE]\n\n"
 
 
 class ClientDisconnected(Exception):
     """The client closed the connection before its answer was ready."""
-
-
-def event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
-
-
-def error_payload(exc: TokenmillError) -> dict[str, Any]:
-    return {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param,
-                      "code": exc.code}}
 
 
 def sse_response(events: AsyncIterator[str]) -> StreamingResponse:

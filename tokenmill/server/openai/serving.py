@@ -14,18 +14,12 @@ from fastapi.responses import JSONResponse, Response
 from tokenmill.engine.async_llm import AsyncLLM, RequestStream
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.errors import InvalidRequestError, InvalidSamplingParamsError, TokenmillError
+from tokenmill.openai_protocol import SSE_DONE, error_payload, sse_event
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai.protocol import SamplingFields
 from tokenmill.server.request_logger import log_aborted_request
-from tokenmill.server.sse import (
-    DONE,
-    ClientDisconnected,
-    cancel_on_disconnect,
-    error_payload,
-    event,
-    sse_response,
-)
+from tokenmill.server.sse import ClientDisconnected, cancel_on_disconnect, sse_response
 from tokenmill.server.state import server_state
 
 TENANT_HEADER = "x-tokenmill-tenant"
@@ -200,12 +194,12 @@ async def sse_events(group: RequestGroup, chunks: AsyncIterator[dict[str, Any]],
     stream ends, including a client that goes away."""
     try:
         async for chunk in chunks:
-            yield event(chunk)
+            yield sse_event(chunk)
         final = usage_chunk()
         if final is not None:
-            yield event(final)
-        yield DONE
+            yield sse_event(final)
+        yield SSE_DONE
     except TokenmillError as exc:
-        yield event(error_payload(exc))
+        yield sse_event(error_payload(exc))
     finally:
         await group.aclose()
