@@ -67,7 +67,6 @@ async def _load_engine(app: FastAPI, factory: EngineFactory) -> None:
     engine.output_listeners.extend([state.metrics.on_step, state.history.on_step,
                                     finished_request_logger(engine.traces)])
     info = engine_info(engine)
-    state.kv_pool_tokens = info["kv_tokens"]
     engine.death_listeners.append(lambda error: _on_engine_dead(app, factory, error))
     engine.bind_loop()  # so a death before the first request (a worker lost) is reported too
     state.engine = engine

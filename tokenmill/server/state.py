@@ -82,7 +82,6 @@ class ServerState:
         """The engine died and a new one is loading (``restart_engine_on_failure``)."""
         self.num_engine_failures = 0
         self.started_at = int(time.time())
-        self.kv_pool_tokens = 0
 
     @property
     def phase(self) -> str:

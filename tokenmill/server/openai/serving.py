@@ -35,16 +35,6 @@ def prompt_request_id(base_id: str, prompt_index: int, num_prompts: int) -> str:
     return base_id if num_prompts == 1 else f"{base_id}-{prompt_index}"
 
 
-def default_max_tokens(engine: AsyncLLM, kv_pool_tokens: int, num_prompt_tokens: int
-                       ) -> int | None:
-    """Up to the end of the context (as vLLM does), but never more than the KV pool can hold.
-
-    None when the prompt leaves no room at all: the engine then refuses it with both numbers.
-    """
-    room = min(engine.max_model_len, kv_pool_tokens or engine.max_model_len) - num_prompt_tokens
-    return room if room >= 1 else None
-
-
 def build_sampling_params(body: SamplingFields, *, max_tokens: int | None,
                           logprobs: int | None, renames: dict[str, str] | None = None
                           ) -> SamplingParams:
