@@ -18,7 +18,7 @@ from tests.server.conftest import MODEL
 from tests.server_fixture import ServerProcess
 from tokenmill.config import EngineConfig
 from tokenmill.engine.fault_injection import FAULT_STEP_ENV
-from tokenmill.errors import EngineDeadError
+from tokenmill.errors import EngineDeadError, EngineNotReadyError
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.state import ServerSettings, ServerState
 from tokenmill.sse_parser import iter_sse
@@ -78,6 +78,16 @@ def test_with_restart_it_answers_503_then_serves_again() -> None:
     finally:
         assert server.stop() == 0
     assert "loading a new engine" in server.log()
+
+
+def test_an_engine_stopped_by_a_clean_drain_is_not_called_dead() -> None:
+    state = ServerState(ServerSettings(engine=EngineConfig()), ServerMetrics())
+    state.draining = True
+    state.engine = SimpleNamespace(is_running=False, dead_error=None)  # shut down, no fault
+    assert state.phase == "stopped"
+    with pytest.raises(EngineNotReadyError, match="shutting down") as refused:
+        state.require_engine()
+    assert refused.value.status_code == 503 and "internal error" not in refused.value.message
 
 
 def test_a_dead_engine_turns_every_route_503_until_the_process_exits() -> None:

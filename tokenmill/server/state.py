@@ -92,7 +92,8 @@ class ServerState:
         if self.engine is None:
             return "restarting" if self.restarting else "loading"
         if not self.engine.is_running:
-            return "dead"
+            # an engine that stopped without an error was shut down (a drain's end), not killed
+            return "dead" if self.engine.dead_error is not None else "stopped"
         return "draining" if self.draining else "ready"
 
     def require_engine(self) -> AsyncLLM:
@@ -128,7 +129,7 @@ class ServerState:
             assert self.engine is not None
             raise EngineDeadError(f"the engine stopped after an internal error "
                                   f"({self.engine.dead_error!r}); the server is exiting")
-        if phase == "draining":
+        if phase in ("draining", "stopped"):
             raise EngineNotReadyError("the server is shutting down and takes no new requests")
 
     def check_model(self, name: str | None) -> None:
