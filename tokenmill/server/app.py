@@ -105,7 +105,6 @@ def _build_engine(factory: EngineFactory, config: Any) -> AsyncLLM:
 def _on_engine_dead(app: FastAPI, factory: EngineFactory, error: BaseException) -> None:
     """Runs on the event loop once the engine has failed every request it held."""
     state: ServerState = app.state.server
-    state.num_engine_failures += 1
     if state.settings.restart_engine_on_failure and not state.draining:
         logger.error("the engine died: %r; loading a new engine (restart_engine_on_failure)",
                      error)

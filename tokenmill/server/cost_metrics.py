@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 from tokenmill.cost import Price, hourly_price, level_cost
 
-TOKEN_KINDS = ("prefill", "decode", "cached_prompt", "all")
-
 
 @dataclass
 class _Sample:

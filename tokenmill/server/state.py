@@ -80,7 +80,6 @@ class ServerState:
         self.draining = False
         self.restarting = False
         """The engine died and a new one is loading (``restart_engine_on_failure``)."""
-        self.num_engine_failures = 0
         self.started_at = int(time.time())
 
     @property
