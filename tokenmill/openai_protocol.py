@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from tokenmill.errors import RequestRejectedError, TokenmillError
 
@@ -33,6 +34,14 @@ def sse_event(payload: dict[str, Any], kind: str | None = None) -> str:
     """One event; ``kind`` becomes an ``event:`` line (the Responses API names its events)."""
     head = f"event: {kind}\n" if kind is not None else ""
     return f"{head}data: {to_json(payload)}\n\n"
+
+
+def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None
+                 ) -> StreamingResponse:
+    # X-Accel-Buffering: proxies such as nginx must pass tokens on as they come.
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                      **(headers or {})})
 
 
 def error_body(message: str, error_type: str, param: str | None = None,

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from tokenmill.errors import (
     InvalidRequestError,
@@ -49,7 +49,7 @@ from tokenmill.gateway.router import Router
 from tokenmill.gateway.semantic_cache import SemanticCacheStage
 from tokenmill.gateway.trace_proxy import fetch_trace
 from tokenmill.gateway.upstream import UpstreamStage
-from tokenmill.openai_protocol import SSE_DONE, error_response, sse_event
+from tokenmill.openai_protocol import SSE_DONE, error_response, sse_event, sse_response
 from tokenmill.telemetry import TracingMiddleware, otlp_tracer_provider
 
 logger = logging.getLogger("tokenmill.gateway")
@@ -193,8 +193,7 @@ def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
             if response.status_code == 200 and greq.extra_fields:
                 body = {**body, **greq.extra_fields}
             return JSONResponse(body, status_code=response.status_code, headers=headers)
-        return StreamingResponse(_sse(response.events, greq.client_wants_usage),
-                                 media_type="text/event-stream", headers=headers)
+        return sse_response(_sse(response.events, greq.client_wants_usage), headers)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

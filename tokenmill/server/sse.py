@@ -1,7 +1,8 @@
-"""The streaming response, and watching for a client that went away.
+"""Watching for a client that went away.
 
 The events themselves (``data: <json>``, ``data: [DONE]``, the error event sent once the status
-line is gone) are written by ``tokenmill/openai_protocol.py``, which the gateway uses too.
+line is gone) and the streaming response are ``tokenmill/openai_protocol.py``, shared with the
+gateway.
 
 Disconnects: for streams, Starlette's ``StreamingResponse`` listens for ``http.disconnect`` (ASGI
 spec < 2.4, which uvicorn speaks) and cancels the body iterator, whose ``finally`` closes the
@@ -12,23 +13,16 @@ engine requests. Non-streaming requests would otherwise keep decoding for nobody
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 T = TypeVar("T")
 
 
 class ClientDisconnected(Exception):
     """The client closed the connection before its answer was ready."""
-
-
-def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-    # X-Accel-Buffering: proxies such as nginx must pass tokens on as they come.
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _wait_for_disconnect(request: Request) -> None:

@@ -14,12 +14,12 @@ from fastapi.responses import JSONResponse, Response
 from tokenmill.engine.async_llm import AsyncLLM, RequestStream
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.errors import InvalidRequestError, InvalidSamplingParamsError, TokenmillError
-from tokenmill.openai_protocol import SSE_DONE, error_payload, sse_event
+from tokenmill.openai_protocol import SSE_DONE, error_payload, sse_event, sse_response
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai.protocol import SamplingFields
 from tokenmill.server.request_logger import log_aborted_request
-from tokenmill.server.sse import ClientDisconnected, cancel_on_disconnect, sse_response
+from tokenmill.server.sse import ClientDisconnected, cancel_on_disconnect
 from tokenmill.server.state import server_state
 
 TENANT_HEADER = "x-tokenmill-tenant"
