@@ -142,7 +142,7 @@ def compile_times(repeats: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from tokenmill.loader.tokenizer import load_tokenizer
+    from tokenmill.loader.model_source import load_tokenizer
     from tokenmill.structured_output.bitmask import bitmask_words
     from tokenmill.structured_output.compiler import GrammarCompiler
     from tokenmill.structured_output.spec import GrammarSpec

@@ -15,7 +15,7 @@ def tiny_llama_folder(folder: Path) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
                          max_position_embeddings=64)
     LlamaForCausalLM(config).save_pretrained(folder)
-    from tokenmill.loader.tokenizer import load_tokenizer
+    from tokenmill.loader.model_source import load_tokenizer
 
     load_tokenizer(None).backend.save(str(folder / "tokenizer.json"))
     return folder

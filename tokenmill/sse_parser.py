@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -117,10 +117,25 @@ async def aiter_sse(response: httpx.Response, parser: SSEParser | None = None,
     async for chunk in response.aiter_bytes():
         for event in parser.feed(decoder.decode(chunk)):
             yield event
-    for event in parser.feed(decoder.decode(b"", final=True)):
+    for event in _finish(parser, decoder, keep_unterminated):
         yield event
-    events, last = parser.close()
-    for event in events:
-        yield event
+
+
+def iter_sse(response: httpx.Response, parser: SSEParser | None = None,
+             *, keep_unterminated: bool = False) -> Iterator[ServerSentEvent]:
+    """``aiter_sse`` for a synchronous ``httpx`` response (``httpx.stream(...)``)."""
+    parser = parser or SSEParser()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for chunk in response.iter_bytes():
+        yield from parser.feed(decoder.decode(chunk))
+    yield from _finish(parser, decoder, keep_unterminated)
+
+
+def _finish(parser: SSEParser, decoder: codecs.IncrementalDecoder, keep_unterminated: bool
+            ) -> list[ServerSentEvent]:
+    events = parser.feed(decoder.decode(b"", final=True))
+    closed, last = parser.close()
+    events += closed
     if last is not None and keep_unterminated:
-        yield last
+        events.append(last)
+    return events

@@ -184,6 +184,16 @@ def test_max_tokens_none_runs_up_to_the_context() -> None:
     assert request.num_tokens == 40 and request.finish_reason == "length"
 
 
+def test_max_tokens_none_stops_where_the_kv_pool_ends_when_that_comes_first() -> None:
+    # 4 blocks of 16 = 64 tokens of KV, context 1024: a 30-token prompt gets 64 - 30 = 34.
+    scheduler = make_scheduler(max_model_len=1024, num_blocks=4, block_size=16)
+    request = make_request("pool", 30, max_tokens=None)
+    scheduler.add_request(request)
+    run_to_completion(scheduler)
+    assert request.num_output_tokens == 34 and request.finish_reason == "length"
+    assert scheduler.get_stats().num_preemptions == 0
+
+
 def test_preemption_when_the_pool_is_too_small_everyone_finishes_with_the_same_output() -> None:
     def generate(num_blocks: int) -> tuple[dict[str, list[int]], Scheduler]:
         scheduler = make_scheduler(num_blocks=num_blocks, block_size=4, max_num_batched_tokens=64)

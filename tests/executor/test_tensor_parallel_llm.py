@@ -28,7 +28,7 @@ from tokenmill import SamplingParams
 from tokenmill.config import EngineConfig, ParallelConfig
 from tokenmill.engine.llm import LLM
 from tokenmill.errors import ConfigError, WorkerFailedError
-from tokenmill.executor.executor import check_parallel_placement, usable_cores
+from tokenmill.executor.factory import check_parallel_placement, usable_cores
 from tokenmill.models.arch_config import ArchConfig
 
 # float32 through other summation orders (row-parallel partial sums, then the all-reduce):

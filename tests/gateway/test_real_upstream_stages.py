@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.gateway.helpers import KEY_BETA, base_config
+from tokenmill.sse_parser import iter_sse
 
 MAX_TOKENS = 16
 PROMPT = "Write a short story about a dog who lives by the sea. Once upon a time"
@@ -54,7 +55,7 @@ def stream_chunks(url: str, endpoint: str, body: dict, key: str | None = None
     with httpx.stream("POST", url + path_for(endpoint), json={**body, "stream": True},
                       headers=headers, timeout=120) as r:
         assert r.status_code == 200, r.read()
-        payloads = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        payloads = [sse.data for sse in iter_sse(r)]
     assert payloads[-1] == "[DONE]"
     return r.headers, [json.loads(p) for p in payloads[:-1]]
 

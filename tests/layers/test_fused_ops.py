@@ -10,8 +10,7 @@ from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.attention import causal_metadata
 from tokenmill.layers.kernels import fused_ops
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding
-from tokenmill.models.arch_config import RopeScaling
+from tokenmill.layers.rotary import RopeScaling, RotaryEmbedding
 
 ROWS = [1, 3, 97]  # one decode token, a few, a prefill large enough to run in parallel
 DTYPES = [torch.float32, torch.bfloat16]

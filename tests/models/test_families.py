@@ -125,7 +125,7 @@ def test_gguf_architecture_and_permutation_per_family(families):
                               ("qwen3", "qwen3"), ("gemma", "gemma")):
         _, gguf_path, reference = families[family]
         source = open_model_source(gguf_path)
-        assert source.arch.extra["gguf_architecture"] == gguf_arch
+        assert source.arch.gguf_architecture == gguf_arch
         tensors = dict(source.iter_tensors())
         for proj in ("q_proj", "k_proj"):
             name = f"model.layers.1.self_attn.{proj}.weight"

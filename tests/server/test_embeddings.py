@@ -79,12 +79,12 @@ def embed_server():
 def test_embed_task_serves_sentence_transformers(embed_server):
     from sentence_transformers import SentenceTransformer
 
-    from tokenmill.gateway.embeddings import default_model_path
+    from tokenmill.loader.builtin import builtin_embedding_model_path
 
     client = openai.OpenAI(base_url=embed_server.url + "/v1", api_key="unused", max_retries=0)
     [card] = client.models.list().data
     result = client.embeddings.create(model=card.id, input=TEXTS)
-    reference = SentenceTransformer(default_model_path(), device="cpu").encode(
+    reference = SentenceTransformer(str(builtin_embedding_model_path()), device="cpu").encode(
         TEXTS, normalize_embeddings=True)
     got = np.array([d.embedding for d in result.data])
     assert got.shape == (3, 384)

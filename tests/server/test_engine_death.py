@@ -18,9 +18,10 @@ from tests.server.conftest import MODEL
 from tests.server_fixture import ServerProcess
 from tokenmill.config import EngineConfig
 from tokenmill.engine.fault_injection import FAULT_STEP_ENV
-from tokenmill.errors import EngineDeadError
+from tokenmill.errors import EngineDeadError, EngineNotReadyError
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.state import ServerSettings, ServerState
+from tokenmill.sse_parser import iter_sse
 
 BODY = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0,
         "ignore_eos": True}
@@ -32,8 +33,7 @@ def _stream_until_error(url: str) -> dict:
     with httpx.stream("POST", url + "/v1/completions", json={**BODY, "stream": True},
                       timeout=DEADLINE_S) as response:
         assert response.status_code == 200
-        events = [line.removeprefix("data: ") for line in response.iter_lines()
-                  if line.startswith("data: ")]
+        events = [sse.data for sse in iter_sse(response)]
     errors = [json.loads(e) for e in events if e != "[DONE]" and "error" in json.loads(e)]
     assert errors, f"the stream ended without an error: {events[-3:]}"
     return errors[-1]["error"]
@@ -78,6 +78,16 @@ def test_with_restart_it_answers_503_then_serves_again() -> None:
     finally:
         assert server.stop() == 0
     assert "loading a new engine" in server.log()
+
+
+def test_an_engine_stopped_by_a_clean_drain_is_not_called_dead() -> None:
+    state = ServerState(ServerSettings(engine=EngineConfig()), ServerMetrics())
+    state.draining = True
+    state.engine = SimpleNamespace(is_running=False, dead_error=None)  # shut down, no fault
+    assert state.phase == "stopped"
+    with pytest.raises(EngineNotReadyError, match="shutting down") as refused:
+        state.require_engine()
+    assert refused.value.status_code == 503 and "internal error" not in refused.value.message
 
 
 def test_a_dead_engine_turns_every_route_503_until_the_process_exits() -> None:

@@ -15,6 +15,7 @@ import pytest
 from tests.server.conftest import MODEL
 from tests.server.test_load_and_metrics import wait_for
 from tests.server_fixture import REPO, ServerProcess, free_port
+from tokenmill.sse_parser import iter_sse
 
 LONG = {"model": MODEL, "prompt": "Count forever:", "max_tokens": 1000, "ignore_eos": True,
         "temperature": 0, "stream": True}
@@ -36,11 +37,10 @@ class Stream:
         try:
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as resp:
                 self.status = resp.status_code
-                for line in resp.iter_lines():
-                    if line.startswith("data: "):
-                        data = line[6:]
-                        self.events.append(data if data == "[DONE]" else json.loads(data))
-                        self.first_event.set()
+                for sse in iter_sse(resp):
+                    data = sse.data
+                    self.events.append(data if data == "[DONE]" else json.loads(data))
+                    self.first_event.set()
                     if self._cancel.is_set():
                         return
         except BaseException as exc:  # noqa: BLE001 - inspected by the test

@@ -10,6 +10,7 @@ import pytest
 
 from tests.server.conftest import MODEL, metric, scrape
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.sse_parser import iter_sse
 
 PROMPTS = [f"{start}," for start in (
     "One, two, three", "Monday, Tuesday, Wednesday", "January, February, March", "A, B, C",
@@ -70,8 +71,8 @@ def test_disconnect_mid_stream_frees_kv_blocks(tokenmill_server):
             "ignore_eos": True, "temperature": 0, "stream": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
-        lines = response.iter_lines()
-        assert next(line for line in lines if line.startswith("data: "))
+        events = iter_sse(response)  # kept: dropping it mid-stream would close the connection
+        assert next(events).data
         assert metric(scrape(url), "tokenmill:kv_cache_usage_perc") > 0
     # leaving the block closed the connection mid-stream
     wait_for(lambda: idle_kv(url), what="KV usage back to idle after the disconnect")

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.server.conftest import MODEL
+from tokenmill.sse_parser import iter_sse
 
 TENANT = "x-tokenmill-tenant"
 
@@ -63,9 +64,8 @@ def test_streamed_chat_header_matches_chunk_ids_and_trace_is_live(client: openai
             max_tokens=200, stream=True, extra_body={"ignore_eos": True}) as raw:
         request_id = raw.headers["x-request-id"]
         assert request_id.startswith("chatcmpl-")
-        lines = raw.iter_lines()
-        first = next(line for line in lines if line.startswith("data:"))
-        assert request_id in first
+        events = iter_sse(raw.http_response)  # kept: dropping it would close the connection
+        assert request_id in next(events).data
         live = get_trace(tokenmill_server, request_id).json()
         assert live["status"] == "running"
         assert live["requests"][0]["events"][-1]["event"] != "finished"

@@ -19,6 +19,7 @@ import pytest
 from tests.server.conftest import MODEL
 from tests.server_fixture import KV_CACHE_BYTES, ServerProcess
 from tokenmill import SamplingParams
+from tokenmill.sse_parser import iter_sse
 
 MP = ("--distributed-executor", "mp")
 DEADLINE_S = 60.0
@@ -91,10 +92,8 @@ def _stream_until_error(server: ServerProcess, on_first_chunk=None) -> tuple[dic
     with httpx.stream("POST", server.url + "/v1/completions", json=body,
                       timeout=DEADLINE_S) as response:
         assert response.status_code == 200
-        for line in response.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            events.append(line.removeprefix("data: "))
+        for sse in iter_sse(response):
+            events.append(sse.data)
             if first_chunk_at is None:
                 first_chunk_at = time.monotonic()
                 if on_first_chunk is not None:

@@ -15,7 +15,7 @@ import torch
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.layers.sampler import Sampler, SamplingBatch
-from tokenmill.loader.tokenizer import load_tokenizer
+from tokenmill.loader.model_source import load_tokenizer
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured_output.bitmask import (
     apply_grammar_bitmask,

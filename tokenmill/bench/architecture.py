@@ -8,7 +8,6 @@ all follow from a dozen integers. Those come from the catalog, a GGUF file's met
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -330,9 +329,6 @@ class ModelArch:
             return float(self.file_weight_bytes)
         return self.weight_layout(dtype, compute_dtype, group_size).total_bytes
 
-    def bytes_per_param(self, dtype: str | None) -> float:
-        return self.weight_bytes(dtype) / self.num_params
-
     def experts_touched(self, batch_size: int) -> float:
         """Expected distinct experts a batch of B tokens routes to per layer (uniform routing)."""
         return self.num_experts * (
@@ -453,15 +449,3 @@ def arch_from_hf_folder(folder: Path) -> ModelArch:
     if shard_bytes:
         arch = replace(arch, file_weight_bytes=shard_bytes, file_dtype="safetensors")
     return arch
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def gib(num_bytes: float) -> float:
-    return num_bytes / 2**30
-
-
-def is_power_of_two(n: int) -> bool:
-    return n > 0 and math.log2(n).is_integer()

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenmill.bench.cost import Price, level_cost
 from tokenmill.bench.metrics import SLO, summarize
 from tokenmill.bench.runner import LevelRun
+from tokenmill.cost import Price, level_cost
 from tokenmill.errors import BenchError
 
 FORMAT = "tokenmill-bench/1"

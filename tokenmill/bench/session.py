@@ -11,13 +11,13 @@ from typing import Any
 import httpx
 
 from tokenmill.bench.client import Target, discover_model
-from tokenmill.bench.cost import Price
 from tokenmill.bench.metrics import SLO
 from tokenmill.bench.plot import write_plots
 from tokenmill.bench.report import build_record, render_markdown, write_json
 from tokenmill.bench.runner import LevelRun, LoadLevel, Stop, run_level, warm_up
 from tokenmill.bench.tokens import load_counting_tokenizer
 from tokenmill.bench.workload import WorkloadSpec, build_requests
+from tokenmill.cost import Price
 from tokenmill.errors import BenchError
 
 DURATION_POOL_SIZE = 512  # prompts generated for a duration-bound run; reused round-robin

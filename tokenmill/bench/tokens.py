@@ -49,7 +49,7 @@ def load_counting_tokenizer(path: str | None) -> CountingTokenizer:
             raise BenchError(f"--tokenizer {path}: no tokenizer.json there")
         return _JsonTokenizer(file)
     try:
-        from tokenmill.loader.tokenizer import load_tokenizer
+        from tokenmill.loader.model_source import load_tokenizer
     except ImportError as exc:
         raise BenchError("tokenmill's built-in tokenizer is not available in this build; pass "
                          "--tokenizer PATH/tokenizer.json") from exc

@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from tokenmill.bench.client import Target, normalize_base_url
-    from tokenmill.bench.cost import resolve_price
     from tokenmill.bench.metrics import SLO
+    from tokenmill.bench.pricing import resolve_price
     from tokenmill.bench.report import print_table
     from tokenmill.bench.runner import LoadLevel, Stop
     from tokenmill.bench.session import BenchOptions, run_bench

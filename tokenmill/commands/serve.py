@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from tokenmill.bench.cost import resolve_price
     from tokenmill.config import config_from_args, engine_config_from_args
+    from tokenmill.cost import hourly_price
     from tokenmill.errors import ConfigError, TokenmillError
     from tokenmill.server.app import create_app
     from tokenmill.server.state import ServerSettings, ToolSettings
@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     if args.cost_window_seconds <= 0:
         raise ConfigError(f"--cost-window-seconds={args.cost_window_seconds} must be > 0",
                           param="cost_window_seconds")
-    resolve_price(args.price_per_hour, None)  # a bad price fails before the model loads
+    if args.price_per_hour is not None:
+        hourly_price(args.price_per_hour)  # a bad price fails before the model loads
     settings = ServerSettings(engine=engine_config_from_args(args), host=args.host,
                               port=args.port, shutdown_timeout=args.shutdown_timeout,
                               price_per_hour=args.price_per_hour,

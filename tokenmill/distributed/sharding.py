@@ -38,7 +38,6 @@ class HeadShard:
     num_kv_heads: int  # KV heads on this rank (1 when replicated)
     head_start: int  # first query head
     kv_head_start: int  # first KV head
-    kv_replicated: bool = False  # fewer KV heads than ranks: this one is also on other ranks
 
 
 def check_model_split(arch: ArchConfig, world_size: int) -> None:
@@ -82,8 +81,8 @@ def head_shard(num_heads: int, num_kv_heads: int, rank: int, world_size: int) ->
     heads = num_heads // world_size
     if num_kv_heads >= world_size:
         kv_heads = num_kv_heads // world_size
-        return HeadShard(heads, kv_heads, rank * heads, rank * kv_heads, False)
-    return HeadShard(heads, 1, rank * heads, rank * num_kv_heads // world_size, True)
+        return HeadShard(heads, kv_heads, rank * heads, rank * kv_heads)
+    return HeadShard(heads, 1, rank * heads, rank * num_kv_heads // world_size)
 
 
 def num_kv_heads_per_rank(num_kv_heads: int, world_size: int) -> int:

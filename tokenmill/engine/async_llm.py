@@ -126,10 +126,6 @@ class AsyncLLM:
         """What killed the engine thread, if it died."""
         return self._dead
 
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self._streams)
-
     def get_stats(self) -> SchedulerStats:
         """A snapshot taken after the latest step (never blocks on the engine)."""
         return self._stats

@@ -18,7 +18,8 @@ from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.scheduler_output import EngineCoreOutput, SchedulerOutput
 from tokenmill.engine.stats import SchedulerStats
 from tokenmill.errors import ConfigError
-from tokenmill.executor.executor import Executor, make_executor
+from tokenmill.executor.executor import Executor
+from tokenmill.executor.factory import make_executor
 from tokenmill.loader.model_source import ModelSource, open_model_source
 from tokenmill.structured_output.bitmask import GrammarBitmask, build_grammar_bitmask
 from tokenmill.worker.kv_cache import KVCacheSpec

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Self
 
-from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from tokenmill.config import ENGINE_SECTIONS, EngineConfig
 from tokenmill.engine.engine_core import EngineCore
 from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.output_processor import OutputProcessor
@@ -20,21 +20,16 @@ from tokenmill.sampling_params import SamplingParams
 
 def engine_config_from_kwargs(model: str | None, **kwargs: Any) -> EngineConfig:
     """``LLM(model, dtype=..., block_size=..., ...)``: each keyword goes to the section that has it."""
-    sections: dict[str, dict[str, Any]] = {"model": {"model": model}, "cache": {},
-                                           "scheduler": {}, "parallel": {}}
-    fields = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-              "parallel": ParallelConfig}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in ENGINE_SECTIONS}
+    sections["model"]["model"] = model
     num_threads = kwargs.pop("num_threads", None)
     for key, value in kwargs.items():
-        section = next((name for name, cls in fields.items()
+        section = next((name for name, cls in ENGINE_SECTIONS.items()
                         if key in cls.__dataclass_fields__), None)
         if section is None:
             raise TypeError(f"LLM() got an unexpected keyword argument {key!r}")
         sections[section][key] = value
-    return EngineConfig(model=ModelConfig(**sections["model"]),
-                        cache=CacheConfig(**sections["cache"]),
-                        scheduler=SchedulerConfig(**sections["scheduler"]),
-                        parallel=ParallelConfig(**sections["parallel"]),
+    return EngineConfig(**{name: cls(**sections[name]) for name, cls in ENGINE_SECTIONS.items()},
                         num_threads=num_threads)
 
 

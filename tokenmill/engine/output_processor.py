@@ -78,9 +78,6 @@ class OutputProcessor:
             self._parent_of[child.request_id] = request_id
         self.states[request_id] = state
 
-    def has_request(self, request_id: str) -> bool:
-        return request_id in self.states
-
     def child_ids(self, request_id: str) -> list[str]:
         state = self.states.get(request_id)
         return [] if state is None else [c.request_id for c in state.children]

@@ -128,12 +128,16 @@ class Scheduler:
                 f"prompt_logprobs: prompt log probabilities are computed for prompts of at "
                 f"most {limit} tokens (max_prompt_logprobs_len); this prompt has {num_prompt}",
                 param="prompt_logprobs")
+        bm = self.block_manager
         if max_tokens is None:
-            max_tokens = self.max_model_len - num_prompt
-            if max_tokens < 1:
+            # The one default (the server passes None on): up to the end of the context, as vLLM
+            # does, but never more than the whole KV pool holds, so it is never refused below.
+            room = min(self.max_model_len, bm.num_blocks * bm.block_size) - num_prompt
+            if num_prompt >= self.max_model_len:
                 raise PromptTooLongError(
                     f"the prompt has {num_prompt} tokens, which leaves no room to generate in the "
                     f"model's context of {self.max_model_len} tokens", param="prompt")
+            max_tokens = max(room, 1)  # a prompt over the pool is refused with both numbers below
         if num_prompt + max_tokens > self.max_model_len:
             raise PromptTooLongError(
                 f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) is "
@@ -141,7 +145,6 @@ class Scheduler:
                 f"{self.max_model_len}; shorten the prompt or lower max_tokens",
                 param="max_tokens" if num_prompt < self.max_model_len else "prompt")
         # The last sampled token is never run through the model, so its KV needs no slot.
-        bm = self.block_manager
         num_blocks_needed = bm.num_blocks_for_tokens(num_prompt + max(max_tokens - 1, 0))
         if num_blocks_needed > bm.num_blocks:
             raise PromptTooLongError(
@@ -482,9 +485,6 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
-
-    def get_num_unfinished_requests(self) -> int:
-        return len(self.requests)
 
     def get_stats(self) -> SchedulerStats:
         bm = self.block_manager

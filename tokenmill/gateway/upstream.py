@@ -3,7 +3,8 @@
 Replicas are tried in the router's order; one that cannot be reached, times out, or answers 5xx
 *before the first byte* of its answer is recorded as a failure and the next one is tried. Once an
 answer has started, it is passed through chunk by chunk (SSE events, parsed one at a time by
-``tokenmill.sse_parser`` so the later stages can look at them); a failure after that point ends the stream with an error event.
+``tokenmill.sse_parser`` so the later stages can look at them); a failure after that point ends
+the stream with an error event.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse
 from tokenmill.gateway.protocol import CHAT, prompt_text
 from tokenmill.gateway.router import Replica, Router
+from tokenmill.openai_protocol import error_body
 from tokenmill.sse_parser import aiter_sse
 from tokenmill.telemetry import child_span, inject_traceparent
 
@@ -27,8 +29,7 @@ PATHS = {CHAT: "/v1/chat/completions", "completions": "/v1/completions"}
 
 
 def _error_event(message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "upstream_error", "param": None,
-                      "code": "upstream_stream_failed"}}
+    return error_body(message, "upstream_error", code="upstream_stream_failed")
 
 
 def _passed_headers(resp: httpx.Response) -> dict[str, str]:
@@ -122,8 +123,8 @@ class UpstreamStage:
         try:
             data = json.loads(raw)
         except ValueError:
-            data = {"error": {"message": f"upstream {replica.name} sent a non-JSON answer",
-                              "type": "upstream_error", "param": None, "code": None}}
+            data = error_body(f"upstream {replica.name} sent a non-JSON answer",
+                              "upstream_error")
             return GatewayResponse(body=data, status_code=502)
         if resp.status_code == 200:
             self.router.record_success(replica)

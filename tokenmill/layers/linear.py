@@ -66,14 +66,6 @@ class MergedLinear(nn.Module):
         return self.op(x, self.bias)
 
 
-class Linear(MergedLinear):
-    """A plain linear layer (one shard), loadable the same way as the merged ones."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 device: torch.device | str):
-        super().__init__(in_features, {"": out_features}, bias, dtype, device)
-
-
 def _stack(parts: list[Any]) -> Any:
     if len(parts) == 1:
         return parts[0]

@@ -3,17 +3,41 @@
 
 On the CPU the rotation is one native call (``kernels/fused_ops``) that rotates query and key in
 place, instead of a dozen small torch ops; ``forward_reference`` is the PyTorch path (new tensors).
+
+The layer takes plain numbers (``RopeScaling`` is the layer's own parameter record); a model's
+``ArchConfig`` holds one, filled by the loaders: layers never import models.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tokenmill.layers.kernels.fused_ops import usable
-from tokenmill.models.arch_config import RopeScaling
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """A rotary scaling variant declared by the model (``rope_type`` as Hugging Face names it)."""
+
+    rope_type: str = "default"  # default | linear | llama3 | yarn | freq_factors
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 and yarn
+    # yarn only (Qwen2.5 / Qwen3 long context): the frequencies between beta_fast and beta_slow
+    # rotations over the original context are blended from kept to interpolated ones, and cos/sin
+    # are scaled by attention_factor (None: 0.1 ln(factor) + 1, the paper's choice)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    truncate: bool = True
+    # freq_factors only: one divisor per rotary frequency, as a GGUF file's ``rope_freqs`` tensor
+    # holds them (llama.cpp's converter writes Llama 3's scaling that way, not as metadata)
+    freq_factors: tuple[float, ...] = ()
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from tokenmill.errors import CorruptModelFileError, ModelNotFoundError, UnsupportedModelError
+from tokenmill.layers.rotary import RopeScaling
 from tokenmill.loader.moe_metadata import GGUF_MOE_ARCHITECTURES, moe_from_gguf
-from tokenmill.models.arch_config import ArchConfig, RopeScaling
+from tokenmill.models.arch_config import ArchConfig
 from tokenmill.quant.gguf import NATIVE_BLOCK_TYPES, block_weight
 from tokenmill.quant.weight import QuantizedWeight
 
@@ -42,8 +43,6 @@ SUPPORTED_GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qw
 # GGUF architectures whose attn_q / attn_k rows llama.cpp's converter permuted (LlamaModel's
 # modify_tensors; Qwen2Model and Qwen3Model leave them as Hugging Face has them).
 ROTARY_PERMUTED_GGUF_ARCHITECTURES = frozenset({"llama"})
-# ArchConfig.extra key holding the file's GGUF architecture name
-GGUF_ARCHITECTURE_KEY = "gguf_architecture"
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -146,9 +145,8 @@ def read_arch_config(reader: Any, path: Path) -> ArchConfig:
         # Gemma: GELU MLP and scaled embeddings; its norm weights are stored as 1 + w already
         hidden_act="gelu_tanh" if gguf_arch == "gemma" else "silu",
         embedding_multiplier=hidden_size ** 0.5 if gguf_arch == "gemma" else 1.0,
-        bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=gguf_eos_token_ids(reader),
-        extra={GGUF_ARCHITECTURE_KEY: gguf_arch},
+        gguf_architecture=gguf_arch,
         moe=moe,
     )
 
@@ -196,7 +194,7 @@ def iter_gguf_tensors(tensors: list[Any], arch: ArchConfig, path: Path
 
     dequantized_types: set[str] = set()
     dequantized_expert_types: set[str] = set()
-    permuted = arch.extra.get(GGUF_ARCHITECTURE_KEY) in ROTARY_PERMUTED_GGUF_ARCHITECTURES
+    permuted = arch.gguf_architecture in ROTARY_PERMUTED_GGUF_ARCHITECTURES
     while tensors:
         tensor = tensors.pop(0)  # the list empties as the load goes: nothing keeps the mapping
         name = _hf_name(tensor.name, path)

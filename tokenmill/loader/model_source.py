@@ -12,7 +12,7 @@ import torch
 
 from tokenmill.errors import ModelNotFoundError
 from tokenmill.loader.builtin import BUILTIN_MODEL_NAME, builtin_model_path
-from tokenmill.loader.tokenizer import Tokenizer
+from tokenmill.loader.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
 from tokenmill.models.arch_config import ArchConfig
 
 
@@ -34,6 +34,17 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
+def load_tokenizer(model_path: str | Path | None = None) -> Tokenizer:
+    """The tokenizer of a GGUF file or HF folder, without the weights; ``None`` is the built-in
+    model's."""
+    from tokenmill.loader.gguf import open_gguf
+
+    path = resolve_model_path(model_path)
+    if path.is_dir():
+        return tokenizer_from_folder(path)
+    return tokenizer_from_gguf(open_gguf(path), path)
+
+
 def open_model_source(model: str | Path | None) -> ModelSource:
     path = resolve_model_path(model)
     if path.is_dir():
@@ -47,7 +58,6 @@ def open_model_source(model: str | Path | None) -> ModelSource:
 
 def _gguf_source(path: Path, name: str) -> ModelSource:
     from tokenmill.loader.gguf import iter_gguf_tensors, open_gguf, read_arch_config
-    from tokenmill.loader.tokenizer import tokenizer_from_gguf
 
     reader = open_gguf(path)
     arch = read_arch_config(reader, path)
@@ -68,7 +78,6 @@ def _gguf_source(path: Path, name: str) -> ModelSource:
 
 def _folder_source(folder: Path) -> ModelSource:
     from tokenmill.loader.safetensors import iter_safetensors, read_hf_config
-    from tokenmill.loader.tokenizer import tokenizer_from_folder
 
     arch = read_hf_config(folder)
     if not any(folder.glob("*.safetensors")):

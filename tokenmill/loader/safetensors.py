@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from tokenmill.errors import CorruptModelFileError, ModelNotFoundError, UnsupportedModelError
+from tokenmill.layers.rotary import RopeScaling
 from tokenmill.loader.moe_metadata import moe_from_hf_config
-from tokenmill.models.arch_config import ArchConfig, RopeScaling
+from tokenmill.models.arch_config import ArchConfig
 from tokenmill.quant.checkpoint import checkpoint_format, wrap_checkpoint_tensors
 
 # Hugging Face `architectures` entry -> tokenmill registry key.
@@ -73,7 +74,6 @@ def read_hf_config(folder: Path) -> ArchConfig:
             hidden_act=_hidden_act(config, config_file),
             embedding_multiplier=hidden ** 0.5 if known[0] == "gemma" else 1.0,
             norm_weight_offset=1.0 if known[0] == "gemma" else 0.0,
-            bos_token_id=config.get("bos_token_id"),
             eos_token_ids=eos_ids,
             moe=moe_from_hf_config(config, known[0], config_file),
         )

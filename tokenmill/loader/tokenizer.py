@@ -151,14 +151,3 @@ def tokenizer_from_folder(folder: Path, eos_token_ids: tuple[int, ...] = ()) -> 
     eos_ids = eos_token_ids or tuple(i for i in [token_id("eos_token")] if i is not None)
     return Tokenizer(backend, bos_token_id=token_id("bos_token"), eos_token_ids=eos_ids,
                      pad_token_id=token_id("pad_token"), chat_template=template)
-
-
-def load_tokenizer(model_path: str | Path | None = None) -> Tokenizer:
-    """The tokenizer of a GGUF file or HF folder; ``None`` is the built-in model's."""
-    from tokenmill.loader.gguf import open_gguf
-    from tokenmill.loader.model_source import resolve_model_path
-
-    path = resolve_model_path(model_path)
-    if path.is_dir():
-        return tokenizer_from_folder(path)
-    return tokenizer_from_gguf(open_gguf(path), path)

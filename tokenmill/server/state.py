@@ -80,9 +80,7 @@ class ServerState:
         self.draining = False
         self.restarting = False
         """The engine died and a new one is loading (``restart_engine_on_failure``)."""
-        self.num_engine_failures = 0
         self.started_at = int(time.time())
-        self.kv_pool_tokens = 0
 
     @property
     def phase(self) -> str:
@@ -93,7 +91,8 @@ class ServerState:
         if self.engine is None:
             return "restarting" if self.restarting else "loading"
         if not self.engine.is_running:
-            return "dead"
+            # an engine that stopped without an error was shut down (a drain's end), not killed
+            return "dead" if self.engine.dead_error is not None else "stopped"
         return "draining" if self.draining else "ready"
 
     def require_engine(self) -> AsyncLLM:
@@ -129,7 +128,7 @@ class ServerState:
             assert self.engine is not None
             raise EngineDeadError(f"the engine stopped after an internal error "
                                   f"({self.engine.dead_error!r}); the server is exiting")
-        if phase == "draining":
+        if phase in ("draining", "stopped"):
             raise EngineNotReadyError("the server is shutting down and takes no new requests")
 
     def check_model(self, name: str | None) -> None:

@@ -29,7 +29,6 @@ from tokenmill.server.openai.protocol import ChatCompletionRequest
 from tokenmill.server.openai.serving import (
     RequestGroup,
     build_sampling_params,
-    default_max_tokens,
     new_request_id,
     relabelled,
     respond,
@@ -78,10 +77,8 @@ class ChatRun:
         self.extractors: dict[int, Extractor] = {}
 
     async def start(self) -> RequestGroup:
+        # max_tokens None: the engine's scheduler picks the default (context and KV pool room)
         field, max_tokens = self.body.requested_max_tokens
-        if max_tokens is None:
-            max_tokens = default_max_tokens(self.engine, self.state.kv_pool_tokens,
-                                            len(self.prompt_ids))
         renames = {"max_tokens": field, "logprobs": "top_logprobs"}
         params = build_sampling_params(
             self.body, max_tokens=max_tokens,

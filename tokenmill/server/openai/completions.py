@@ -31,7 +31,6 @@ from tokenmill.server.openai.protocol import CompletionRequest
 from tokenmill.server.openai.serving import (
     RequestGroup,
     build_sampling_params,
-    default_max_tokens,
     new_request_id,
     respond,
     sse_events,
@@ -71,13 +70,9 @@ class _Completion:
 
     async def start(self) -> RequestGroup:
         body = self.body
-        params = []
-        for ids in self.prompt_ids:
-            max_tokens = body.max_tokens
-            if max_tokens is None:
-                max_tokens = default_max_tokens(self.engine, self.state.kv_pool_tokens, len(ids))
-            params.append(build_sampling_params(body, max_tokens=max_tokens,
-                                                logprobs=body.logprobs))
+        # max_tokens None: the engine's scheduler picks the default (context and KV pool room)
+        params = [build_sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs)
+                  for _ in self.prompt_ids]
         try:
             return await RequestGroup.start(self.engine, self.state.metrics, self.request_id,
                                             self.prompt_ids, params, body.cache_salt,

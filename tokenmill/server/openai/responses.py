@@ -18,7 +18,6 @@ Streams are typed server-sent events (``event: <type>`` and a JSON ``data`` carr
 from __future__ import annotations
 
 import itertools
-import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -28,6 +27,7 @@ from pydantic import ValidationError
 
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.openai_protocol import sse_event
 from tokenmill.server.error_handlers import validation_error
 from tokenmill.server.openai.chat import ChatRun
 from tokenmill.server.openai.priority import request_priority
@@ -208,7 +208,7 @@ async def _events(response: _Response, group: RequestGroup) -> AsyncIterator[str
 
     def emit(kind: str, **fields: Any) -> str:
         data = {"type": kind, "sequence_number": next(sequence), **fields}
-        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+        return sse_event(data, kind)
 
     writer = _EventWriter(response, emit)
     try:

@@ -105,11 +105,6 @@ def only_with(field: str, needed: str) -> dict[str, Any]:
     return {"anyOf": [_absent_or_null(field), _is_true(needed)]}
 
 
-def not_together(first: str, second: str) -> dict[str, Any]:
-    """Schema rule: ``first`` true and ``second`` set are refused together."""
-    return {"anyOf": [{"properties": {first: {"const": False}}}, _absent_or_null(second)]}
-
-
 def exactly_one(first: str, second: str) -> dict[str, Any]:
     """Schema rule: exactly one of the two fields is given (null counts as not given)."""
     def given(name: str, other: str) -> dict[str, Any]:

@@ -14,18 +14,12 @@ from fastapi.responses import JSONResponse, Response
 from tokenmill.engine.async_llm import AsyncLLM, RequestStream
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.errors import InvalidRequestError, InvalidSamplingParamsError, TokenmillError
+from tokenmill.openai_protocol import SSE_DONE, error_payload, sse_event, sse_response
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai.protocol import SamplingFields
 from tokenmill.server.request_logger import log_aborted_request
-from tokenmill.server.sse import (
-    DONE,
-    ClientDisconnected,
-    cancel_on_disconnect,
-    error_payload,
-    event,
-    sse_response,
-)
+from tokenmill.server.sse import ClientDisconnected, cancel_on_disconnect
 from tokenmill.server.state import server_state
 
 TENANT_HEADER = "x-tokenmill-tenant"
@@ -39,16 +33,6 @@ def new_request_id(prefix: str) -> str:
 def prompt_request_id(base_id: str, prompt_index: int, num_prompts: int) -> str:
     """The engine request id of one prompt of a response (the response id itself if only one)."""
     return base_id if num_prompts == 1 else f"{base_id}-{prompt_index}"
-
-
-def default_max_tokens(engine: AsyncLLM, kv_pool_tokens: int, num_prompt_tokens: int
-                       ) -> int | None:
-    """Up to the end of the context (as vLLM does), but never more than the KV pool can hold.
-
-    None when the prompt leaves no room at all: the engine then refuses it with both numbers.
-    """
-    room = min(engine.max_model_len, kv_pool_tokens or engine.max_model_len) - num_prompt_tokens
-    return room if room >= 1 else None
 
 
 def build_sampling_params(body: SamplingFields, *, max_tokens: int | None,
@@ -201,12 +185,12 @@ async def sse_events(group: RequestGroup, chunks: AsyncIterator[dict[str, Any]],
     stream ends, including a client that goes away."""
     try:
         async for chunk in chunks:
-            yield event(chunk)
+            yield sse_event(chunk)
         final = usage_chunk()
         if final is not None:
-            yield event(final)
-        yield DONE
+            yield sse_event(final)
+        yield SSE_DONE
     except TokenmillError as exc:
-        yield event(error_payload(exc))
+        yield sse_event(error_payload(exc))
     finally:
         await group.aclose()

@@ -5,6 +5,9 @@ The machine costs the same per hour whether it is busy or idle, so cost per toke
 saturates. "$ per 1M output tokens" charges the whole machine-hour to output tokens (the usual
 way serving costs are quoted); "$ per 1M input tokens" does the same for input; the blended figure
 divides by both together. They are three views of one bill, not three bills to add up.
+
+``tokenmill bench`` (per load level) and the server's live cost metrics both use this arithmetic;
+the catalog's example prices are the bench's business (``tokenmill/bench/pricing.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tokenmill.errors import BenchError
+from tokenmill.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -26,24 +29,12 @@ class Price:
         return self.source.startswith("example")
 
 
-def resolve_price(price_per_hour: float | None, hardware: str | None,
-                  num_devices: int = 1) -> Price | None:
-    """``--price-per-hour`` wins; else a catalog entry's example price times the device count."""
-    if num_devices < 1:
-        raise BenchError(f"--num-devices={num_devices} must be at least 1")
-    if price_per_hour is not None:
-        if math.isnan(price_per_hour) or price_per_hour < 0 or math.isinf(price_per_hour):
-            raise BenchError(f"--price-per-hour={price_per_hour} must be a finite number >= 0")
-        return Price(price_per_hour, "user")
-    if hardware is None:
-        return None
-    from tokenmill.bench.catalog import find_hardware
-
-    spec = find_hardware(hardware)
-    if spec.example_price_per_hour is None:
-        raise BenchError(f"{spec.name} has no example price; pass --price-per-hour")
-    return Price(spec.example_price_per_hour * num_devices,
-                 f"example: {spec.name} x {num_devices} (illustrative, not a quote)")
+def hourly_price(price_per_hour: float) -> Price:
+    """A price the user gave (``--price-per-hour``), checked: finite and >= 0."""
+    if math.isnan(price_per_hour) or price_per_hour < 0 or math.isinf(price_per_hour):
+        raise ConfigError(f"--price-per-hour={price_per_hour} must be a finite number >= 0",
+                          param="price_per_hour")
+    return Price(price_per_hour, "user")
 
 
 def level_cost(summary: dict[str, Any], price: Price) -> dict[str, float | None]:
