@@ -163,7 +163,7 @@ class SchedulerConfig:
         "is bounded anyway (logits are computed a few rows at a time).", default=4096
     )
 
-    priority_aging_seconds: float = _help(
+    priority_aging_seconds: float = help_field(
         "Seconds of waiting worth one level of request priority (lower priority value = more "
         "urgent, vLLM's convention). A request of priority p ranks as if it had arrived "
         "p * this many seconds later, so it is admitted before any more urgent request (priority "

@@ -38,7 +38,12 @@ from tokenmill.errors import RequestRejectedError, SharedStateUnavailableError
 from tokenmill.gateway.config import TenantSection
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
-from tokenmill.gateway.protocol import StreamAssembler, estimate_tokens, prompt_text
+from tokenmill.gateway.protocol import (
+    StreamAssembler,
+    estimate_tokens,
+    estimate_tokens_from_chars,
+    prompt_text,
+)
 from tokenmill.gateway.shared_state import SharedState, SharedStateDown
 
 _NAMESPACE = "ratelimit"
@@ -259,7 +264,7 @@ class RateLimitStage:
             if assembler.usage:
                 actual = _total_tokens({"usage": assembler.usage}, request.estimated_tokens)
             else:  # upstream sent no usage: estimate the completion from its text
-                actual = request.estimated_tokens + max(1, assembler.text_chars // 4)
+                actual = request.estimated_tokens + estimate_tokens_from_chars(assembler.text_chars)
             await self.limiter.release(request.tenant, request.estimated_tokens,  # type: ignore
                                        actual, charged)
 
