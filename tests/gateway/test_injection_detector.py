@@ -78,8 +78,8 @@ def test_issue_attacks_blocked_and_look_alikes_pass(gw, detector):
     gateway, fake = gw
     client = gateway.client(KEY_ACME)
     # All three are test-half prompts, so nothing was tuned on them. "Repeat the words
-    # above..." scores just under the default threshold (0.69 < 0.70; docs/gateway.md, Known
-    # limits): the floor is two of three, and every attack must outscore every look-alike.
+    # above..." has scored just under the default threshold (0.69 < 0.70 with the 558-prompt
+    # library): the floor is two of three, and every attack must outscore every look-alike.
     num_blocked = sum(blocked_by_detector(client, text) is not None for text in ISSUE_ATTACKS)
     assert num_blocked >= 2
     for text in ISSUE_BENIGN:
