@@ -26,8 +26,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from tokenmill.distributed.ray_serve_fleet import FleetView, fleet_snapshot, render_fleet_metrics
 from tokenmill.distributed.ray_serve_replica import ForwardedRequest
-from tokenmill.distributed.ray_serve_router import FLEET, FleetView
 
 logger = logging.getLogger("tokenmill.ray_serve")
 
@@ -68,54 +68,19 @@ def _is_replica_gone(exc: BaseException) -> bool:
     return isinstance(exc, (ray_exceptions.RayActorError, ray_exceptions.ActorUnavailableError))
 
 
+async def fleet_endpoint() -> JSONResponse:
+    return JSONResponse(fleet_snapshot(FleetView.of_this_process()))
+
+
+async def fleet_metrics_endpoint() -> Response:
+    return Response(render_fleet_metrics(FleetView.of_this_process()), media_type=CONTENT_TYPE_LATEST)
+
+
 def build_ingress_app() -> FastAPI:
     app = FastAPI(title="tokenmill (Ray Serve ingress)", docs_url=None, redoc_url=None)
-
-    @app.get("/ray/fleet")
-    async def fleet() -> JSONResponse:
-        return JSONResponse(fleet_snapshot(FLEET))
-
-    @app.get("/ray/metrics")
-    async def metrics() -> Response:
-        return Response(render_fleet_metrics(FLEET), media_type=CONTENT_TYPE_LATEST)
-
+    app.add_api_route("/ray/fleet", fleet_endpoint, methods=["GET"])
+    app.add_api_route("/ray/metrics", fleet_metrics_endpoint, methods=["GET"])
     return app
-
-
-def fleet_snapshot(view: FleetView) -> dict[str, Any]:
-    if view.router is not None:
-        view.router.evaluate()
-    return {"replicas": view.replicas, "routed": view.routed,
-            "affinity_hits": view.num_affinity_hits,
-            "affinity_fallbacks": view.num_affinity_fallbacks,
-            "degraded_events": view.degraded_events}
-
-
-def render_fleet_metrics(view: FleetView) -> bytes:
-    snapshot = fleet_snapshot(view)
-    gauges = {
-        "replica_step_seconds": ("mean_step_seconds", "Mean engine step time of the replica."),
-        "replica_tokens_per_second": ("tokens_per_s", "Tokens computed per second."),
-        "replica_batch_size": ("mean_batch_size", "Mean requests per engine step."),
-        "replica_utilization_perc": ("busy_fraction", "Share of wall time in engine steps."),
-        "replica_kv_cache_usage_perc": ("kv_cache_usage", "Fraction of KV blocks in use."),
-        "replica_requests_in_flight": ("outstanding", "Requests routed and not completed."),
-        "replica_slowdown": ("slowdown", "Step time / the others' median, comparable batches."),
-        "replica_degraded": ("degraded", "1 while the replica is marked a straggler."),
-    }
-    lines = []
-    for metric, (field, doc) in gauges.items():
-        name = f"tokenmill:{metric}"
-        lines += [f"# HELP {name} {doc}", f"# TYPE {name} gauge"]
-        for replica, stats in sorted(snapshot["replicas"].items()):
-            value = stats.get(field)
-            if value is not None:
-                lines.append(f'{name}{{replica="{replica}"}} {float(value)}')
-    name = "tokenmill:replica_routed_requests_total"
-    lines += [f"# HELP {name} Requests the router sent to each replica.",
-              f"# TYPE {name} counter"]
-    lines += [f'{name}{{replica="{r}"}} {n}' for r, n in sorted(snapshot["routed"].items())]
-    return ("\n".join(lines) + "\n").encode()
 
 
 class TokenmillIngress:

@@ -7,20 +7,20 @@ ingress calls the engine replicas through a ``DeploymentHandle`` with the parsed
 Ray's HTTP proxy could not give a router: it forwards only the ASGI scope, not the body).
 
 - Load is the number of requests this router sent to a replica and that have not completed
-  (``on_request_routed`` / ``on_request_completed``): exact for what this caller knows, with no
+  (``on_send_request`` / ``on_request_completed``): exact for what this caller knows, with no
   probe on the request path. Ray still refuses a replica whose queue is full
   (``max_ongoing_requests``) and moves to the next rank.
 - Every ``stats_period_s`` the router reads each replica's routing stats (``record_routing_stats``
   on the replica: step time per batch bucket, utilization, KV usage) and feeds the straggler
   detector; a degraded replica counts its load heavier and loses its prefixes to healthy replicas.
-- ``FLEET`` (one per process) holds what the ingress reports on ``/metrics`` and ``/ray/fleet``.
+- ``FleetView.of_this_process()`` holds what the ingress reports on ``/ray/metrics`` and
+  ``/ray/fleet``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from ray.serve.request_router import (
@@ -31,6 +31,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from tokenmill.distributed.ray_serve_fleet import FleetView
 from tokenmill.routing_policy import (
     StragglerDetector,
     StragglerPolicy,
@@ -39,28 +40,6 @@ from tokenmill.routing_policy import (
 )
 
 logger = logging.getLogger("tokenmill.ray_serve")
-
-
-@dataclass
-class FleetView:
-    """What the routers of this process know about the engine replicas."""
-
-    replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Replica id -> its latest routing stats, plus ``outstanding`` and ``degraded``."""
-    routed: dict[str, int] = field(default_factory=dict)
-    """Replica id -> requests routed to it (cumulative)."""
-    num_affinity_hits: int = 0
-    num_affinity_fallbacks: int = 0
-    degraded_events: list[tuple[float, str, bool, float]] = field(default_factory=list)
-    """(time, replica, degraded, slowdown) for each mark or clear."""
-    router: TokenmillRequestRouter | None = None
-    """The router of this process (the ingress asks it for a fresh evaluation when read)."""
-
-    def on_change(self, replica: str, degraded: bool, slowdown: float) -> None:
-        self.degraded_events.append((time.time(), replica, degraded, slowdown))
-
-
-FLEET = FleetView()
 
 
 def routing_key(pending_request: PendingRequest | None) -> str:
@@ -81,14 +60,13 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
         self.straggler_handling = straggler_handling
         self.stats_period_s = stats_period_s
         self.detector = StragglerDetector(StragglerPolicy(straggler_factor, straggler_persistence),
-                                          on_change=FLEET.on_change)
+                                          on_change=FleetView.of_this_process().on_change)
         self._outstanding: dict[ReplicaID, int] = {}
-        self._routed_to: dict[str, ReplicaID] = {}
         self._turn = 0
         self._next_evaluation = 0.0
         self._seen_stats: dict[str, int] = {}
         """Replica id -> the stats ``seq`` last fed to the detector (each snapshot counts once)."""
-        FLEET.router = self
+        FleetView.of_this_process().router = self
 
     # ------------------------------------------------------------------ choosing
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -111,9 +89,9 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
                 healthy, lambda r: r.replica_id.unique_id, self._load, key, self._turn,
                 self.affinity_max_imbalance)
             if capped:
-                FLEET.num_affinity_fallbacks += 1
+                FleetView.of_this_process().num_affinity_fallbacks += 1
                 return order_by_load(replicas, self._load, self._turn)
-            FLEET.num_affinity_hits += 1
+            FleetView.of_this_process().num_affinity_hits += 1
             return ordered[:1] + order_by_load([r for r in replicas if r is not ordered[0]],
                                                self._load, self._turn)
         return order_by_load(replicas, self._load, self._turn)
@@ -125,28 +103,25 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
         return self.detector.effective_load(replica.replica_id.unique_id, load)
 
     # ------------------------------------------------------------------ bookkeeping
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
-                          result: Any) -> None:
-        self._routed_to[pending_request.metadata.internal_request_id] = replica_id
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        # Ray calls this once per request sent, and on_request_completed once per request sent
+        # (answered, failed or rejected): the pair counts requests in flight.
+        super().on_send_request(replica_id)
         self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
-        FLEET.routed[replica_id.unique_id] = FLEET.routed.get(replica_id.unique_id, 0) + 1
+        FleetView.of_this_process().routed[replica_id.unique_id] = FleetView.of_this_process().routed.get(replica_id.unique_id, 0) + 1
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        routed = self._routed_to.pop(internal_request_id, None)
-        if routed is not None and self._outstanding.get(routed, 0) > 0:
-            self._outstanding[routed] -= 1
+        if self._outstanding.get(replica_id, 0) > 0:
+            self._outstanding[replica_id] -= 1
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         live = {r.replica_id for r in replicas}
         for gone in set(self._outstanding) - live:
             del self._outstanding[gone]
-        for request_id, replica_id in list(self._routed_to.items()):
-            if replica_id not in live:
-                del self._routed_to[request_id]
         live_names = {r.unique_id for r in live}
-        for name in set(FLEET.replicas) - live_names:
-            del FLEET.replicas[name]
+        for name in set(FleetView.of_this_process().replicas) - live_names:
+            del FleetView.of_this_process().replicas[name]
 
     # ------------------------------------------------------------------ stragglers
     def _maybe_evaluate(self) -> None:
@@ -157,7 +132,7 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
         self.evaluate()
 
     def evaluate(self) -> None:
-        """Feed the replicas' new stats snapshots to the straggler detector; publish to FLEET."""
+        """Feed the replicas' new stats snapshots to the straggler detector; publish to FleetView.of_this_process()."""
         step_seconds: dict[str, dict[int, tuple[float, int]]] = {}
         fresh = False
         for replica in self.curr_replicas.values():
@@ -168,10 +143,10 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
             seq = int(stats.get("seq", -1))
             fresh |= seq != self._seen_stats.get(name)
             self._seen_stats[name] = seq
-            FLEET.replicas[name] = {**stats,
+            FleetView.of_this_process().replicas[name] = {**stats,
                                     "outstanding": self._outstanding.get(replica.replica_id, 0)}
         if fresh:
             self.detector.update(step_seconds)
-        for name, entry in FLEET.replicas.items():
+        for name, entry in FleetView.of_this_process().replicas.items():
             entry["degraded"] = name in self.detector.degraded
             entry["slowdown"] = self.detector.slowdown.get(name)
