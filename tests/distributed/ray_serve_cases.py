@@ -2,8 +2,8 @@
 with only ``lo`` up), never collected on their own (the file name has no ``test_`` prefix).
 
 One local Ray cluster (2 CPUs, node address 127.0.0.1) for the module; the application is
-redeployed per scenario: 2 replicas with prefix affinity, then autoscaling 1..2, then 2 replicas
-with rank 0 slowed 2x by fault injection. Replicas run the built-in model with one torch thread.
+redeployed per scenario (2 replicas with prefix affinity; then rank 0 slowed 2x by fault
+injection; then autoscaling 1..2) with the same replica options, so replicas are not reloaded. Replicas run the built-in model with one torch thread.
 """
 
 from __future__ import annotations
@@ -70,8 +70,11 @@ def url():
 
 
 def _deploy(**overrides) -> None:
+    """Every scenario keeps the same router and replica options, so a redeploy only changes the
+    replica count, autoscaling or fault injection (``user_config``): no replica reloads."""
     settings = RayServeSettings(**{"num_replicas": 2, "stats_period_s": 0.5,
-                                   "health_check_period_s": 1.0, **overrides})
+                                   "health_check_period_s": 1.0, "affinity_max_imbalance": 3,
+                                   "straggler_persistence": 2, **overrides})
     serve.run(build_application(SERVER, settings), name=APP_NAME, route_prefix="/")
 
 
@@ -89,7 +92,7 @@ def _complete(url: str, prompt: str, max_tokens: int = 8) -> httpx.Response:
 
 @pytest.fixture(scope="module")
 def two_replicas(url):
-    _deploy(router_policy="prefix_affinity", affinity_max_imbalance=3)
+    _deploy()
     assert _replica_states() == {"RUNNING": 2}
     return url
 
@@ -122,12 +125,18 @@ def test_prefix_affinity_lands_on_one_replica_until_the_load_cap(two_replicas):
         assert response.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
         assert int(response.headers[PREFIX_HITS_HEADER]) > hits  # its hit counter moves
         hits = int(response.headers[PREFIX_HITS_HEADER])
-    # 10 at once: past 3 more in flight than the other replica, the cap spills some over
-    with ThreadPoolExecutor(10) as pool:
-        responses = list(pool.map(lambda i: _complete(
-            two_replicas, SHARED_PREFIX + f"Parcel {i} status?", max_tokens=24), range(10)))
-    landed = Counter(r.headers[REPLICA_HEADER] for r in responses)
-    assert landed[owner] >= 4 and len(landed) == 2, landed
+    # 8 long requests at once: the owner takes them until it has 3 more in flight than the
+    # other replica (the load cap), then the rest spill over.
+    def long_request(i: int) -> str:
+        response = httpx.post(two_replicas + "/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": SHARED_PREFIX + f"Parcel {i} status?", "max_tokens": 96,
+            "ignore_eos": True, "temperature": 0})
+        assert response.status_code == 200, response.text
+        return response.headers[REPLICA_HEADER]
+
+    with ThreadPoolExecutor(8) as pool:
+        landed = Counter(pool.map(long_request, range(8)))
+    assert landed[owner] >= 3 and len(landed) == 2, landed
     fleet = httpx.get(two_replicas + "/ray/fleet").json()
     assert fleet["affinity_fallbacks"] >= 1, fleet
 
@@ -153,30 +162,8 @@ def test_killing_a_replica_loses_no_request_and_it_comes_back(two_replicas):
               60, "the router to know the new replica")
 
 
-def test_autoscaling_goes_from_one_to_two_replicas_and_back(url):
-    _deploy(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5,
-            downscale_delay_s=2.0, autoscaling_interval_s=0.5, router_policy="least_loaded")
-    assert _replica_states() == {"RUNNING": 1}
-    stop = threading.Event()
-
-    def load(i: int) -> None:
-        while not stop.is_set():
-            _complete(url, f"Load {i}: tell me about rivers", max_tokens=32)
-
-    with ThreadPoolExecutor(4) as pool:
-        workers = [pool.submit(load, i) for i in range(4)]
-        try:
-            _wait_for(lambda: _replica_states() == {"RUNNING": 2}, 120, "scale up to 2")
-        finally:
-            stop.set()
-        for worker in workers:
-            worker.result()
-    _wait_for(lambda: _replica_states() == {"RUNNING": 1}, 120, "scale back down to 1")
-
-
 def test_a_replica_slowed_twofold_is_marked_degraded_and_gets_less_traffic(url):
-    _deploy(router_policy="least_loaded", straggler_persistence=2,
-            faults=FaultSettings(step_delay_factor=2.0, replica_ranks=(0,)))
+    _deploy(faults=FaultSettings(step_delay_factor=2.0, replica_ranks=(0,)))
     replicas = {}
 
     def fleet() -> dict:
@@ -204,3 +191,24 @@ def test_a_replica_slowed_twofold_is_marked_degraded_and_gets_less_traffic(url):
     metrics = httpx.get(url + "/ray/metrics").text
     assert "tokenmill:replica_degraded" in metrics and "tokenmill:replica_utilization_perc" \
         in metrics
+
+
+def test_autoscaling_goes_from_one_to_two_replicas_and_back(url):
+    _deploy(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5,
+            downscale_delay_s=1.0, autoscaling_interval_s=0.5)
+    _wait_for(lambda: _replica_states() == {"RUNNING": 1}, 120, "idle: down to 1 replica")
+    stop = threading.Event()
+
+    def load(i: int) -> None:
+        while not stop.is_set():
+            _complete(url, f"Load {i}: tell me about rivers", max_tokens=32)
+
+    with ThreadPoolExecutor(4) as pool:
+        workers = [pool.submit(load, i) for i in range(4)]
+        try:
+            _wait_for(lambda: _replica_states() == {"RUNNING": 2}, 120, "scale up to 2")
+        finally:
+            stop.set()
+        for worker in workers:
+            worker.result()
+    _wait_for(lambda: _replica_states() == {"RUNNING": 1}, 120, "scale back down to 1")

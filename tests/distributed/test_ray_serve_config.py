@@ -22,8 +22,7 @@ from tokenmill.errors import ConfigError
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--min-replicas", "3", "--max-replicas", "1"], "--max-replicas=1 must be >= 1 and >= "
-                                                     "--min-replicas=3"),
+    (["--min-replicas", "3", "--max-replicas", "1"], "--max-replicas=1 must be >= 1 and >="),
     (["--min-replicas", "1"], "autoscaling needs both --min-replicas and --max-replicas"),
     (["--min-replicas", "0", "--max-replicas", "2", "--target-ongoing-requests", "0"],
      "--target-ongoing-requests=0.0 must be > 0"),

@@ -100,6 +100,7 @@ def build_application(server: ServerSettings, settings: RayServeSettings) -> Any
         "health_check_timeout_s": max(10.0, 3 * settings.health_check_period_s),
         "graceful_shutdown_timeout_s": server.shutdown_timeout,
         "request_router_config": router,
+        "user_config": settings.faults.user_config(),  # applied without restarting replicas
     }
     autoscaling = settings.autoscaling_config()
     if autoscaling is None:
@@ -123,7 +124,7 @@ def build_application(server: ServerSettings, settings: RayServeSettings) -> Any
         # class-based view re-wraps the method, and FastAPI could no longer resolve the names.
         proxy.__annotations__.update({"request": Request, "return": Response})
 
-    return Ingress.bind(replica.bind(server, settings.faults))
+    return Ingress.bind(replica.bind(server))
 
 
 def deploy(server: ServerSettings, settings: RayServeSettings, *, host: str, port: int,

@@ -40,6 +40,20 @@ class FaultSettings:
     def applies_to(self, rank: int | None) -> bool:
         return self.replica_ranks is None or rank in self.replica_ranks
 
+    def user_config(self) -> dict[str, Any]:
+        """As the deployment's ``user_config`` (JSON: Ray compares it to spot changes)."""
+        ranks = None if self.replica_ranks is None else list(self.replica_ranks)
+        return {"step_delay_factor": self.step_delay_factor, "failure_rate": self.failure_rate,
+                "replica_ranks": ranks}
+
+    @classmethod
+    def from_user_config(cls, config: dict[str, Any] | None) -> FaultSettings:
+        config = config or {}
+        ranks = config.get("replica_ranks")
+        return cls(float(config.get("step_delay_factor", 1.0)),
+                   float(config.get("failure_rate", 0.0)),
+                   None if ranks is None else tuple(int(r) for r in ranks))
+
 
 @dataclass(frozen=True)
 class RayServeSettings:

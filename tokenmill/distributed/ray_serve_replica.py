@@ -9,7 +9,8 @@ client, which is what lets the ingress retry a request whose replica died before
 
 The replica also reports, for the router, its step times and utilization
 (``record_routing_stats``) and, for Ray's health checks, whether its engine is alive
-(``check_health``: a dead engine makes Ray replace the replica).
+(``check_health``: a dead engine makes Ray replace the replica). Fault injection comes in as the
+deployment's ``user_config`` (``reconfigure``), so it can be switched on running replicas.
 """
 
 from __future__ import annotations
@@ -48,23 +49,18 @@ class ForwardedRequest(TypedDict):
 class TokenmillReplica:
     """The deployment class (``ray_serve.build_application`` wraps it with ``serve.deployment``)."""
 
-    async def __init__(self, settings: ServerSettings, faults: FaultSettings) -> None:
+    async def __init__(self, settings: ServerSettings) -> None:
         import ray
         from ray import serve
 
         context = serve.get_replica_context()
-        rank = getattr(getattr(context, "rank", None), "rank", None)
+        self.rank = getattr(getattr(context, "rank", None), "rank", None)
         self.name = ray.get_runtime_context().get_actor_name() or context.replica_tag
-        self.rank = rank
-        step_faults = None
-        if faults.applies_to(rank):
-            step_faults = StepFaultInjector(faults.step_delay_factor, faults.failure_rate)
-            if step_faults.is_active:
-                logger.warning("replica %s (rank %s): fault injection on (step delay x%.2f, "
-                               "failure rate %.3f)", self.name, rank, faults.step_delay_factor,
-                               faults.failure_rate)
+        # Off until ``reconfigure`` says otherwise; a live object, so a drill can start and stop
+        # on running replicas (a user_config change) without reloading them.
+        self.step_faults = StepFaultInjector()
         self.app = create_app(settings, engine_factory=functools.partial(
-            AsyncLLM, step_faults=step_faults))
+            AsyncLLM, step_faults=self.step_faults))
         self._lifespan = contextlib.AsyncExitStack()
         await self._lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
         state: ServerState = self.app.state.server
@@ -75,6 +71,19 @@ class TokenmillReplica:
         self._seq = 0
 
     # ------------------------------------------------------------------ Ray Serve hooks
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """The deployment's ``user_config``: the fault-injection settings (``FaultSettings``)."""
+        faults = FaultSettings.from_user_config(user_config)
+        on = faults.applies_to(self.rank)
+        checked = StepFaultInjector(faults.step_delay_factor if on else 1.0,
+                                    faults.failure_rate if on else 0.0)  # validates
+        self.step_faults.delay_factor = checked.delay_factor
+        self.step_faults.failure_rate = checked.failure_rate
+        if checked.is_active:
+            logger.warning("replica %s (rank %s): fault injection on (step delay x%.2f, failure "
+                           "rate %.3f)", self.name, self.rank, checked.delay_factor,
+                           checked.failure_rate)
+
     def check_health(self) -> None:
         self.app.state.server.require_ready()  # raises when the engine died or is draining
 

@@ -6,10 +6,11 @@ Ray builds one router per caller of the replica deployment: here, in each ingres
 ingress calls the engine replicas through a ``DeploymentHandle`` with the parsed routing key, which
 Ray's HTTP proxy could not give a router: it forwards only the ASGI scope, not the body).
 
-- Load is the number of requests this router sent to a replica and that have not completed
-  (``on_send_request`` / ``on_request_completed``): exact for what this caller knows, with no
-  probe on the request path. Ray still refuses a replica whose queue is full
-  (``max_ongoing_requests``) and moves to the next rank.
+- Load is the number of requests a replica is running, asked of every candidate at each choice
+  (Ray's ``get_queue_len`` probe: one small RPC each, answered by Ray's own count, which also
+  knows when a stream ends; Ray's completion callbacks fire when a stream *starts*, so counting
+  them would miss streams), plus one for each request sent since. Ray still refuses a replica
+  whose queue is full (``max_ongoing_requests``) and moves to the next rank.
 - Every ``stats_period_s`` the router reads each replica's routing stats (``record_routing_stats``
   on the replica: step time per batch bucket, utilization, KV usage) and feeds the straggler
   detector; a degraded replica counts its load heavier and loses its prefixes to healthy replicas.
@@ -19,6 +20,7 @@ Ray's HTTP proxy could not give a router: it forwards only the ASGI scope, not t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -40,6 +42,9 @@ from tokenmill.routing_policy import (
 )
 
 logger = logging.getLogger("tokenmill.ray_serve")
+
+PROBE_TIMEOUT_S = 0.5
+"""How long a load probe may take before the replica keeps its last known load."""
 
 
 def routing_key(pending_request: PendingRequest | None) -> str:
@@ -76,6 +81,7 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
             return []
         self._maybe_evaluate()
         self._turn += 1
+        await self._probe_loads(candidate_replicas)
         key = routing_key(pending_request) if self.policy == "prefix_affinity" else ""
         ordered = self._order(candidate_replicas, key)
         # One replica per rank: Ray tries them in this order, skipping any whose queue is full.
@@ -96,6 +102,19 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
                                                self._load, self._turn)
         return order_by_load(replicas, self._load, self._turn)
 
+    async def _probe_loads(self, replicas: list[RunningReplica]) -> None:
+        """Ask each replica how many requests it is running (Ray's own count, which also knows
+        when a stream ends; a replica that does not answer in time keeps its last figure)."""
+        async def probe(replica: RunningReplica) -> None:
+            try:
+                load = await asyncio.wait_for(replica.get_queue_len(
+                    deadline_s=PROBE_TIMEOUT_S), PROBE_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - a slow or dead replica: Ray handles it when sent
+                return
+            self._outstanding[replica.replica_id] = load
+
+        await asyncio.gather(*(probe(r) for r in replicas))
+
     def _load(self, replica: RunningReplica) -> float:
         load = float(self._outstanding.get(replica.replica_id, 0))
         if not self.straggler_handling:
@@ -104,15 +123,11 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
 
     # ------------------------------------------------------------------ bookkeeping
     def on_send_request(self, replica_id: ReplicaID) -> None:
-        # Ray calls this once per request sent, and on_request_completed once per request sent
-        # (answered, failed or rejected): the pair counts requests in flight.
+        # Counted at once, so requests routed before the next probe see it.
         super().on_send_request(replica_id)
         self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
-        FleetView.of_this_process().routed[replica_id.unique_id] = FleetView.of_this_process().routed.get(replica_id.unique_id, 0) + 1
-
-    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        if self._outstanding.get(replica_id, 0) > 0:
-            self._outstanding[replica_id] -= 1
+        routed = FleetView.of_this_process().routed
+        routed[replica_id.unique_id] = routed.get(replica_id.unique_id, 0) + 1
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
