@@ -22,12 +22,22 @@ class FleetView:
     """Replica id -> its latest routing stats, plus ``outstanding`` and ``degraded``."""
     routed: dict[str, int] = field(default_factory=dict)
     """Replica id -> requests routed to it (cumulative)."""
+    in_flight: dict[str, int] = field(default_factory=dict)
+    """Replica id -> requests sent to it whose answer has not ended (the routers' load)."""
     num_affinity_hits: int = 0
     num_affinity_fallbacks: int = 0
     degraded_events: list[tuple[float, str, bool, float]] = field(default_factory=list)
     """(time, replica, degraded, slowdown) for each mark or clear."""
     router: TokenmillRequestRouter | None = None
     """The router of this process (the ingress asks it for a fresh evaluation when read)."""
+
+    def on_sent(self, replica: str) -> None:
+        self.routed[replica] = self.routed.get(replica, 0) + 1
+        self.in_flight[replica] = self.in_flight.get(replica, 0) + 1
+
+    def on_finished(self, replica: str) -> None:
+        if self.in_flight.get(replica, 0) > 0:
+            self.in_flight[replica] -= 1
 
     def on_change(self, replica: str, degraded: bool, slowdown: float) -> None:
         self.degraded_events.append((time.time(), replica, degraded, slowdown))

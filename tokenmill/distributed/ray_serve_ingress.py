@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tokenmill.distributed.ray_serve_fleet import FleetView, fleet_snapshot, render_fleet_metrics
-from tokenmill.distributed.ray_serve_replica import ForwardedRequest
+from tokenmill.distributed.ray_serve_replica import REPLICA_HEADER, ForwardedRequest
 
 logger = logging.getLogger("tokenmill.ray_serve")
 
@@ -108,15 +108,19 @@ class TokenmillIngress:
                                type(exc).__name__, attempt, MAX_ATTEMPTS)
                 continue
             headers = {k: v for k, v in head["headers"] if k.lower() not in HOP_BY_HOP}
-            return StreamingResponse(_rest(stream), status_code=head["status"], headers=headers)
+            # the replica's actor name ends with the replica id the router counted it under
+            replica_id = headers.get(REPLICA_HEADER, "").rpartition("#")[2]
+            return StreamingResponse(_rest(stream, replica_id), status_code=head["status"],
+                                     headers=headers)
         return JSONResponse(status_code=503, content={"error": {
             "message": f"no replica could answer after {MAX_ATTEMPTS} attempts: {last_error!r}",
             "type": "service_unavailable", "param": None, "code": None}})
 
 
-async def _rest(stream: Any) -> AsyncIterator[bytes]:
+async def _rest(stream: Any, replica_id: str) -> AsyncIterator[bytes]:
     try:
         async for chunk in stream:
             yield chunk
     finally:
         stream.cancel()  # a client that left stops the replica's work too
+        FleetView.of_this_process().on_finished(replica_id)

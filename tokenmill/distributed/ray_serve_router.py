@@ -6,11 +6,12 @@ Ray builds one router per caller of the replica deployment: here, in each ingres
 ingress calls the engine replicas through a ``DeploymentHandle`` with the parsed routing key, which
 Ray's HTTP proxy could not give a router: it forwards only the ASGI scope, not the body).
 
-- Load is the number of requests a replica is running, asked of every candidate at each choice
-  (Ray's ``get_queue_len`` probe: one small RPC each, answered by Ray's own count, which also
-  knows when a stream ends; Ray's completion callbacks fire when a stream *starts*, so counting
-  them would miss streams), plus one for each request sent since. Ray still refuses a replica
-  whose queue is full (``max_ongoing_requests``) and moves to the next rank.
+- Load is the number of requests in flight on a replica from this process: counted up when Ray
+  sends one (``on_send_request``) and down by the ingress when that replica's answer has ended
+  (``FleetView.on_finished``). Ray's own signals were not usable for this: its completion
+  callbacks and its replicas' ongoing-request counts both read zero while a streamed answer
+  (every ingress call is one) is still running. Ray still refuses a replica whose queue is full
+  (``max_ongoing_requests``) and moves to the next rank.
 - Every ``stats_period_s`` the router reads each replica's routing stats (``record_routing_stats``
   on the replica: step time per batch bucket, utilization, KV usage) and feeds the straggler
   detector; a degraded replica counts its load heavier and loses its prefixes to healthy replicas.
@@ -20,7 +21,6 @@ Ray's HTTP proxy could not give a router: it forwards only the ASGI scope, not t
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -43,9 +43,6 @@ from tokenmill.routing_policy import (
 
 logger = logging.getLogger("tokenmill.ray_serve")
 
-PROBE_TIMEOUT_S = 0.5
-"""How long a load probe may take before the replica keeps its last known load."""
-
 
 def routing_key(pending_request: PendingRequest | None) -> str:
     """The prefix key the ingress put in the call's first argument (empty: no affinity)."""
@@ -66,7 +63,6 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
         self.stats_period_s = stats_period_s
         self.detector = StragglerDetector(StragglerPolicy(straggler_factor, straggler_persistence),
                                           on_change=FleetView.of_this_process().on_change)
-        self._outstanding: dict[ReplicaID, int] = {}
         self._turn = 0
         self._next_evaluation = 0.0
         self._seen_stats: dict[str, int] = {}
@@ -81,7 +77,6 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
             return []
         self._maybe_evaluate()
         self._turn += 1
-        await self._probe_loads(candidate_replicas)
         key = routing_key(pending_request) if self.policy == "prefix_affinity" else ""
         ordered = self._order(candidate_replicas, key)
         # One replica per rank: Ray tries them in this order, skipping any whose queue is full.
@@ -102,39 +97,22 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
                                                self._load, self._turn)
         return order_by_load(replicas, self._load, self._turn)
 
-    async def _probe_loads(self, replicas: list[RunningReplica]) -> None:
-        """Ask each replica how many requests it is running (Ray's own count, which also knows
-        when a stream ends; a replica that does not answer in time keeps its last figure)."""
-        async def probe(replica: RunningReplica) -> None:
-            try:
-                load = await asyncio.wait_for(replica.get_queue_len(
-                    deadline_s=PROBE_TIMEOUT_S), PROBE_TIMEOUT_S)
-            except Exception:  # noqa: BLE001 - a slow or dead replica: Ray handles it when sent
-                return
-            self._outstanding[replica.replica_id] = load
-
-        await asyncio.gather(*(probe(r) for r in replicas))
-
     def _load(self, replica: RunningReplica) -> float:
-        load = float(self._outstanding.get(replica.replica_id, 0))
+        load = float(FleetView.of_this_process().in_flight.get(replica.replica_id.unique_id, 0))
         if not self.straggler_handling:
             return load
         return self.detector.effective_load(replica.replica_id.unique_id, load)
 
     # ------------------------------------------------------------------ bookkeeping
     def on_send_request(self, replica_id: ReplicaID) -> None:
-        # Counted at once, so requests routed before the next probe see it.
         super().on_send_request(replica_id)
-        self._outstanding[replica_id] = self._outstanding.get(replica_id, 0) + 1
-        routed = FleetView.of_this_process().routed
-        routed[replica_id.unique_id] = routed.get(replica_id.unique_id, 0) + 1
+        FleetView.of_this_process().on_sent(replica_id.unique_id)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        live = {r.replica_id for r in replicas}
-        for gone in set(self._outstanding) - live:
-            del self._outstanding[gone]
-        live_names = {r.unique_id for r in live}
+        live_names = {r.replica_id.unique_id for r in replicas}
+        for gone in set(FleetView.of_this_process().in_flight) - live_names:
+            del FleetView.of_this_process().in_flight[gone]
         for name in set(FleetView.of_this_process().replicas) - live_names:
             del FleetView.of_this_process().replicas[name]
 
@@ -158,8 +136,8 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
             seq = int(stats.get("seq", -1))
             fresh |= seq != self._seen_stats.get(name)
             self._seen_stats[name] = seq
-            FleetView.of_this_process().replicas[name] = {**stats,
-                                    "outstanding": self._outstanding.get(replica.replica_id, 0)}
+            FleetView.of_this_process().replicas[name] = {
+                **stats, "outstanding": FleetView.of_this_process().in_flight.get(name, 0)}
         if fresh:
             self.detector.update(step_seconds)
         for name, entry in FleetView.of_this_process().replicas.items():
