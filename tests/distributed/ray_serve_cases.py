@@ -94,6 +94,10 @@ def _complete(url: str, prompt: str, max_tokens: int = 8) -> httpx.Response:
 def two_replicas(url):
     _deploy()
     assert _replica_states() == {"RUNNING": 2}
+    _complete(url, "Hello")  # the ingress's router starts with its first request
+    # ... and learns of replicas asynchronously (Ray's long poll): wait until it knows both
+    _wait_for(lambda: len(httpx.get(url + "/ray/fleet").json()["replicas"]) == 2, 60,
+              "the router to know both replicas")
     return url
 
 
