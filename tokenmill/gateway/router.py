@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import httpx
 
 from tokenmill.gateway.config import RoutingSection, UpstreamSection
 from tokenmill.gateway.metrics import GatewayMetrics
+from tokenmill.routing_policy import order_by_load, prefix_affinity_order
 
 
 @dataclass
@@ -68,10 +68,7 @@ Policy = Callable[["Router", list[Replica], str], list[Replica]]
 
 
 def _least_outstanding(router: Router, replicas: list[Replica], key: str) -> list[Replica]:
-    start = router.next_turn()
-    n = len(replicas)
-    return [r for _, _, r in sorted((r.outstanding, (i - start) % n, r)
-                                    for i, r in enumerate(replicas))]
+    return order_by_load(replicas, lambda r: r.outstanding, router.next_turn())
 
 
 def _round_robin(router: Router, replicas: list[Replica], key: str) -> list[Replica]:
@@ -80,15 +77,11 @@ def _round_robin(router: Router, replicas: list[Replica], key: str) -> list[Repl
 
 
 def _prefix_affinity(router: Router, replicas: list[Replica], key: str) -> list[Replica]:
-    def weight(r: Replica) -> bytes:
-        return hashlib.sha256(f"{r.name}\0{key}".encode()).digest()
-
-    preferred = max(replicas, key=weight)
-    by_load = _least_outstanding(router, replicas, key)
-    if preferred.outstanding - by_load[0].outstanding >= router.section.affinity_max_imbalance:
-        router.num_affinity_fallbacks += 1
-        return by_load
-    return [preferred] + [r for r in by_load if r is not preferred]
+    ordered, capped = prefix_affinity_order(replicas, lambda r: r.name, lambda r: r.outstanding,
+                                            key, router.next_turn(),
+                                            router.section.affinity_max_imbalance)
+    router.num_affinity_fallbacks += capped
+    return ordered
 
 
 POLICIES: dict[str, Policy] = {

@@ -66,6 +66,17 @@ class EngineStatsCollector(Collector):
              stats.kv_cache_usage),
             ("num_kv_cache_blocks", "KV cache blocks in the pool.", stats.num_total_blocks),
         ]
+        use = self.engine.step_meter.snapshot()
+        window = f" over the last {use.window_s:.0f} s"
+        gauges += [  # utilization (docs/ray_serve.md: stragglers)
+            ("engine_step_seconds", "Mean engine step time (schedule + forward pass)" + window,
+             use.mean_step_seconds),
+            ("engine_tokens_per_second", "Tokens computed (prompt + generated) per second"
+             + window, use.tokens_per_s),
+            ("engine_batch_size", "Mean requests per engine step" + window, use.mean_batch_size),
+            ("engine_utilization_perc", "Share of wall time spent in engine steps" + window
+             + " (1 = always busy).", use.busy_fraction),
+        ]
         counters = [
             ("num_preemptions", "Requests preempted (KV taken back, recomputed later).",
              stats.num_preemptions),

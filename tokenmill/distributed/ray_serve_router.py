@@ -1,0 +1,145 @@
+"""The deployment's Ray Serve request router: prefix affinity with a load cap, else least loaded,
+and stragglers routed around (the policies themselves are ``tokenmill.routing_policy``, shared
+with the gateway).
+
+Ray builds one router per caller of the replica deployment: here, in each ingress replica (the
+ingress calls the engine replicas through a ``DeploymentHandle`` with the parsed routing key, which
+Ray's HTTP proxy could not give a router: it forwards only the ASGI scope, not the body).
+
+- Load is the number of requests in flight on a replica from this process: counted up when Ray
+  sends one (``on_send_request``) and down by the ingress when that replica's answer has ended
+  (``FleetView.on_finished``). Ray's own signals were not usable for this: its completion
+  callbacks and its replicas' ongoing-request counts both read zero while a streamed answer
+  (every ingress call is one) is still running. Ray still refuses a replica whose queue is full
+  (``max_ongoing_requests``) and moves to the next rank.
+- Every ``stats_period_s`` the router reads each replica's routing stats (``record_routing_stats``
+  on the replica: step time per batch bucket, utilization, KV usage) and feeds the straggler
+  detector; a degraded replica counts its load heavier and loses its prefixes to healthy replicas.
+- ``FleetView.of_this_process()`` holds what the ingress reports on ``/ray/metrics`` and
+  ``/ray/fleet``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
+
+from tokenmill.distributed.ray_serve_fleet import FleetView
+from tokenmill.routing_policy import (
+    StragglerDetector,
+    StragglerPolicy,
+    order_by_load,
+    prefix_affinity_order,
+)
+
+logger = logging.getLogger("tokenmill.ray_serve")
+
+
+def routing_key(pending_request: PendingRequest | None) -> str:
+    """The prefix key the ingress put in the call's first argument (empty: no affinity)."""
+    if pending_request is None or not pending_request.args:
+        return ""
+    first = pending_request.args[0]
+    return first.get("routing_key", "") if isinstance(first, dict) else ""
+
+
+class TokenmillRequestRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, policy: str = "prefix_affinity", affinity_max_imbalance: int = 4,
+                         straggler_factor: float = 1.3, straggler_persistence: int = 3,
+                         straggler_handling: bool = True, stats_period_s: float = 1.0,
+                         **kwargs: Any) -> None:
+        self.policy = policy
+        self.affinity_max_imbalance = affinity_max_imbalance
+        self.straggler_handling = straggler_handling
+        self.stats_period_s = stats_period_s
+        self.detector = StragglerDetector(StragglerPolicy(straggler_factor, straggler_persistence),
+                                          on_change=FleetView.of_this_process().on_change)
+        self._turn = 0
+        self._next_evaluation = 0.0
+        self._seen_stats: dict[str, int] = {}
+        """Replica id -> the stats ``seq`` last fed to the detector (each snapshot counts once)."""
+        FleetView.of_this_process().router = self
+
+    # ------------------------------------------------------------------ choosing
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None
+                              ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        self._maybe_evaluate()
+        self._turn += 1
+        key = routing_key(pending_request) if self.policy == "prefix_affinity" else ""
+        ordered = self._order(candidate_replicas, key)
+        # One replica per rank: Ray tries them in this order, skipping any whose queue is full.
+        return [[replica] for replica in ordered]
+
+    def _order(self, replicas: list[RunningReplica], key: str) -> list[RunningReplica]:
+        degraded = self.detector.degraded if self.straggler_handling else set()
+        healthy = [r for r in replicas if r.replica_id.unique_id not in degraded]
+        if key and healthy:
+            ordered, capped = prefix_affinity_order(
+                healthy, lambda r: r.replica_id.unique_id, self._load, key, self._turn,
+                self.affinity_max_imbalance)
+            if capped:
+                FleetView.of_this_process().num_affinity_fallbacks += 1
+                return order_by_load(replicas, self._load, self._turn)
+            FleetView.of_this_process().num_affinity_hits += 1
+            return ordered[:1] + order_by_load([r for r in replicas if r is not ordered[0]],
+                                               self._load, self._turn)
+        return order_by_load(replicas, self._load, self._turn)
+
+    def _load(self, replica: RunningReplica) -> float:
+        load = float(FleetView.of_this_process().in_flight.get(replica.replica_id.unique_id, 0))
+        if not self.straggler_handling:
+            return load
+        return self.detector.effective_load(replica.replica_id.unique_id, load)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)
+        FleetView.of_this_process().on_sent(replica_id.unique_id)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        live_names = {r.replica_id.unique_id for r in replicas}
+        for gone in set(FleetView.of_this_process().in_flight) - live_names:
+            del FleetView.of_this_process().in_flight[gone]
+        for name in set(FleetView.of_this_process().replicas) - live_names:
+            del FleetView.of_this_process().replicas[name]
+
+    # ------------------------------------------------------------------ stragglers
+    def _maybe_evaluate(self) -> None:
+        now = time.monotonic()
+        if now < self._next_evaluation:
+            return
+        self._next_evaluation = now + self.stats_period_s
+        self.evaluate()
+
+    def evaluate(self) -> None:
+        """Feed the replicas' new stats snapshots to the straggler detector; publish to FleetView.of_this_process()."""
+        step_seconds: dict[str, dict[int, tuple[float, int]]] = {}
+        fresh = False
+        for replica in self.curr_replicas.values():
+            name = replica.replica_id.unique_id
+            stats = replica.routing_stats or {}
+            buckets = stats.get("step_seconds_by_bucket") or {}
+            step_seconds[name] = {int(b): (float(s), int(n)) for b, (s, n) in buckets.items()}
+            seq = int(stats.get("seq", -1))
+            fresh |= seq != self._seen_stats.get(name)
+            self._seen_stats[name] = seq
+            FleetView.of_this_process().replicas[name] = {
+                **stats, "outstanding": FleetView.of_this_process().in_flight.get(name, 0)}
+        if fresh:
+            self.detector.update(step_seconds)
+        for name, entry in FleetView.of_this_process().replicas.items():
+            entry["degraded"] = name in self.detector.degraded
+            entry["slowdown"] = self.detector.slowdown.get(name)

@@ -1,0 +1,136 @@
+"""Replica-choice policies shared by the gateway's router and the Ray Serve request router.
+
+Both route a request among replicas of one model; they differ only in where the replica list and
+the loads come from (the gateway counts its own requests in flight over HTTP, the Ray router
+counts the ones it routed). The policies are pure functions over items with a name and a load, so
+they are tested once and behave the same in both:
+
+- ``order_by_load``: least loaded first; ties rotate with ``turn`` so idle replicas share.
+- ``prefix_affinity_order``: rendezvous hashing of a prefix key picks the replica likely to hold
+  that prefix's KV; it goes first unless its load is ``max_imbalance`` or more above the least
+  loaded one (the load cap, so one hot prefix cannot flood one replica). Rendezvous hashing moves
+  only the prefixes of a replica that leaves, not everyone's.
+
+``StragglerDetector`` marks a replica *degraded* when its step time, compared batch size bucket by
+bucket with the median of the other replicas, stays above ``factor`` for ``persistence``
+consecutive evaluations; the routers then count its load heavier (``degraded_load``), so it gets
+less traffic without being cut off (it may recover, or be the only one left).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def order_by_load(items: Sequence[T], load: Callable[[T], float], turn: int) -> list[T]:
+    """Least loaded first; equal loads start at position ``turn`` and rotate."""
+    n = len(items)
+    ranked = sorted(range(n), key=lambda i: (load(items[i]), (i - turn) % n))
+    return [items[i] for i in ranked]
+
+
+def affinity_owner(items: Sequence[T], name: Callable[[T], str], key: str) -> T:
+    """The item whose rendezvous weight for ``key`` is highest (stable as items come and go)."""
+    return max(items, key=lambda item: hashlib.sha256(f"{name(item)}\0{key}".encode()).digest())
+
+
+def prefix_affinity_order(items: Sequence[T], name: Callable[[T], str],
+                          load: Callable[[T], float], key: str, turn: int,
+                          max_imbalance: float) -> tuple[list[T], bool]:
+    """The key's owner first (then the rest by load), or plain load order when the owner is
+    ``max_imbalance`` or more above the least loaded; the flag says the cap was hit."""
+    by_load = order_by_load(items, load, turn)
+    owner = affinity_owner(items, name, key)
+    if load(owner) - load(by_load[0]) >= max_imbalance:
+        return by_load, True
+    return [owner] + [item for item in by_load if item is not owner], False
+
+
+def degraded_load(load: float, slowdown: float) -> float:
+    """The load a degraded replica counts as: its queue drains ``slowdown`` times slower, and
+    even idle it ranks behind an idle healthy replica."""
+    return (load + 1.0) * max(slowdown, 1.0)
+
+
+def batch_bucket(num_batched_tokens: int) -> int:
+    """Steps are comparable when their token counts share a power-of-two bucket (1, 2, 4, ...):
+    a step's time grows with the tokens it computes."""
+    return 1 << max(0, int(num_batched_tokens) - 1).bit_length()
+
+
+@dataclass
+class StragglerPolicy:
+    factor: float = 1.3
+    """A replica whose step time is above this many times the others' median is slow."""
+    persistence: int = 3
+    """Consecutive slow (or healthy) evaluations before it is marked degraded (or cleared)."""
+    min_steps: int = 5
+    """Steps a bucket needs on a replica before its median step time counts."""
+
+
+@dataclass
+class StragglerDetector:
+    """Fed each replica's median step time per bucket (``update``), once per evaluation."""
+
+    policy: StragglerPolicy = field(default_factory=StragglerPolicy)
+    on_change: Callable[[str, bool, float], None] | None = None
+    """Called with (replica, degraded, slowdown) when a replica is marked or cleared."""
+    slowdown: dict[str, float] = field(default_factory=dict)
+    """Latest ratio of each replica's step time to the others' median (1.0 = typical)."""
+    degraded: set[str] = field(default_factory=set)
+    _streak: dict[str, int] = field(default_factory=dict)
+
+    def update(self, step_seconds: Mapping[str, Mapping[int, tuple[float, int]]]) -> None:
+        """``step_seconds[replica][bucket] = (median seconds, num steps)``."""
+        for gone in set(self.slowdown) - set(step_seconds):
+            self.slowdown.pop(gone, None)
+            self._streak.pop(gone, None)
+            self.degraded.discard(gone)
+        usable = {replica: {b: s for b, (s, n) in buckets.items() if n >= self.policy.min_steps}
+                  for replica, buckets in step_seconds.items()}
+        for replica, buckets in usable.items():
+            ratios = []
+            for bucket, seconds in buckets.items():
+                others = [b[bucket] for r, b in usable.items() if r != replica and bucket in b]
+                if others and seconds > 0:
+                    ratios.append(seconds / statistics.median(others))
+            if not ratios:
+                continue  # nothing comparable yet: keep its state
+            slowdown = statistics.median(ratios)
+            self.slowdown[replica] = slowdown
+            self._judge(replica, slowdown > self.policy.factor, slowdown)
+
+    def _judge(self, replica: str, is_slow: bool, slowdown: float) -> None:
+        was_degraded = replica in self.degraded
+        if is_slow == was_degraded:
+            self._streak[replica] = 0
+            return
+        self._streak[replica] = self._streak.get(replica, 0) + 1
+        if self._streak[replica] < self.policy.persistence:
+            return
+        self._streak[replica] = 0
+        if is_slow:
+            self.degraded.add(replica)
+            logger.warning("replica %s is degraded: its steps take %.2fx the other replicas' "
+                           "median for comparable batches (threshold %.2fx); it gets less "
+                           "traffic", replica, slowdown, self.policy.factor)
+        else:
+            self.degraded.discard(replica)
+            logger.warning("replica %s recovered: its steps take %.2fx the other replicas' "
+                           "median", replica, slowdown)
+        if self.on_change is not None:
+            self.on_change(replica, is_slow, slowdown)
+
+    def effective_load(self, replica: str, load: float) -> float:
+        if replica not in self.degraded:
+            return load
+        return degraded_load(load, self.slowdown.get(replica, self.policy.factor))
