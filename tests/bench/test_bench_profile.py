@@ -133,3 +133,34 @@ def test_plan_this_without_profile_says_run_profile(run_cli, tmp_path) -> None:
     code, _, err = run_cli("plan", "--hardware", "this", "--profile-path",
                            str(tmp_path / "missing.json"))
     assert code == 1 and "run `tokenmill profile` first" in err
+
+
+def test_kernel_fit_recovers_known_costs() -> None:
+    """Times made from a known call cost (5 us), bandwidth (20 GB/s) and FLOP rate
+    (200 GFLOP/s) at the built-in model's shapes are fitted back to those three figures."""
+    from tokenmill.bench.profile import fit_kernel
+
+    samples = []
+    for m in (1, 4, 16):
+        for k, n in ((576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152)):
+            nbytes = k * n * 4.0  # fp32 weights
+            seconds = 5e-6 + nbytes / 20e9 + 2.0 * m * k * n / 200e9
+            samples.append((m, k, n, nbytes, seconds))
+    fit = fit_kernel(samples)
+    assert fit == pytest.approx({"call_s": 5e-6, "bytes_per_s": 20e9, "flops_per_s": 200e9},
+                                rel=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["fp32", "bf16", "q4", "q8"])
+def test_kernel_table_times_every_shape_at_every_row_count(kernel: str) -> None:
+    """What `profile` measures per kernel, on two small linears (the real run times the built-in
+    model's; `benchmarks/predict_vs_measure.py` runs the whole profile): one time per shape
+    and M, all positive, and a fit plan can use for shapes it did not measure."""
+    from tokenmill.bench.profile import measure_kernel_table
+
+    table = measure_kernel_table(kernel, "fp32", (1, 4), passes=1,
+                                 linears=[("qkv", 2, 64, 96), ("down", 1, 96, 64)])
+    assert table.rows == (1, 4) and set(table.shapes) == {"64x96", "96x64"}
+    assert all(len(v) == 2 and min(v) > 0 for v in table.shapes.values())
+    assert table.group_size == (32 if kernel in ("q4", "q8") else None)
+    assert table.fitted_seconds(4, 128, 128, 128 * 128 * 4) > 0
