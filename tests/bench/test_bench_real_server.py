@@ -28,7 +28,11 @@ def test_bench_measures_the_real_server(tokenmill_server, run_cli, tmp_path) -> 
         assert summary["input_tokens"] == NUM_REQUESTS * INPUT_LEN
         assert 0 < summary["ttft_ms"]["p50"] <= summary["e2e_ms"]["p50"]
         assert summary["tpot_ms"]["p50"] > 0
-        expected = 3.6 / 3600 / summary["output_tokens_per_s"] * 1e6
-        assert level["cost"]["dollars_per_million_output_tokens"] == pytest.approx(expected,
-                                                                                   rel=0.01)
+        # The bill: $3.6 an hour is $0.001 a second of the level's duration, shared by its
+        # 4 x 8 = 32 output tokens (and by its 4 x 32 = 128 prompt tokens in the input view).
+        bill = 0.001 * summary["duration_s"]
+        cost = level["cost"]
+        assert cost["dollars_per_million_output_tokens"] * 32 / 1e6 == pytest.approx(bill)
+        assert cost["dollars_per_million_input_tokens"] * 128 / 1e6 == pytest.approx(bill)
+        assert cost["dollars_per_million_tokens"] * 160 / 1e6 == pytest.approx(bill)
     assert (tmp_path / "report.md").is_file()

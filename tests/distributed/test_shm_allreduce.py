@@ -9,16 +9,15 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tp_harness import LOOPBACK, free_port
+from tp_harness import rendezvous
 
 from tokenmill.distributed.shm_allreduce import SLOT_BYTES, SharedMemoryAllReduce
 
 
-def _rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _rank(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"tcp://{LOOPBACK}:{port}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     shm = SharedMemoryAllReduce.create(rank, world_size)
     assert shm is not None
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"tokenmill-tp-{os.getppid()}")]
@@ -61,13 +60,13 @@ def _rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def test_shm_allreduce_equals_gloo_on_two_ranks(tmp_path):
-    mp.spawn(_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, rendezvous(tmp_path), str(tmp_path)), nprocs=2, join=True)
     first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_shm_allreduce_matches_gloo_on_three_ranks_and_ranks_agree(tmp_path):
-    mp.spawn(_rank, args=(3, free_port(), str(tmp_path)), nprocs=3, join=True)
+    mp.spawn(_rank, args=(3, rendezvous(tmp_path), str(tmp_path)), nprocs=3, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
     for other in results[1:]:  # summed in rank order on every rank: identical bits
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))

@@ -5,7 +5,7 @@ KV cache), and leave each rank's results in a file for the test process to compa
 from __future__ import annotations
 
 import os
-import socket
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +31,11 @@ class RunSpec:
     dtype: torch.dtype = torch.float32
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+def rendezvous(out_dir: Path | str) -> str:
+    """Where the ranks meet: a file in the test's own directory, not a TCP port chosen ahead
+    (another process could take a port between choosing and binding it). The ranks' own gloo
+    connections bind ports the OS gives them, on loopback (``GLOO_SOCKET_IFNAME=lo``)."""
+    return f"file://{Path(out_dir) / f'rendezvous-{uuid.uuid4().hex}'}"  # one per group
 
 
 def load_model(spec: RunSpec, quantization: str, parallel: ParallelContext) -> torch.nn.Module:
@@ -107,15 +108,13 @@ def greedy_run(model: torch.nn.Module, prompt_ids: list[int], num_decode_steps: 
             "kv_heads": kv_caches[0].shape[3]}
 
 
-def rank_main(rank: int, world_size: int, port: int, spec: RunSpec, out_dir: str) -> None:
+def rank_main(rank: int, world_size: int, init_method: str, spec: RunSpec, out_dir: str) -> None:
     """One rank (a ``torch.multiprocessing.spawn`` target)."""
     from tokenmill.distributed.parallel_state import init_distributed
 
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     os.environ["MASTER_ADDR"] = LOOPBACK
-    init_method = f"tcp://{LOOPBACK}:{port}"
-    assert init_method.startswith("tcp://127.0.0.1:")
     parallel = init_distributed(rank, world_size, init_method, "cpu", allreduce=spec.allreduce)
     results = {}
     try:
@@ -138,8 +137,8 @@ def run_parallel(spec: RunSpec, world_size: int, out_dir: Path) -> list[dict]:
     """Spawn ``world_size`` ranks; every rank's results, by rank."""
     import torch.multiprocessing as mp
 
-    mp.spawn(rank_main, args=(world_size, free_port(), spec, str(out_dir)), nprocs=world_size,
-             join=True)
+    mp.spawn(rank_main, args=(world_size, rendezvous(out_dir), spec, str(out_dir)),
+             nprocs=world_size, join=True)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world_size)]
 
 

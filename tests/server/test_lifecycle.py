@@ -14,7 +14,7 @@ import pytest
 
 from tests.server.conftest import MODEL
 from tests.server.test_load_and_metrics import wait_for
-from tests.server_fixture import REPO, ServerProcess, free_port
+from tests.server_fixture import REPO, ServerProcess
 from tokenmill.sse_parser import iter_sse
 
 LONG = {"model": MODEL, "prompt": "Count forever:", "max_tokens": 1000, "ignore_eos": True,
@@ -148,7 +148,7 @@ def test_sigterm_lets_running_requests_finish_then_exits_cleanly(small_server):
 def test_a_model_that_cannot_load_exits_with_a_clear_error(tmp_path):
     missing = tmp_path / "missing.gguf"
     done = subprocess.run(
-        [sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(free_port()),
+        [sys.executable, "-m", "tokenmill.cli", "serve", "--port", "0",
          "--model", str(missing)], cwd=REPO, capture_output=True, text=True, timeout=120,
         check=False)
     assert done.returncode == 1
@@ -157,7 +157,7 @@ def test_a_model_that_cannot_load_exits_with_a_clear_error(tmp_path):
 
 def test_a_negative_price_is_refused_before_loading():
     done = subprocess.run(
-        [sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(free_port()),
+        [sys.executable, "-m", "tokenmill.cli", "serve", "--port", "0",
          "--price-per-hour", "-1"], cwd=REPO, capture_output=True, text=True, timeout=120,
         check=False)
     assert done.returncode == 1

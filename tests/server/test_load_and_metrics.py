@@ -130,15 +130,21 @@ def test_prefix_cache_hits_count_and_show_in_usage(client, tokenmill_server):
 
 
 def test_cost_metrics_follow_the_price(client, tokenmill_server):
-    # the session server runs with --price-per-hour 3.6: one cent per 10 seconds of uptime
+    """The session server runs with --price-per-hour 3.6, $0.001 a second of uptime: the cost
+    counter must grow by $0.001 for each second between two scrapes. The server reads its clock
+    somewhere inside each scrape, so the growth is bounded by the gap between the scrapes and the
+    span from the first's start to the second's end (both on the machine's monotonic clock)."""
     client.completions.create(model=MODEL, prompt="Cost check", max_tokens=4, temperature=0)
-    samples = scrape(tokenmill_server.url)
-    assert metric(samples, "tokenmill:price_per_hour_dollars") == 3.6
-    dollars = metric(samples, "tokenmill:cost_dollars_total")
-    assert dollars > 0
-    later = wait_for(lambda: (s := scrape(tokenmill_server.url)) and
-                     metric(s, "tokenmill:cost_dollars_total") > dollars and s,
-                     what="the cost counter to grow")
+    t0 = time.monotonic()
+    first = metric(scrape(tokenmill_server.url), "tokenmill:cost_dollars_total")
+    t1 = time.monotonic()
+    time.sleep(0.2)  # not synchronisation: only makes the interval measured long enough to read
+    t2 = time.monotonic()
+    later = scrape(tokenmill_server.url)
+    t3 = time.monotonic()
+    grown = metric(later, "tokenmill:cost_dollars_total") - first
+    assert 0.001 * (t2 - t1) - 1e-9 <= grown <= 0.001 * (t3 - t0) + 1e-9
+    assert metric(later, "tokenmill:price_per_hour_dollars") == 3.6
     for kind in ("prefill", "decode", "all"):
         assert metric(later, "tokenmill:cost_per_million_tokens_dollars", token_kind=kind) > 0
     # one bill, viewed per kind: fewer tokens of a kind means a higher price per token of it

@@ -3,6 +3,8 @@ and not, n, stop, seed, logprobs, echo, token-id prompts, usage."""
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
 import pytest
 
@@ -10,6 +12,7 @@ from tests.server.conftest import MODEL
 from tokenmill.sampling_params import SamplingParams
 
 GREEDY = {"temperature": 0, "max_tokens": 12}
+EXTRAS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "cache_salt")
 
 
 def test_models_lists_the_served_model(client):
@@ -154,6 +157,14 @@ def test_echo_and_token_id_prompts(client, tokenmill_server):
 
 
 def test_engine_extras_and_penalties_are_accepted_and_act(client, tokenmill_server):
+    """Each extra changes what comes back, on prompts where the built-in model (float32, as the
+    session server runs it) shows it: not only accepted, but acting."""
+    def text(prompt: str, **fields) -> str:
+        extra = {k: fields.pop(k) for k in list(fields) if k in EXTRAS}
+        answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
+                                           extra_body=extra, **fields)
+        return answer.choices[0].text
+
     base = {"model": MODEL, "prompt": "Hello", "max_tokens": 8, "temperature": 0}
     plain = client.completions.create(logprobs=0, **base)
     first_token = plain.choices[0].logprobs.tokens[0]
@@ -163,8 +174,45 @@ def test_engine_extras_and_penalties_are_accepted_and_act(client, tokenmill_serv
     # A strong negative bias on the greedy first token makes the model pick another one.
     biased = client.completions.create(logit_bias={str(first_id): -100}, logprobs=0, **base)
     assert biased.choices[0].logprobs.tokens[0] != first_token
-    extras = client.completions.create(
-        presence_penalty=0.5, frequency_penalty=0.5, user="u1",
-        extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 8,
-                    "ignore_eos": True, "cache_salt": "tenant-a"}, **base)
-    assert extras.usage.completion_tokens == 8
+
+    # Sampling hot (temperature 3, seeded) wanders off the greedy text; keeping only the top
+    # token (top_k 1), or only tokens as likely as the top one (min_p 1), brings it back.
+    greedy = text("Hello", temperature=0)
+    assert text("Hello", temperature=3.0, seed=1) != greedy
+    assert text("Hello", temperature=3.0, seed=1, top_k=1) == greedy
+    assert text("Hello", temperature=3.0, seed=1, min_p=1.0) == greedy
+
+    # Penalties steer greedy text away from what it already said.
+    cat = "The cat sat on the mat. The cat sat on the"
+    assert text(cat, temperature=0) == " mat. The cat sat on the mat"
+    assert text(cat, temperature=0, presence_penalty=2.0) != " mat. The cat sat on the mat"
+    count = "1, 2, 3, 4,"
+    assert text(count, temperature=0) == " 5, 6, 7"
+    assert text(count, temperature=0, frequency_penalty=2.0) != " 5, 6, 7"
+    assert text("Hello", temperature=0, repetition_penalty=2.0) != greedy
+
+    # This chat-formatted prompt ends (end-of-turn token) after 13 tokens; min_tokens holds the
+    # end back, ignore_eos goes on to max_tokens.
+    chat = "<|im_start|>user\nSay OK.<|im_end|>\n<|im_start|>assistant\n"
+
+    def usage(**fields) -> tuple[int, str]:
+        answer = client.completions.create(model=MODEL, prompt=chat, max_tokens=40,
+                                           temperature=0, extra_body=fields)
+        return answer.usage.completion_tokens, answer.choices[0].finish_reason
+
+    assert usage() == (13, "stop")
+    assert usage(min_tokens=20)[0] >= 20
+    assert usage(ignore_eos=True) == (40, "length")
+
+    # cache_salt: the same prompt under the same salt hits the prefix cache; under another salt
+    # (another tenant) it does not.
+    prompt = f"Tenant notes {uuid.uuid4().hex}: " + "the quick brown fox jumps over it " * 8
+
+    def cached(salt: str) -> int:
+        answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                           temperature=0, extra_body={"cache_salt": salt})
+        return answer.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-a") >= 64  # whole 16-token blocks of the 70-odd-token prompt
+    assert cached("tenant-b") == 0

@@ -3,8 +3,8 @@
 ``schedule() -> SchedulerOutput -> executor -> RunnerOutput -> update_from_output() ->
 list[EngineCoreOutput]``. Plain data only (ids, ints, lists, ``SamplingParams``, a numpy bitmask):
 no ``Request``, no torch tensor, so a step pickles cheaply to a worker process and each side can be
-tested with hand-written values (DESIGN.md habit 14, vLLM v1's ``NewRequestData`` /
-``CachedRequestData``):
+tested with hand-written values (docs/architecture.md, "The step contract"; vLLM v1's
+``NewRequestData`` / ``CachedRequestData``):
 
 * a request the runner does not hold yet (first scheduled, or resumed after a preemption) comes
   once, in full, as ``NewRequestData``;

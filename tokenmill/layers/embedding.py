@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenmill.layers.linear import LinearOp, make_linear_op
+from tokenmill.layers.linear import LinearOp, _to_device, make_linear_op
 from tokenmill.quant.registry import to_dense
 from tokenmill.quant.weight import QuantizedWeight
 
@@ -41,7 +41,10 @@ class VocabEmbedding(nn.Module):
         if tuple(weight.shape) != self.shape:
             raise ValueError(f"embedding has shape {tuple(weight.shape)}, expected {self.shape}")
         if isinstance(weight, QuantizedWeight) and keep_quantized:
-            self.quantized = weight
+            # the loader reads codes into CPU memory; a lookup indexes them with the batch's
+            # token ids, which live on the model's device
+            self.quantized = weight if self.device.type == "cpu" else _to_device(weight,
+                                                                                  self.device)
             self.source = weight.source
         else:
             self.table = to_dense(weight, self.dtype).to(self.device)
