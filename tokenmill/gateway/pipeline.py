@@ -19,7 +19,7 @@ from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.telemetry import child_span
 
 if TYPE_CHECKING:
-    from tokenmill.gateway.rag import RagPlan
+    from tokenmill.gateway.rag_store import RagPlan
 
 
 @dataclass

@@ -17,9 +17,7 @@ may drop such chunks or refuse.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.errors import InvalidRequestError
@@ -28,7 +26,7 @@ from tokenmill.gateway.embedding_memo import embed_query
 from tokenmill.gateway.embeddings import Embedder
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
 from tokenmill.gateway.protocol import CHAT, COMPLETIONS, query_text
-from tokenmill.gateway.rag_store import CollectionView, RagStore, Retrieved
+from tokenmill.gateway.rag_store import RagPlan, RagStore, Retrieved
 
 SOURCES_HEADER = "x-tokenmill-rag-sources"
 SOURCES_FIELD = "tokenmill_rag_sources"
@@ -40,19 +38,6 @@ _INSTRUCTION = ("Answer using the context below when it is relevant. Cite the so
 def format_context(found: list[Retrieved]) -> str:
     blocks = [f"[{i}] (source: {r.chunk.source})\n{r.chunk.text}" for i, r in enumerate(found, 1)]
     return _INSTRUCTION + "\n\n" + "\n\n".join(blocks)
-
-
-@dataclass(frozen=True)
-class RagPlan:
-    """What ``RagSpecStage`` resolved for a request: the collection as loaded, and top_k."""
-
-    collection: str
-    top_k: int
-    view: CollectionView
-
-    @property
-    def cache_key(self) -> str:
-        return json.dumps([self.collection, self.top_k, self.view.version])
 
 
 def rag_cache_key(request: GatewayRequest) -> str | None:

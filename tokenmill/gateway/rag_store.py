@@ -61,6 +61,21 @@ class CollectionView:
                 if int(i) in self.chunks]
 
 
+@dataclass(frozen=True)
+class RagPlan:
+    """What the gateway's ``rag_spec`` stage resolved for a request: the collection as loaded,
+    and top_k. It lives here, not in rag.py, so the pipeline's request type can name it without
+    importing the stages."""
+
+    collection: str
+    top_k: int
+    view: CollectionView
+
+    @property
+    def cache_key(self) -> str:
+        return json.dumps([self.collection, self.top_k, self.view.version])
+
+
 def files_version(files: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()[:16]
 

@@ -14,16 +14,13 @@ per-head q/k RMSNorm (Qwen3) runs in the stack too, with the same native norm th
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.layers.kernels import fused_ops
 from tokenmill.layers.linear import DenseOp, MergedLinear, QuantizedOp
-
-if TYPE_CHECKING:
-    from tokenmill.models.llama import LlamaForCausalLM
 
 ENABLE_ENV = "TOKENMILL_DECODER_STACK"
 _enabled = os.environ.get(ENABLE_ENV, "1") != "0"
@@ -46,8 +43,10 @@ class LlamaDecodeStack:
         self.max_rows = max_rows  # rows the quantized kernel's decode paths take
 
     @classmethod
-    def build(cls, model: LlamaForCausalLM) -> LlamaDecodeStack | None:
-        """The stack for ``model``, or None when some part of it has no native decode path."""
+    def build(cls, model: torch.nn.Module) -> LlamaDecodeStack | None:
+        """The stack for ``model`` (a ``LlamaForCausalLM``; typed as a module so this file need
+        not import the model that imports it), or None when some part of it has no native decode
+        path."""
         from tokenmill.layers.kernels import quant_matmul
 
         module = fused_ops.fused_ops_module()
