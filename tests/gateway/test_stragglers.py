@@ -40,6 +40,13 @@ def degraded_metric(gw, replica: str) -> float | None:
     return None
 
 
+def answered(gw, replica: str) -> float:
+    """Answers the gateway got from ``replica`` (its upstream latency histogram's count)."""
+    text = httpx.get(gw.url + "/metrics").text
+    prefix = f'tokenmill_gateway_upstream_latency_seconds_count{{replica="{replica}"}}'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def test_slow_upstream_is_marked_gets_less_traffic_and_recovers(upstreams, start_gateway,
                                                                 caplog):
     (fa, sa), (fb, sb) = upstreams
@@ -109,3 +116,46 @@ def test_a_real_server_exports_the_step_buckets_the_gateway_reads(tokenmill_serv
     assert buckets, "no tokenmill:engine_bucket_step_seconds lines"
     assert all(seconds > 0 and steps >= 1 for seconds, steps in buckets.values())
     assert sum(steps for _, steps in buckets.values()) >= 8  # the prefill + 7 decode steps
+
+
+def test_real_server_slowed_2x_is_marked_and_gets_less_traffic(start_gateway, caplog):
+    """Two real `tokenmill serve`, one with the fault-injection option slowing its steps 2x."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.gateway.helpers import KEY_BETA
+    from tests.server_fixture import ServerProcess
+
+    fast = ServerProcess()
+    slow = ServerProcess("--inject-step-delay-factor", "2")
+    try:
+        with ThreadPoolExecutor(2) as pool:  # load both models at once
+            list(pool.map(lambda s: s.wait_ready(), (fast, slow)))
+        gw = start_gateway(base_config([fast.url, slow.url],
+                                       routing={"straggler_poll_interval_s": 3600}))
+        model = httpx.get(fast.url + "/v1/models").json()["data"][0]["id"]
+
+        def generate(url: str) -> None:  # 1 prefill + 11 decode steps: bucket 1 gets 11
+            httpx.post(url + "/v1/completions", timeout=60, json={
+                "model": model, "prompt": "Once upon a time", "max_tokens": 12,
+                "temperature": 0, "ignore_eos": True}).raise_for_status()
+
+        with caplog.at_level(logging.WARNING, logger="tokenmill.routing_policy"):
+            for polls in range(1, 5):  # fresh steps before every poll (a 10 s window)
+                generate(fast.url)
+                generate(slow.url)
+                poll(gw.state.stragglers)
+                if gw.state.router.degraded:
+                    break
+        assert gw.state.router.degraded == {"r1"}, gw.state.stragglers.detector.slowdown
+        assert polls <= 4  # straggler_persistence (3) polls, one spare for a noisy machine
+        assert degraded_metric(gw, "r1") == 1.0
+        assert any("replica r1 is degraded" in r.getMessage() for r in caplog.records)
+
+        client = gw.client(KEY_BETA)
+        for i in range(8):  # sequential: least_outstanding alone would alternate 4/4
+            client.completions.create(model=model, prompt=f"q{i}", max_tokens=2, temperature=0)
+        counts = {r: answered(gw, r) for r in ("r0", "r1")}
+        assert 1 <= counts["r1"] < counts["r0"], counts  # less, not cut off
+    finally:
+        fast.stop()
+        slow.stop()
