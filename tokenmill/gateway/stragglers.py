@@ -41,9 +41,8 @@ Buckets = dict[int, tuple[float, int]]
 def parse_step_buckets(text: str) -> Buckets:
     """A tokenmill server's per-bucket step times from its /metrics text ({} when absent).
 
-    With several models behind one server the steps of all of them are one engine's only if
-    there is one model; several label sets for one bucket keep the slowest (conservative: never
-    makes a replica look faster than it is)."""
+    A server normally runs one engine (one model label); if several label sets report the same
+    bucket, the slowest is kept, so folding them never makes a replica look faster than it is."""
     seconds: dict[int, float] = {}
     counts: dict[int, int] = {}
     for family in text_string_to_metric_families(text):
