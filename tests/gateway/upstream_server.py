@@ -70,6 +70,8 @@ class FakeUpstream:
         """How one event's data goes on the wire (tests use other legal SSE framings)."""
         self.send_finish = True
         """False: a stream ends without its finish_reason chunk (some servers do)."""
+        self.metrics_text: str | None = None
+        """What GET /metrics answers (Prometheus text); None: 404, like a non-tokenmill server."""
         self.bodies: list[dict[str, Any]] = []
         self.num_started = 0
         self.lock = threading.Lock()
@@ -98,6 +100,12 @@ class FakeUpstream:
             return JSONResponse({"object": "list", "data": [
                 {"id": m, "object": "model", "created": 0, "owned_by": self.name}
                 for m in self.models]})
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            if self.metrics_text is None:
+                return JSONResponse({"detail": "Not Found"}, status_code=404)
+            return Response(self.metrics_text, media_type="text/plain; version=0.0.4")
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:

@@ -48,6 +48,7 @@ from tokenmill.gateway.ratelimit import RateLimiter, RateLimitStage
 from tokenmill.gateway.router import Router
 from tokenmill.gateway.semantic_cache import SemanticCacheStage
 from tokenmill.gateway.shared_state import SharedState
+from tokenmill.gateway.stragglers import StragglerWatch
 from tokenmill.gateway.trace_proxy import fetch_trace
 from tokenmill.gateway.upstream import UpstreamStage
 from tokenmill.openai_protocol import SSE_DONE, error_response, sse_event, sse_response
@@ -73,6 +74,7 @@ class Gateway:
     completions: Handler
     embeddings: Handler
     models: Handler
+    stragglers: StragglerWatch
 
 
 def build_gateway(config: GatewayConfig, *, embedder: Embedder | None = None,
@@ -131,7 +133,8 @@ def build_gateway(config: GatewayConfig, *, embedder: Embedder | None = None,
 
     return Gateway(config, metrics, limiter, shared_state, router, client, embedder, auth, stages, completions,
                    compose([auth, ratelimit], embed_terminal, metrics),
-                   compose([auth], models_terminal, metrics))
+                   compose([auth], models_terminal, metrics),
+                   StragglerWatch(router, r, metrics))
 
 
 def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
@@ -150,6 +153,8 @@ def create_app(config: GatewayConfig, *, embedder: Embedder | None = None,
         await gw.limiter.load()
         await gw.router.check_all(gw.client)
         tasks = [asyncio.create_task(gw.router.health_loop(gw.client))]
+        if config.routing.straggler_detection:
+            tasks.append(asyncio.create_task(gw.stragglers.run(gw.client)))
         if config.server.expose_metrics:
             tasks.append(asyncio.create_task(fleet.run()))
         if config.server.state_file:

@@ -91,6 +91,16 @@ class RoutingSection:
     connect_timeout_s: float = _help("Timeout to connect to a replica.", default=2.0)
     read_timeout_s: float = _help("Timeout between bytes read from a replica.", default=300.0)
     max_attempts: int = _help("Replicas tried for one request before giving up.", default=3)
+    straggler_detection: bool = _help(
+        "Poll replicas' /metrics; mark one whose step time for comparable batches stays above "
+        "straggler_factor x the others' median as degraded (docs/gateway.md).", default=True)
+    straggler_poll_interval_s: float = _help("Seconds between /metrics polls.", default=5.0)
+    straggler_poll_timeout_s: float = _help("Timeout of one /metrics poll.", default=1.0)
+    straggler_factor: float = _help("Slowdown above which a replica is slow; > 1.", default=1.3)
+    straggler_persistence: int = _help("Consecutive slow (healthy) polls to mark (clear).",
+                                       default=3)
+    straggler_weight: float = _help("Share of its first-choice picks a degraded replica keeps, "
+                                    "in (0, 1].", default=0.25)
 
 
 @dataclass(frozen=True)
@@ -322,8 +332,14 @@ def _validate(config: GatewayConfig) -> None:
            f"{r.policy!r} is not one of {', '.join(ROUTING_POLICIES)}")
     for name in ("health_check_interval_s", "cooldown_s", "connect_timeout_s", "read_timeout_s"):
         _check(getattr(r, name) > 0, f"routing.{name}", "must be > 0")
-    for name in ("failure_threshold", "prefix_chars", "max_attempts"):
+    for name in ("failure_threshold", "prefix_chars", "max_attempts", "straggler_persistence"):
         _check(getattr(r, name) >= 1, f"routing.{name}", "must be >= 1")
+    for name in ("straggler_poll_interval_s", "straggler_poll_timeout_s"):
+        _check(getattr(r, name) > 0, f"routing.{name}", "must be > 0")
+    _check(r.straggler_factor > 1.0, "routing.straggler_factor",
+           f"must be > 1, got {r.straggler_factor}")
+    _check(0.0 < r.straggler_weight <= 1.0, "routing.straggler_weight",
+           f"must be in (0, 1], got {r.straggler_weight}")
     _check(bool(config.tenants), "tenants", "at least one tenant is needed")
     seen_hashes: set[str] = set()
     for i, t in enumerate(config.tenants):

@@ -154,6 +154,7 @@ class FleetHistory:
                 "answers_in_window": num_answers,
                 "mean_latency_s": latency / num_answers if num_answers else None,
                 "errors_total": latest.upstream_errors.get(r.name, 0),
+                "degraded": r.name in self.router.degraded,
             })
         return {
             "policy": self.router.section.policy,

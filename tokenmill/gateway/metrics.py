@@ -36,6 +36,12 @@ class GatewayMetrics:
         self.upstream_healthy = Gauge("tokenmill_gateway_upstream_healthy", "1 when the replica "
                                       "is routable (healthy, circuit closed).", ["replica"],
                                       registry=r)
+        self.upstream_degraded = Gauge("tokenmill_gateway_upstream_degraded", "1 while the "
+                                       "replica is marked a straggler (less traffic).",
+                                       ["replica"], registry=r)
+        self.upstream_slowdown = Gauge("tokenmill_gateway_upstream_slowdown", "Replica's step "
+                                       "time / the other replicas' median, comparable batches.",
+                                       ["replica"], registry=r)
         self.stage_seconds = Histogram("tokenmill_gateway_stage_seconds", "Time spent in each "
                                        "stage itself (excluding the stages after it).", ["stage"],
                                        buckets=_LATENCY_BUCKETS, registry=r)

@@ -100,6 +100,9 @@ class Router:
         self.metrics = metrics
         self._turn = 0
         self.num_affinity_fallbacks = 0
+        self.degraded: set[str] = set()
+        """Replicas marked stragglers (kept by ``stragglers.StragglerWatch``)."""
+        self._straggler_credit: dict[str, float] = {}
         for r in self.replicas:
             self._publish(r)
 
@@ -120,7 +123,24 @@ class Router:
         if not usable:
             return []
         ordered = self.policy(self, usable, prompt[:self.section.prefix_chars])
+        if self.degraded:
+            ordered = self._demote_degraded(ordered)
         return ordered[:self.section.max_attempts]
+
+    def _demote_degraded(self, ordered: list[Replica]) -> list[Replica]:
+        """A degraded replica the policy put first keeps that place ``straggler_weight`` of the
+        time (a deterministic credit, not a coin), else goes behind the healthy replicas; it stays
+        in the retry plan, so with no healthy replica left it still serves."""
+        first = ordered[0]
+        if first.name not in self.degraded:
+            return ordered
+        credit = self._straggler_credit.get(first.name, 0.0) + self.section.straggler_weight
+        if credit >= 1.0:
+            self._straggler_credit[first.name] = credit - 1.0
+            return ordered
+        self._straggler_credit[first.name] = credit
+        healthy = [r for r in ordered if r.name not in self.degraded]
+        return healthy + [r for r in ordered if r.name in self.degraded]
 
     def acquire(self, replica: Replica, attempt: object) -> bool:
         """Claim ``replica`` for ``attempt`` (any unique object); False when it cannot take one

@@ -94,6 +94,18 @@ class EngineStatsCollector(Collector):
             family = CounterMetricFamily(P + name, doc, labels=LABELS)
             family.add_metric(self.label, value)
             yield family
+        # Per batch bucket, so a remote router (the gateway) compares replicas on comparable
+        # batches: a replica busy with long prefills is not a straggler (docs/gateway.md).
+        seconds = GaugeMetricFamily(P + "engine_bucket_step_seconds", "Median engine step time "
+                                    "per batch bucket (tokens in the step, rounded up to a power "
+                                    "of two)" + window, labels=LABELS + ["batch_tokens"])
+        steps = GaugeMetricFamily(P + "engine_bucket_steps", "Engine steps per batch bucket"
+                                  + window, labels=LABELS + ["batch_tokens"])
+        for bucket, (median, num_steps) in sorted(use.step_seconds_by_bucket.items()):
+            seconds.add_metric(self.label + [str(bucket)], median)
+            steps.add_metric(self.label + [str(bucket)], num_steps)
+        yield seconds
+        yield steps
         if stats.expert_load is not None:
             yield from self._expert_metrics(stats.expert_load)
         if self.cost is not None:
