@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.gateway.upstream_server import free_port
+from tests.server_fixture import LISTENING
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,42 +102,38 @@ class GatewayProcess:
         self.url = ""
 
     def launch(self) -> GatewayProcess:
-        """Start the process (returns at once; ``wait_ready`` waits for it)."""
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
+        """Start the process (returns at once; ``wait_ready`` waits for it). It binds port 0 and
+        its log says which port it got, so no other process can take the port first."""
         env = {**os.environ, "TOKENMILL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                "HF_HUB_OFFLINE": "1"}
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "tokenmill.cli", "gateway", "--config",
-                 str(self.config_path), "--host", "127.0.0.1", "--port", str(port)],
+                 str(self.config_path), "--host", "127.0.0.1", "--port", "0"],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         return self
 
     def wait_ready(self, deadline_s: float = 600.0) -> GatewayProcess:
-        for _attempt in range(3):
-            if self._wait_ready(deadline_s):
-                return self
-            if "address already in use" not in self.log().lower():
-                break
-            self.launch()  # the port was taken between free_port() and the bind: another one
-        raise RuntimeError(f"tokenmill gateway did not start:\n{self.log()[-4000:]}")
-
-    def _wait_ready(self, deadline_s: float) -> bool:
-        """Poll /health (the embedding model loads first; slow on a busy machine)."""
+        """Wait for the socket (the embedding model loads first; slow on a busy machine), then
+        for /health to answer 200."""
         assert self.process is not None
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                return False
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return True
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.1)
+                break
+            if not self.url:
+                found = LISTENING.search(self.log())
+                if found:
+                    self.url = f"http://127.0.0.1:{found.group(1)}"
+            else:
+                try:
+                    if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass  # not answering yet
+            time.sleep(0.1)  # polling the log and /health, not waiting for time to pass
         self.stop()
-        return False
+        raise RuntimeError(f"tokenmill gateway did not start:\n{self.log()[-4000:]}")
 
     def log(self) -> str:
         return self.log_path.read_text()

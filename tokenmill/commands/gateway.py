@@ -58,7 +58,7 @@ def run_gateway(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = load_config(args.config)
     server = dataclasses.replace(config.server, host=args.host or config.server.host,
-                                 port=args.port or config.server.port,
+                                 port=config.server.port if args.port is None else args.port,
                                  otlp_endpoint=args.otlp_endpoint or config.server.otlp_endpoint)
     shared_state = dataclasses.replace(
         config.shared_state, redis_url=args.redis_url or config.shared_state.redis_url)
