@@ -1,14 +1,21 @@
 """Ray Serve cases; run only by ``test_ray_serve.py`` inside a fresh network namespace (``unshare -n``
 with only ``lo`` up), never collected on their own (the file name has no ``test_`` prefix).
 
-One local Ray cluster (2 CPUs, node address 127.0.0.1) for the module; the application is
-redeployed per scenario (2 replicas with prefix affinity; then rank 0 slowed 2x by fault
-injection; then autoscaling 1..2) with the same replica options, so replicas are not reloaded. Replicas run the built-in model with one torch thread.
+The first case runs the real ``tokenmill serve --ray`` with its own cluster, before the module's
+shared one (2 CPUs, node address 127.0.0.1) starts. On that one the application is deployed
+three times only (each ``serve.run`` is a rolling restart in Ray 2.60, a replica load each): 2
+replicas with prefix affinity; then, rolled out while answers stream, rank 0 slowed 2x by fault
+injection; then autoscaling 1..2. Replicas run the built-in model with one torch thread.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -17,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
+import psutil
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -52,10 +60,56 @@ def _wait_for(condition: Callable[[], bool], deadline_s: float, what: str) -> No
         time.sleep(0.2)
 
 
+def _assert_loopback_only() -> None:
+    # The networking rule: nothing but loopback exists here.
+    assert [name for _, name in socket.if_nameindex()] == ["lo"], socket.if_nameindex()
+
+
+def test_the_cli_serves_the_openai_client_and_exits_cleanly_on_sigterm(tmp_path):
+    """``tokenmill serve --ray`` as a user runs it: its own local cluster, then SIGTERM.
+
+    First in the file, so its cluster is gone before the module's shared one starts."""
+    _assert_loopback_only()
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("w+")
+    command = [sys.executable, "-m", "tokenmill.cli", "serve", "--ray", "--num-replicas", "1",
+               "--host", "127.0.0.1", "--port", str(port), "--kv-cache-memory", str(2**27),
+               "--num-threads", "1", "--shutdown-timeout", "5", "--ray-stats-period-s", "0.5"]
+    server = psutil.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+    try:
+        def answering() -> bool:
+            assert server.poll() is None, "the server exited early"
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code \
+                    == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_for(answering, 240, "tokenmill serve --ray to answer")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                               max_retries=0)
+        completion = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                               max_tokens=4, temperature=0)
+        assert completion.choices[0].text and completion.usage.completion_tokens == 4
+        # Everything Ray started (GCS, raylet, workers, replica actors) is below the server.
+        tree = server.children(recursive=True)
+        assert any("raylet" in p.name() for p in tree), [p.name() for p in tree]
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+    except BaseException:
+        log.seek(0)
+        print(log.read()[-8000:])
+        raise
+    finally:
+        if server.poll() is None:
+            server.kill()
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    assert not alive, [(p.pid, p.name()) for p in alive]
+
+
 @pytest.fixture(scope="module")
 def url():
-    # The networking rule: nothing but loopback exists here, and Ray must say so too.
-    assert [name for _, name in socket.if_nameindex()] == ["lo"], socket.if_nameindex()
+    _assert_loopback_only()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)
     try:
@@ -69,13 +123,22 @@ def url():
         ray.shutdown()
 
 
+STRAGGLER = FaultSettings(step_delay_factor=2.0, replica_ranks=(0,))  # rank 0 slowed 2x
+_deployed: list[dict] = []  # the overrides of the application running now
+
+
 def _deploy(**overrides) -> None:
-    """Every scenario keeps the same router and replica options, so a redeploy only changes the
-    replica count, autoscaling or fault injection (``user_config``): no replica reloads."""
+    """Deploy 2 replicas (or ``overrides``), unless exactly this is running already: in Ray 2.60
+    every ``serve.run`` of a Python application is a rolling restart of all its deployments
+    (each gets a new internal version), which costs a replica load per replica."""
+    if _deployed == [overrides]:
+        return
     settings = RayServeSettings(**{"num_replicas": 2, "stats_period_s": 0.5,
                                    "health_check_period_s": 1.0, "affinity_max_imbalance": 3,
                                    "straggler_persistence": 2, **overrides})
+    _deployed[:] = []
     serve.run(build_application(SERVER, settings), name=APP_NAME, route_prefix="/")
+    _deployed[:] = [overrides]
 
 
 def _replica_states() -> dict[str, int]:
@@ -166,8 +229,62 @@ def test_killing_a_replica_loses_no_request_and_it_comes_back(two_replicas):
               60, "the router to know the new replica")
 
 
+def _stream(url: str, prompt: str, max_tokens: int, started: threading.Event | None = None
+            ) -> tuple[str, int]:
+    """One streamed completion read to its end: (replica, completion tokens of its usage)."""
+    with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200, r.read()
+        if started is not None:
+            started.set()  # the head comes with the first token: this stream has begun
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+    assert events[-1] == "[DONE]", events[-3:]
+    return r.headers[REPLICA_HEADER], json.loads(events[-2])["usage"]["completion_tokens"]
+
+
+def test_a_rolling_restart_loses_no_request(two_replicas):
+    """A user rolls out changed settings by running the application again (``serve.run``; here
+    fault injection switched on for the next case): Ray starts new replicas and drains the old
+    ones (each drain may last ``shutdown_timeout``, 5 s here: far above a 48-token answer).
+    Streams that had begun finish on their old replica, requests sent during the roll-out
+    are all answered, and afterwards only new replicas answer."""
+    old = {r.get("name") for r in httpx.get(two_replicas + "/ray/fleet").json()["replicas"]
+           .values()}
+    starts = [threading.Event() for _ in range(4)]
+    rolled = threading.Event()
+
+    def during_roll_out(i: int) -> list[str]:
+        names = []
+        while not rolled.is_set():
+            names.append(_complete(two_replicas, f"Roll {i}: {len(names)} birds and", 8)
+                         .headers[REPLICA_HEADER])
+        return names
+
+    with ThreadPoolExecutor(6) as pool:
+        streams = [pool.submit(_stream, two_replicas, f"Stream {i}: list the seasons", 48, e)
+                   for i, e in enumerate(starts)]
+        for started, stream in zip(starts, streams, strict=True):
+            _wait_for(lambda s=started, f=stream: s.is_set() or f.done(), 60, "a stream's start")
+        assert all(e.is_set() for e in starts), [f.result() for f in streams]
+        others = [pool.submit(during_roll_out, i) for i in range(2)]
+        try:
+            _deploy(faults=STRAGGLER)  # returns once the new replicas are RUNNING
+        finally:
+            rolled.set()
+        finished = [s.result() for s in streams]
+        answered = [name for o in others for name in o.result()]
+    assert all(tokens == 48 for _, tokens in finished), finished  # none cut short
+    assert {name for name, _ in finished} <= old, (finished, old)
+    assert answered, "no request was sent during the roll-out"
+    new = {_complete(two_replicas, f"After {i}: a short note").headers[REPLICA_HEADER]
+           for i in range(6)}
+    assert not new & old, (new, old)
+    _wait_for(lambda: _replica_states() == {"RUNNING": 2}, 60, "the old replicas gone")
+
+
 def test_a_replica_slowed_twofold_is_marked_degraded_and_gets_less_traffic(url):
-    _deploy(faults=FaultSettings(step_delay_factor=2.0, replica_ranks=(0,)))
+    _deploy(faults=STRAGGLER)  # already running after the roll-out case
     replicas = {}
 
     def fleet() -> dict:

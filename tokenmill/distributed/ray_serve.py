@@ -100,7 +100,7 @@ def build_application(server: ServerSettings, settings: RayServeSettings) -> Any
         "health_check_timeout_s": max(10.0, 3 * settings.health_check_period_s),
         "graceful_shutdown_timeout_s": server.shutdown_timeout,
         "request_router_config": router,
-        "user_config": settings.faults.user_config(),  # applied without restarting replicas
+        "user_config": settings.faults.user_config(),  # given to each replica's ``reconfigure``
     }
     autoscaling = settings.autoscaling_config()
     if autoscaling is None:
@@ -138,21 +138,44 @@ def deploy(server: ServerSettings, settings: RayServeSettings, *, host: str, por
     return serve
 
 
-def run(server: ServerSettings, settings: RayServeSettings, *, host: str, port: int) -> int:
-    """``tokenmill serve --ray``: deploy, then wait for SIGTERM / Ctrl+C and tear down."""
-    serve = deploy(server, settings, host=host, port=port)
-    scale = (f"autoscaling {settings.min_replicas}..{settings.max_replicas} replicas"
-             if settings.is_autoscaled else f"{settings.num_replicas} replica(s)")
-    logger.info("serving on http://%s:%d through Ray Serve: %s, router %s", host, port, scale,
-                settings.router_policy)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    logger.info("shutting down: deleting the application (running requests finish first)")
-    serve.delete(APP_NAME)
-    serve.shutdown()
-    import ray
+class _Stop(BaseException):
+    """Raised in the main thread by SIGTERM / SIGINT to leave a wait (or a deploy) and tear down."""
 
-    ray.shutdown()
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def run(server: ServerSettings, settings: RayServeSettings, *, host: str, port: int) -> int:
+    """``tokenmill serve --ray``: deploy, then wait for SIGTERM / Ctrl+C and tear down.
+
+    Our handlers go in after ``ray.init`` (which installs one that aborts the process on SIGTERM)
+    but before the deploy, so a signal while replicas load also ends in a clean teardown, exit 0.
+    """
+    connect(settings)
+    from ray import serve
+
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        deploy(server, settings, host=host, port=port)
+        scale = (f"autoscaling {settings.min_replicas}..{settings.max_replicas} replicas"
+                 if settings.is_autoscaled else f"{settings.num_replicas} replica(s)")
+        logger.info("serving on http://%s:%d through Ray Serve: %s, router %s", host, port,
+                    scale, settings.router_policy)
+        threading.Event().wait()  # until a signal raises _Stop
+    except _Stop as stop:
+        logger.info("%s: deleting the application (running requests finish first)", stop)
+    finally:
+        # A second signal must not cut the teardown short (it would leave Ray processes behind).
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            serve.delete(APP_NAME)
+            serve.shutdown()
+        finally:
+            import ray
+
+            ray.shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return 0

@@ -10,7 +10,8 @@ client, which is what lets the ingress retry a request whose replica died before
 The replica also reports, for the router, its step times and utilization
 (``record_routing_stats``) and, for Ray's health checks, whether its engine is alive
 (``check_health``: a dead engine makes Ray replace the replica). Fault injection comes in as the
-deployment's ``user_config`` (``reconfigure``), so it can be switched on running replicas.
+deployment's ``user_config`` (``reconfigure``). (A declarative ``serve deploy`` changing only it
+reconfigures running replicas; each Python ``serve.run`` in Ray 2.60 replaces them anyway.)
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class TokenmillReplica:
         context = serve.get_replica_context()
         self.rank = getattr(getattr(context, "rank", None), "rank", None)
         self.name = ray.get_runtime_context().get_actor_name() or context.replica_tag
-        # Off until ``reconfigure`` says otherwise; a live object, so a drill can start and stop
-        # on running replicas (a user_config change) without reloading them.
+        # Off until ``reconfigure`` says otherwise; a live object, so a user_config change that
+        # reaches a running replica (Ray calls ``reconfigure`` again) takes effect at once.
         self.step_faults = StepFaultInjector()
         self.app = create_app(settings, engine_factory=functools.partial(
             AsyncLLM, step_faults=self.step_faults))
