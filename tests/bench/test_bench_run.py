@@ -94,7 +94,7 @@ def test_cost_is_one_bill_viewed_per_kind_of_token() -> None:
     """$7.2 an hour is $0.002 a second; at 100 output and 300 input tokens a second, a million
     output tokens take 10,000 s ($20), a million input tokens 3,333.3 s ($6.67), a million of
     both 2,500 s ($5)."""
-    from tokenmill.bench.cost import Price, level_cost
+    from tokenmill.cost import Price, level_cost
 
     cost = level_cost({"output_tokens_per_s": 100.0, "input_tokens_per_s": 300.0},
                       Price(7.2, "user"))

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from tokenmill.distributed.ray_serve_router import TokenmillRequestRouter
+
+class Evaluator(Protocol):
+    """What the view needs of a router (a Protocol, so this module need not import the router,
+    which imports it)."""
+
+    def evaluate(self) -> None: ...
 
 
 @dataclass
@@ -28,7 +32,7 @@ class FleetView:
     num_affinity_fallbacks: int = 0
     degraded_events: list[tuple[float, str, bool, float]] = field(default_factory=list)
     """(time, replica, degraded, slowdown) for each mark or clear."""
-    router: TokenmillRequestRouter | None = None
+    router: Evaluator | None = None
     """The router of this process (the ingress asks it for a fresh evaluation when read)."""
 
     def on_sent(self, replica: str) -> None:

@@ -28,6 +28,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from tokenmill.distributed.ray_serve_fleet import FleetView, fleet_snapshot, render_fleet_metrics
 from tokenmill.distributed.ray_serve_replica import REPLICA_HEADER, ForwardedRequest
+from tokenmill.errors import UpstreamUnavailableError
+from tokenmill.openai_protocol import error_response
 
 logger = logging.getLogger("tokenmill.ray_serve")
 
@@ -112,9 +114,8 @@ class TokenmillIngress:
             replica_id = headers.get(REPLICA_HEADER, "").rpartition("#")[2]
             return StreamingResponse(_rest(stream, replica_id), status_code=head["status"],
                                      headers=headers)
-        return JSONResponse(status_code=503, content={"error": {
-            "message": f"no replica could answer after {MAX_ATTEMPTS} attempts: {last_error!r}",
-            "type": "service_unavailable", "param": None, "code": None}})
+        return error_response(UpstreamUnavailableError(
+            f"no replica could answer after {MAX_ATTEMPTS} attempts: {last_error!r}"))
 
 
 async def _rest(stream: Any, replica_id: str) -> AsyncIterator[bytes]:

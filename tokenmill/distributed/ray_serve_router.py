@@ -12,6 +12,10 @@ Ray's HTTP proxy could not give a router: it forwards only the ASGI scope, not t
   callbacks and its replicas' ongoing-request counts both read zero while a streamed answer
   (every ingress call is one) is still running. Ray still refuses a replica whose queue is full
   (``max_ongoing_requests``) and moves to the next rank.
+- Between choosing and sending Ray awaits (it probes the replicas' queues), so several requests
+  arriving together would all be chosen against the same loads and land on one replica, past the
+  load cap. Choosing therefore reserves the first-ranked replica (it counts in its load) until
+  Ray sends a request there or ``RESERVATION_S`` passes (Ray sent it elsewhere).
 - Every ``stats_period_s`` the router reads each replica's routing stats (``record_routing_stats``
   on the replica: step time per batch bucket, utilization, KV usage) and feeds the straggler
   detector; a degraded replica counts its load heavier and loses its prefixes to healthy replicas.
@@ -43,6 +47,9 @@ from tokenmill.routing_policy import (
 
 logger = logging.getLogger("tokenmill.ray_serve")
 
+RESERVATION_S = 2.0
+"""How long a choice counts in its replica's load before Ray has sent the request there."""
+
 
 def routing_key(pending_request: PendingRequest | None) -> str:
     """The prefix key the ingress put in the call's first argument (empty: no affinity)."""
@@ -65,6 +72,8 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
                                           on_change=FleetView.of_this_process().on_change)
         self._turn = 0
         self._next_evaluation = 0.0
+        self._reserved: dict[str, list[float]] = {}
+        """Replica id -> when requests were chosen for it and not yet sent (oldest first)."""
         self._seen_stats: dict[str, int] = {}
         """Replica id -> the stats ``seq`` last fed to the detector (each snapshot counts once)."""
         FleetView.of_this_process().router = self
@@ -79,6 +88,7 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
         self._turn += 1
         key = routing_key(pending_request) if self.policy == "prefix_affinity" else ""
         ordered = self._order(candidate_replicas, key)
+        self._reserved.setdefault(ordered[0].replica_id.unique_id, []).append(time.monotonic())
         # One replica per rank: Ray tries them in this order, skipping any whose queue is full.
         return [[replica] for replica in ordered]
 
@@ -97,8 +107,18 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
                                                self._load, self._turn)
         return order_by_load(replicas, self._load, self._turn)
 
+    def _num_reserved(self, name: str) -> int:
+        times = self._reserved.get(name)
+        if not times:
+            return 0
+        expired = time.monotonic() - RESERVATION_S
+        while times and times[0] < expired:
+            times.pop(0)
+        return len(times)
+
     def _load(self, replica: RunningReplica) -> float:
-        load = float(FleetView.of_this_process().in_flight.get(replica.replica_id.unique_id, 0))
+        name = replica.replica_id.unique_id
+        load = float(FleetView.of_this_process().in_flight.get(name, 0) + self._num_reserved(name))
         if not self.straggler_handling:
             return load
         return self.detector.effective_load(replica.replica_id.unique_id, load)
@@ -106,6 +126,8 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
     # ------------------------------------------------------------------ bookkeeping
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)
+        if self._reserved.get(replica_id.unique_id):
+            self._reserved[replica_id.unique_id].pop(0)  # now counted as in flight instead
         FleetView.of_this_process().on_sent(replica_id.unique_id)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
@@ -113,6 +135,8 @@ class TokenmillRequestRouter(FIFOMixin, RequestRouter):
         live_names = {r.replica_id.unique_id for r in replicas}
         for gone in set(FleetView.of_this_process().in_flight) - live_names:
             del FleetView.of_this_process().in_flight[gone]
+        for gone in set(self._reserved) - live_names:
+            del self._reserved[gone]
         for name in set(FleetView.of_this_process().replicas) - live_names:
             del FleetView.of_this_process().replicas[name]
 
