@@ -21,6 +21,7 @@ tokenmill builder alive, so a baton file it finds is stale and is removed.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import sys
@@ -77,15 +78,19 @@ class NativeExtension:
 
 
 def extension_build_directory(name: str) -> Path:
-    """Where torch's builder would put the extension: ``TORCH_EXTENSIONS_DIR`` if set, else its
-    per-user cache, one folder per Python version (these kernels are CPU-only)."""
+    """Where the extension is built: under ``TORCH_EXTENSIONS_DIR`` if set, else torch's per-user
+    cache, one folder per Python version (these kernels are CPU-only) and per checkout."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root is None:
         python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
         root = os.path.join(get_default_build_root(), f"{python}_cpu")
-    directory = Path(root) / name
+    # One folder per checkout: torch's build files name the sources by absolute path, so two
+    # checkouts (a clone and a worktree, say) sharing one folder would each rebuild over the
+    # other's build, taking turns on the lock.
+    checkout = hashlib.sha256(str(Path(__file__).resolve().parent).encode()).hexdigest()[:10]
+    directory = Path(root) / f"{name}-{checkout}"
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 
