@@ -136,7 +136,7 @@ def main() -> None:
     torch.manual_seed(0)
     isa = qm.kernel_isa()
     print(f"cpu: {platform.processor() or platform.machine()}  threads: {args.threads[0]}  "
-          f"torch {torch.__version__}  kernel isa: {isa}  dense path from M >= {qm.DENSE_MIN_ROWS}"
+          f"torch {torch.__version__}  kernel isa: {isa}  dense path from M >= {qm.dense_min_rows()}"
           f"  features: {' '.join(sorted(qm._features))}")
     header = (f"{'shape':>8} {'M':>4} {'variant':>22} {'best us':>10} {'median us':>10} "
               f"{'GB/s':>7}  load avg")

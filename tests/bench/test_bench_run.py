@@ -140,6 +140,32 @@ def test_rate_sweep_chat_workload_and_compare(fake, run_cli, tmp_path, tokenizer
     assert "TTFT p50 ms" in stdout and "B/A" in stdout
 
 
+def test_no_prompt_is_sent_twice_in_a_run(fake, run_cli, tmp_path, tokenizer_json) -> None:
+    """Servers cache prompts: a level that replayed an earlier level's prompts (or the warm-up's)
+    would be answered from that cache and report prefills it never paid for. Every request of the
+    warm-up and of each level is a new prompt; a shared-prefix run keeps its groups' prefixes."""
+    server, url = fake
+    server.reset()
+    code, _, stderr, record = _bench(
+        run_cli, url, tmp_path / "a", "--warmup", "2", "--concurrency", "1,4",
+        "--num-requests", "6", "--input-len", "64", "--output-len", "2",
+        "--tokenizer", tokenizer_json)
+    assert code == 0, stderr
+    assert [lv["summary"]["num_ok"] for lv in record["levels"]] == [6, 6]
+    assert len(server.prompts) == 14
+    assert len(set(server.prompts)) == 14
+    assert len({p[:80] for p in server.prompts}) == 14  # not even a shared start
+
+    server.reset()
+    code, _, stderr, _ = _bench(
+        run_cli, url, tmp_path / "b", "--concurrency", "1,2", "--num-requests", "4",
+        "--workload", "shared-prefix", "--num-groups", "2", "--prefix-len", "48",
+        "--input-len", "16", "--output-len", "2", "--tokenizer", tokenizer_json)
+    assert code == 0, stderr
+    assert len(set(server.prompts)) == 8
+    assert len({p.split("\n\n")[0] for p in server.prompts}) == 2
+
+
 def test_unreachable_url_is_one_clear_line(run_cli, tmp_path, tokenizer_json) -> None:
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))

@@ -15,8 +15,8 @@ from tokenmill.bench.metrics import SLO
 from tokenmill.bench.plot import write_plots
 from tokenmill.bench.report import build_record, render_markdown, write_json
 from tokenmill.bench.runner import LevelRun, LoadLevel, Stop, run_level, warm_up
-from tokenmill.bench.tokens import load_counting_tokenizer
-from tokenmill.bench.workload import WorkloadSpec, build_requests
+from tokenmill.bench.tokens import CountingTokenizer, load_counting_tokenizer
+from tokenmill.bench.workload import BenchRequest, WorkloadSpec, build_requests
 from tokenmill.cost import Price
 from tokenmill.errors import BenchError
 
@@ -46,6 +46,29 @@ class BenchOutcome:
     problem: str | None = None  # set when the run stopped early or every request failed
 
 
+@dataclass
+class RequestPlan:
+    """The requests of the warm-up and of each level."""
+    warmup: list[BenchRequest]
+    levels: list[list[BenchRequest]]
+
+
+def plan_requests(opts: BenchOptions, tokenizer: CountingTokenizer) -> RequestPlan:
+    """Synthetic prompts are never sent twice in one run: the warm-up and every level get their
+    own. Servers cache prompts (tokenmill's prefix cache, llama-server's slots, vLLM's APC), so a
+    level that replays an earlier level's prompts gets its prefills from the cache and measures
+    decode alone. A shared-prefix workload keeps its groups' prefixes across the run (that is its
+    point) with new text after them. A JSONL dataset is replayed as it is at every level."""
+    pool = opts.stop.num_requests or DURATION_POOL_SIZE
+    if opts.workload.kind == "jsonl":
+        requests = build_requests(opts.workload, tokenizer, pool)
+        return RequestPlan(requests, [requests] * len(opts.levels))
+    requests = build_requests(opts.workload, tokenizer, opts.warmup + pool * len(opts.levels))
+    levels = [requests[opts.warmup + i * pool:opts.warmup + (i + 1) * pool]
+              for i in range(len(opts.levels))]
+    return RequestPlan(requests[:opts.warmup], levels)
+
+
 def _client(opts: BenchOptions) -> httpx.AsyncClient:
     # Enough connections for the widest level, so the client never queues what the server should.
     widest = max((int(lv.value) if lv.mode == "concurrency" else (lv.max_concurrency or 0))
@@ -56,7 +79,7 @@ def _client(opts: BenchOptions) -> httpx.AsyncClient:
     return httpx.AsyncClient(limits=limits, timeout=timeout)
 
 
-async def _run_all(opts: BenchOptions, requests: list, runs: list[LevelRun],
+async def _run_all(opts: BenchOptions, plan: RequestPlan, runs: list[LevelRun],
                    config: dict[str, Any], checkpoint: Any) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -65,7 +88,7 @@ async def _run_all(opts: BenchOptions, requests: list, runs: list[LevelRun],
         target = Target(**{**opts.target.__dict__, "model": model})
         config["model"] = model
         if opts.warmup:
-            await warm_up(client, target, requests, opts.warmup)
+            await warm_up(client, target, plan.warmup, opts.warmup)
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("errors {task.fields[errors]}"), TimeElapsedColumn(),
                             disable=not opts.show_progress, transient=True)
@@ -79,7 +102,7 @@ async def _run_all(opts: BenchOptions, requests: list, runs: list[LevelRun],
                     progress.update(task, advance=1,
                                     errors=sum(1 for r in run.results if not r.ok))
 
-                await run_level(client, target, run, requests, opts.stop, on_result,
+                await run_level(client, target, run, plan.levels[i], opts.stop, on_result,
                                 seed=opts.workload.seed + i)
                 checkpoint()
 
@@ -88,8 +111,7 @@ def run_bench(opts: BenchOptions, console: Any) -> BenchOutcome:
     if not opts.levels:
         raise BenchError("no load level given (--concurrency or --request-rate)")
     tokenizer = load_counting_tokenizer(opts.tokenizer)
-    pool = opts.stop.num_requests or DURATION_POOL_SIZE
-    requests = build_requests(opts.workload, tokenizer, pool)
+    plan = plan_requests(opts, tokenizer)
     config: dict[str, Any] = {
         "base_url": opts.target.base_url, "model": opts.target.model,
         "workload": opts.workload.describe(), "stop": opts.stop.__dict__,
@@ -110,7 +132,7 @@ def run_bench(opts: BenchOptions, console: Any) -> BenchOutcome:
 
     stopped: str | None = None
     try:
-        asyncio.run(_run_all(opts, requests, runs, config, checkpoint))
+        asyncio.run(_run_all(opts, plan, runs, config, checkpoint))
     except KeyboardInterrupt:
         stopped = "interrupted by the user"
     except BenchError as exc:

@@ -95,7 +95,8 @@ class LlamaDecodeStack:
         elif dtype == torch.float32:
             max_rows = quant_matmul.DENSE_MIN_ROWS_FP32 - 1
         else:
-            max_rows = quant_matmul.DENSE_MIN_ROWS - 1
+            dense_from = quant_matmul.dense_min_rows()
+            max_rows = 1 << 30 if dense_from is None else dense_from - 1
         return cls(native, dtype, max_rows)
 
     def can_run(self, hidden: torch.Tensor, meta: AttentionMetadata,

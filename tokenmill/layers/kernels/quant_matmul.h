@@ -35,7 +35,8 @@
 // few tens of rows on. So `dense_linear` dequantizes chunks of columns straight from this layout
 // into a [K, chunk] bf16 matrix (the column interleave makes each k-row of 16 columns one vector)
 // and calls at::mm. Measured on one core, 576 x 3072, M = 32 / 64 / 512: int8 kernel 450 / 920 /
-// 8000 us, dense 590 / 730 / 1700 us; quant_matmul.py switches at DENSE_MIN_ROWS.
+// 8000 us, dense 590 / 730 / 1700 us; quant_matmul.py switches at dense_min_rows() on AMX
+// machines. Without AMX (oneDNN's bf16 GEMM on AVX512-BF16) the int8 kernel is faster at any M.
 // An AMX int8 variant (TDPBSUD per 32-element block, rescaled after every block because x's and
 // the weight's scales change every block) measured only 1.1-1.25x over this kernel: the per-block
 // tile store + rescale serializes. Not kept; a fused AMX-bf16 dequantizing kernel is the next step.

@@ -7,12 +7,12 @@
   rows < ``DENSE_MIN_ROWS_FP32``: the exact kernel, which expands the packed codes to float32 in
   registers and FMAs them with x (no activation quantization); from there on, column chunks are
   dequantized to float32 and multiplied with torch's float32 GEMM;
-* bfloat16 x, rows < ``DENSE_MIN_ROWS`` (decode): activations are quantized to int8 per 32-element
-  block and the packed weights are streamed once through integer dot products (AVX-512 VNNI or
-  AVX2); x in bf16 is already rounded to 8 bits, so this costs little more;
-* bfloat16 x, rows >= ``DENSE_MIN_ROWS`` (prefill): compute-bound, so column chunks are dequantized
-  to bf16 (fp32 without AVX512-BF16/AMX) and multiplied with torch's GEMM (oneDNN, AMX where
-  present).
+* bfloat16 x: activations are quantized to int8 per 32-element block and the packed weights are
+  streamed once through integer dot products (AVX-512 VNNI or AVX2); x in bf16 is already rounded
+  to 8 bits, so this costs little more. On a CPU with AMX, from ``dense_min_rows()`` rows on
+  (prefill), column chunks are dequantized to bf16 instead and multiplied with torch's GEMM
+  (oneDNN on AMX tiles), which is faster there; without AMX the integer kernel is faster at every
+  row count.
 
 The ISA is decided once from the CPU (``kernel_isa``, for the start-up banner); the environment
 variable ``TOKENMILL_QUANT_ISA`` (avx512_vnni | avx2 | reference) or ``set_isa`` forces a path,
@@ -42,10 +42,14 @@ _ISA_NEEDS = {"avx512_vnni": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "av
                               "f16c"},
               "avx2": {"avx2", "fma", "f16c"}}
 TILE_N = 16  # output columns per tile: one AVX-512 register of int32 lanes
-# From this many rows on, dequantize + torch's GEMM beats the int8 kernel (which is compute-bound
-# from a few rows on). Measured on a Xeon with AMX, one core, 576 x 3072: 32 rows 450 vs 590 us,
-# 48 rows about even, 64 rows 920 vs 730 us (benchmarks/quant_matmul_micro.py --paths).
-DENSE_MIN_ROWS = 48
+# On a CPU with AMX, from this many rows on, dequantize + torch's GEMM beats the int8 kernel
+# (which is compute-bound from a few rows on). Measured on a Xeon with AMX, one core, 576 x 3072:
+# 32 rows 450 vs 590 us, 48 rows about even, 64 rows 920 vs 730 us. Without AMX the int8 kernel
+# wins at every row count: on a 2-core AMD EPYC (Zen 4, AVX-512 VNNI + BF16, no AMX), 2 threads,
+# 576 x 3072, int8 vs dense bf16: 48 rows 304 vs 565 us, 256 rows 1605 vs 2163, 1024 rows 6762 vs
+# 8659; 576 x 49152 at 1024 rows 138 vs 168 ms; the AVX2 kernel against the dense fp32 GEMM: 256
+# rows 2692 vs 5699 us (benchmarks/quant_matmul_micro.py --paths).
+DENSE_MIN_ROWS_AMX = 48
 # float32 x: from this many rows on, dequantize + torch's float32 GEMM beats the exact kernel.
 # Measured on the same Xeon (AMX), one core, K=576 N=576/960/3072 and K=1536 N=576, q4 g32 with
 # mins: at 16 rows the exact kernel wins everywhere (86 vs 97 us at 576 x 576, 432 vs 537 at
@@ -119,6 +123,12 @@ def set_isa(name: str | None) -> str:
         raise ValueError(f"quantized matmul ISA {name!r} is not supported on this machine")
     _isa = name
     return name
+
+
+def dense_min_rows() -> int | None:
+    """Rows of bf16 x from which ``quant_linear`` takes the dense path; None: never (no AMX)."""
+    quant_matmul_module()
+    return DENSE_MIN_ROWS_AMX if "amx-bf16" in _features else None
 
 
 def _dense_dtype(isa: str) -> torch.dtype:
@@ -286,7 +296,8 @@ def quant_linear(x: torch.Tensor, packed: PackedLinear,
     if x.dtype == torch.float32:
         path = "dense" if x.shape[0] >= DENSE_MIN_ROWS_FP32 else "exact"
     else:
-        path = "dense" if x.shape[0] >= DENSE_MIN_ROWS else "int8"
+        dense_from = dense_min_rows()
+        path = "dense" if dense_from is not None and x.shape[0] >= dense_from else "int8"
     return native_linear(x, packed, bias, path, isa)
 
 
