@@ -70,7 +70,8 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     output = torch.empty_like(query)
     for span in meta.prefills:
         rows = slice(span.query_start, span.query_start + span.query_len)
-        if kv_cache is None:
+        if kv_cache is None or span.context_len == span.query_len:
+            # no earlier context: the keys are this step's own rows, no gather from the cache
             k, v = key[rows], value[rows]
         else:
             k, v = _gather(kv_cache, span.block_ids)
