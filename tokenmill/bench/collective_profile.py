@@ -16,8 +16,8 @@ points into the latency and bandwidth the planner uses.
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -33,13 +33,7 @@ WORLD_SIZE = 2
 _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_main(rank: int, world_size: int, port: int, hidden: int, vocab: int, dtype: str,
+def _rank_main(rank: int, world_size: int, init_method: str, hidden: int, vocab: int, dtype: str,
                rows: tuple[int, ...], iterations: int, repeats: int, results: Any) -> None:
     import torch
     import torch.distributed as dist
@@ -47,8 +41,7 @@ def _rank_main(rank: int, world_size: int, port: int, hidden: int, vocab: int, d
     from tokenmill.distributed.parallel_state import init_distributed
 
     torch.set_num_threads(1)
-    context = init_distributed(rank, world_size, f"tcp://127.0.0.1:{port}", "cpu",
-                               timeout_s=60)
+    context = init_distributed(rank, world_size, init_method, "cpu", timeout_s=60)
     torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
     measured: dict[str, list[tuple[float, float]]] = {"all_reduce": [], "all_gather": []}
     try:
@@ -86,26 +79,30 @@ def measure_collectives(hidden: int, vocab: int, dtype: str, *, world_size: int 
     """All-reduce and all-gather cost between ``world_size`` ranks here, fitted as latency +
     bus bytes / bandwidth (at 2 ranks an all-reduce's bus bytes are the message's, an
     all-gather's half its result)."""
+    from tokenmill.distributed.parallel_state import file_rendezvous
+
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, hidden, vocab, dtype,
-                                                   rows, iterations, repeats, results),
-                         daemon=True)
-             for rank in range(world_size)]
-    for proc in procs:
-        proc.start()
-    try:
-        measured = results.get(timeout=timeout_s)
-    except Exception as exc:  # queue.Empty: a rank failed or hung
-        codes = [proc.exitcode for proc in procs]
-        raise RuntimeError(f"the all-reduce measurement got no result (rank exit codes "
-                           f"{codes})") from exc
-    finally:
+    with tempfile.TemporaryDirectory(prefix="tokenmill-profile-tp-") as rendezvous:
+        init_method = file_rendezvous(rendezvous)
+        procs = [ctx.Process(target=_rank_main,
+                             args=(rank, world_size, init_method, hidden, vocab, dtype, rows,
+                                   iterations, repeats, results),
+                             daemon=True)
+                 for rank in range(world_size)]
         for proc in procs:
-            proc.join(30)
-            if proc.is_alive():
-                proc.kill()
+            proc.start()
+        try:
+            measured = results.get(timeout=timeout_s)
+        except Exception as exc:  # queue.Empty: a rank failed or hung
+            codes = [proc.exitcode for proc in procs]
+            raise RuntimeError(f"the all-reduce measurement got no result (rank exit codes "
+                               f"{codes})") from exc
+        finally:
+            for proc in procs:
+                proc.join(30)
+                if proc.is_alive():
+                    proc.kill()
     reduce, gather = measured["all_reduce"], measured["all_gather"]
     per_call_us = statistics.median(s for _, s in reduce) * 1e6
     return Interconnect(

@@ -536,8 +536,8 @@ def measure_serving(decode: DecodeProfile, *, threads: int, input_len: int = 64,
     context."""
     import dataclasses
     import os
+    import re
     import signal
-    import socket
     import subprocess
     import sys
     import tempfile
@@ -552,13 +552,11 @@ def measure_serving(decode: DecodeProfile, *, threads: int, input_len: int = 64,
     from tokenmill.bench.session import BenchOptions, run_bench
     from tokenmill.bench.workload import LengthDist, WorkloadSpec
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "TOKENMILL_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    # port 0: the OS picks it as the server binds, and uvicorn's start-up line names it
     command = [sys.executable, "-m", "tokenmill.cli", "serve", "--host", "127.0.0.1", "--port",
-               str(port), "--kv-cache-memory", str(2**27)]
+               "0", "--kv-cache-memory", str(2**27)]
+    listening = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
     context = input_len + output_len // 2
     with tempfile.TemporaryDirectory(prefix="tokenmill-profile-") as out:
         log_path = Path(out) / "serve.log"
@@ -566,17 +564,21 @@ def measure_serving(decode: DecodeProfile, *, threads: int, input_len: int = 64,
             server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + timeout_s
+            url = None
             while True:
                 if server.poll() is not None:
                     raise RuntimeError(f"tokenmill serve exited: {log_path.read_text()[-500:]}")
-                try:
-                    if httpx.get(url + "/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
+                if url is None and (found := listening.search(log_path.read_text())):
+                    url = found.group(1)
+                if url is not None:
+                    try:
+                        if httpx.get(url + "/health").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
                 if time.monotonic() > deadline:
                     raise RuntimeError("tokenmill serve did not become ready")
-                time.sleep(0.2)
+                time.sleep(0.2)  # polling a child process's log and /health
             levels = []
             for index, batch in enumerate(SERVE_BATCHES):  # one round of the batch is enough
                 outcome = run_bench(BenchOptions(

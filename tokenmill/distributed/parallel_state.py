@@ -15,6 +15,7 @@ and a step has two per layer (see docs/tensor_parallel.md for the measured figur
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -78,10 +79,17 @@ class ParallelContext:
             self.shm = None
 
 
+def file_rendezvous(directory: str) -> str:
+    """An ``init_method`` for ranks on this machine: a new file in ``directory`` (torch's
+    FileStore). Unlike ``tcp://127.0.0.1:<port>`` it needs no port found free beforehand, which
+    another process could bind before rank 0 does."""
+    return f"file://{os.path.join(directory, f'rendezvous-{uuid.uuid4().hex}')}"
+
+
 def init_distributed(rank: int, world_size: int, init_method: str,
                      device: torch.device | str = "cpu", allreduce: str | None = None,
                      timeout_s: float | None = None) -> ParallelContext:
-    """Join the process group at ``init_method`` (``tcp://127.0.0.1:<port>``) as ``rank``: gloo
+    """Join the process group at ``init_method`` (``file_rendezvous`` on one machine) as ``rank``: gloo
     on a CPU, nccl on CUDA (one GPU per rank). ``timeout_s`` bounds the wait for the other ranks.
 
     ``allreduce``: "shm" (ranks on one machine, CPU: shared-memory all-reduce), "gloo", or

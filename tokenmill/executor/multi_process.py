@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import pickle
 import signal
-import socket
+import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from tokenmill.config import EngineConfig
+from tokenmill.distributed.parallel_state import file_rendezvous
 from tokenmill.engine.scheduler_output import RunnerOutput, SchedulerOutput
 from tokenmill.errors import WorkerFailedError
 from tokenmill.executor.executor import Executor
@@ -71,7 +72,10 @@ class MultiProcessExecutor(Executor):
         self.workers: list[WorkerHandle] = []
         self._closed = False
         context = multiprocessing.get_context("spawn")
-        init_method = (f"tcp://127.0.0.1:{free_port()}" if self.world_size > 1 else None)
+        # the process group's rendezvous file lives as long as the executor
+        self._rendezvous = (tempfile.TemporaryDirectory(prefix="tokenmill-tp-")
+                            if self.world_size > 1 else None)
+        init_method = (file_rendezvous(self._rendezvous.name) if self._rendezvous else None)
         try:
             for rank in range(self.world_size):
                 conn, child_conn = context.Pipe(duplex=True)
@@ -142,6 +146,8 @@ class MultiProcessExecutor(Executor):
         kill_processes([w.process for w in self.workers])
         for worker in self.workers:
             worker.conn.close()
+        if self._rendezvous is not None:
+            self._rendezvous.cleanup()
 
     # ------------------------------------------------------------------ internals
     def _check_not_failed(self) -> None:
@@ -199,9 +205,3 @@ def kill_processes(processes: list[BaseProcess]) -> None:
     for process in processes:
         process.join(5.0)
 
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 for the process group's rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -64,6 +64,8 @@ class ServerSettings:
 
     @property
     def address(self) -> str:
+        if self.port == 0:  # bound after start-up: uvicorn's "Uvicorn running on" line names it
+            return f"http://{self.host} on a port the OS picks (logged next)"
         return f"http://{self.host}:{self.port}"
 
 
