@@ -54,6 +54,7 @@ def run_gateway(args: argparse.Namespace) -> int:
 
     from tokenmill.gateway.app import create_app
     from tokenmill.gateway.config import load_config
+    from tokenmill.gc_policy import freeze_long_lived_objects
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = load_config(args.config)
@@ -63,5 +64,7 @@ def run_gateway(args: argparse.Namespace) -> int:
     shared_state = dataclasses.replace(
         config.shared_state, redis_url=args.redis_url or config.shared_state.redis_url)
     config = dataclasses.replace(config, server=server, shared_state=shared_state)
-    uvicorn.run(create_app(config), host=server.host, port=server.port, log_level="info")
+    app = create_app(config)
+    freeze_long_lived_objects()  # the embedding model, detector, caches: skipped by full GCs
+    uvicorn.run(app, host=server.host, port=server.port, log_level="info")
     return 0

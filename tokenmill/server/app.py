@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -26,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from tokenmill.engine.async_llm import AsyncLLM, engine_info
 from tokenmill.errors import TokenmillError
+from tokenmill.gc_policy import collect_everything, freeze_long_lived_objects
 from tokenmill.openai_protocol import error_response
 from tokenmill.server import dashboard, trace_routes
 from tokenmill.server.cost_metrics import CostTracker
@@ -98,8 +98,10 @@ async def _load_embedder(app: FastAPI) -> None:
 
 
 def _build_engine(factory: EngineFactory, config: Any) -> AsyncLLM:
-    gc.collect()  # a dead engine's weights and KV pool go before a new one is loaded
-    return factory(config)
+    collect_everything()  # a dead engine's weights and KV pool go before a new one is loaded
+    engine = factory(config)
+    freeze_long_lived_objects()  # full collections skip what lives as long as the engine
+    return engine
 
 
 def _on_engine_dead(app: FastAPI, factory: EngineFactory, error: BaseException) -> None:
