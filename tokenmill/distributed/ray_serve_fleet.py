@@ -106,8 +106,8 @@ def render_fleet_metrics(view: FleetView) -> bytes:
               f"# TYPE {name} counter"]
     lines += [f'{name}{{replica="{r}"}} {n}' for r, n in sorted(snapshot["routed"].items())]
     counters = {
-        "replica_overflow_requests_total": ("routed_while_degraded", "Of those, requests sent "
-                                            "while the replica was degraded (overflow)."),
+        "replica_overflow_requests_total": (
+            "routed_while_degraded", "Of those, requests sent while it was degraded (overflow)."),
         "replica_probes_total": ("probes", "Straggler-recovery probes sent to the replica."),
     }
     for metric, (key, doc) in counters.items():

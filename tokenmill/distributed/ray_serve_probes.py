@@ -29,7 +29,7 @@ async def probe_once(probe_handle: Any, replica: str, timeout_s: float) -> bool:
     try:
         await asyncio.wait_for(probe_handle.remote({"probe_replica": replica}), timeout_s)
         return True
-    except Exception as exc:  # a probe is best-effort; the next round tries again
+    except Exception as exc:  # noqa: BLE001 - a probe is best-effort; the next round retries
         logger.info("recovery probe of replica %s failed: %r", replica, exc)
         return False
 

@@ -1,4 +1,5 @@
-"""Stragglers among the gateway's upstreams: found from their /metrics, routed around, not cut off.
+"""Stragglers among the gateway's upstreams: found from their /metrics, given only overflow, and
+probed until they recover.
 
 The gateway has no view into its upstreams' engines, so a background task (``run``, every
 ``routing.straggler_poll_interval_s``) scrapes each replica's ``/metrics`` with a short timeout, off
@@ -9,11 +10,16 @@ bucket by bucket, with the others' median and marks it degraded after ``straggle
 slow polls (and clears it after as many polls back in line). An upstream that is not tokenmill (no
 such lines, a 404, a timeout) simply reports no buckets and is never marked.
 
-A degraded replica keeps ``straggler_weight`` of the first-choice picks the routing policy would
-give it (``Router.plan`` demotes it behind the healthy ones otherwise), so it still serves some
-requests and its recovery shows in its own step times. The mark is exported as
-``tokenmill_gateway_upstream_degraded{replica=...}`` (plus ``..._upstream_slowdown``), and the
-detector logs one line naming the replica when it is marked and when it recovers.
+A degraded replica takes only overflow (``Router.plan``, ``routing_policy.straggler_order``): no
+user request while a healthy replica holds fewer than ``routing.replica_capacity``. Its step
+times would then stop moving, so each poll first sends every degraded replica one recovery probe
+(``routing_policy.probe_body``: 8 greedy tokens, header ``x-tokenmill-probe``; not routed, so no
+user-traffic metric counts it) and waits for it (at most ``straggler_probe_timeout_s``) before
+scraping: a probe per degraded replica per poll, never more, and none to healthy replicas. The
+mark is exported as ``tokenmill_gateway_upstream_degraded{replica=...}`` (plus
+``..._upstream_slowdown``, ``..._upstream_degraded_requests_total`` and
+``..._upstream_probes_total``), and the detector logs one line naming the replica when it is
+marked and when it recovers.
 """
 
 from __future__ import annotations
@@ -26,8 +32,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tokenmill.gateway.config import RoutingSection
 from tokenmill.gateway.metrics import GatewayMetrics
-from tokenmill.gateway.router import Router
-from tokenmill.routing_policy import StragglerDetector, StragglerPolicy
+from tokenmill.gateway.router import Replica, Router
+from tokenmill.routing_policy import (
+    PROBE_HEADER,
+    StragglerDetector,
+    StragglerPolicy,
+    probe_body,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +98,27 @@ class StragglerWatch:
             logger.debug("straggler poll of %s failed: %s", url, exc)
             return {}
 
+    async def _probe(self, client: httpx.AsyncClient, replica: Replica) -> None:
+        models = [m for m in replica.models if "*" not in m]
+        if not models:  # nothing to name in the request (its models are not known yet)
+            return
+        try:
+            resp = await client.post(replica.url + "/v1/completions", json=probe_body(models[0]),
+                                     headers={PROBE_HEADER: "straggler-recovery"},
+                                     timeout=self.section.straggler_probe_timeout_s)
+            outcome = "ok" if resp.status_code == 200 else "error"
+        except httpx.HTTPError as exc:
+            logger.info("recovery probe of %s failed: %r", replica.name, exc)
+            outcome = "error"
+        self.metrics.upstream_probes.labels(replica.name, outcome).inc()
+
     async def poll(self, client: httpx.AsyncClient) -> None:
-        """One evaluation: scrape every replica at once, feed the detector, publish."""
+        """One evaluation: probe the degraded replicas, scrape every replica at once, feed the
+        detector, publish."""
         replicas = self.router.replicas
+        if self.section.straggler_probes:
+            await asyncio.gather(*(self._probe(client, r) for r in replicas
+                                   if r.name in self.router.degraded))
         scraped = await asyncio.gather(*(self._scrape(client, r.url) for r in replicas))
         self.detector.update({r.name: buckets for r, buckets in zip(replicas, scraped)})
         self.num_polls += 1
