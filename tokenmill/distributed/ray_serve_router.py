@@ -20,8 +20,7 @@ Ray's HTTP proxy could not give a router: it forwards only the ASGI scope, not t
   on the replica: step time per batch bucket, utilization, KV usage) and feeds the straggler
   detector. A degraded replica loses its prefixes to healthy replicas and takes only overflow
   (``routing_policy.straggler_order``): it is ranked first only when every healthy replica holds
-  ``replica_capacity`` requests or more, else last (Ray reaches it only if every healthy replica's
-  queue refused the request, i.e. they are full by Ray's own count).
+  ``replica_capacity`` requests or more, else it is not ranked at all.
 - Recovery probes (``ray_serve_probes``) are calls of the replica's ``probe`` method carrying
   ``probe_replica``: they go to exactly that replica and count as probes, not as routed requests
   or load.
@@ -127,8 +126,14 @@ class TokenmillRequestRouter(RequestRouter):
         ordered = self._policy_order(healthy, key)
         ordered += order_by_load([r for r in replicas if r not in healthy], self._load,
                                  self._turn)
-        ordered, _ = straggler_order(ordered, lambda r: r.replica_id.unique_id in degraded,
-                                     self._load, self.replica_capacity)
+        ordered, overflow = straggler_order(ordered, lambda r: r.replica_id.unique_id in degraded,
+                                            self._load, self.replica_capacity)
+        if degraded and not overflow:
+            # Left out, not ranked last: Ray falls through to the next rank whenever a busy
+            # healthy replica is slow to answer its queue-length check, which would hand the
+            # degraded replica user requests while the healthy ones have room. Ray retries
+            # the choice instead (this router is asked again).
+            ordered = [r for r in ordered if r.replica_id.unique_id not in degraded] or ordered
         return ordered
 
     def _policy_order(self, replicas: list[RunningReplica], key: str) -> list[RunningReplica]:
@@ -177,7 +182,8 @@ class TokenmillRequestRouter(RequestRouter):
         they get their share of user requests, whose steps move their figures)."""
         if not self.straggler_handling:
             return []
-        live = {r.replica_id.unique_id for r in self.curr_replicas.values()}
+        # list() copies in one step: the ingress calls this from its own event loop's thread
+        live = {r.replica_id.unique_id for r in list(self.curr_replicas.values())}
         return sorted(self.detector.degraded & live)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
