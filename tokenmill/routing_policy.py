@@ -31,7 +31,8 @@ few seconds) would stop moving and it could never be cleared. The routers theref
 degraded replica a small *probe* now and then (``PROBE_*``: a few greedy tokens, labelled, not
 counted as user traffic); its decode steps are single-request steps (batch bucket 1), and the
 detector remembers each replica's last figure per bucket, so the probe's steps are compared
-with the healthy replicas' single-request steps even while those are busy with larger batches.
+with the healthy replicas' single-request steps even while those are busy with larger batches
+(a remembered figure counts only for a bucket no other replica ran lately).
 """
 
 from __future__ import annotations
@@ -134,9 +135,10 @@ class StragglerDetector:
     degraded: set[str] = field(default_factory=set)
     _streak: dict[str, int] = field(default_factory=dict)
     _last_seen: dict[str, dict[int, float]] = field(default_factory=dict)
-    """Replica -> bucket -> its latest usable median: a busy replica that ran no single-request
-    step lately still gives a probed replica something to compare with (a replica's step time
-    for one bucket stays put unless its hardware changes)."""
+    """Replica -> bucket -> its latest usable median. Used only for a bucket no other replica
+    ran in this evaluation: a busy replica that ran no single-request step lately still gives a
+    probed replica something to compare with. Fresh figures come first because they were taken
+    under the same load on shared hardware; a remembered one may not have been."""
 
     def update(self, step_seconds: Mapping[str, Mapping[int, tuple[float, int]]]) -> None:
         """``step_seconds[replica][bucket] = (median seconds, num steps)``."""
@@ -153,8 +155,10 @@ class StragglerDetector:
         for replica, buckets in usable.items():
             ratios = []
             for bucket, seconds in buckets.items():
-                others = [b[bucket] for r, b in self._last_seen.items()
-                          if r != replica and bucket in b]
+                others = [b[bucket] for r, b in usable.items() if r != replica and bucket in b]
+                if not others:  # none ran this bucket lately: their last figures stand in
+                    others = [b[bucket] for r, b in self._last_seen.items()
+                              if r != replica and bucket in b]
                 if others and seconds > 0:
                     ratios.append(seconds / statistics.median(others))
             if not ratios:
