@@ -95,8 +95,10 @@ class TokenmillRequestRouter(RequestRouter):
         """Replica id -> when requests were chosen for it and not yet sent (oldest first)."""
         self._seen_stats: dict[str, int] = {}
         """Replica id -> the stats ``seq`` last fed to the detector (each snapshot counts once)."""
-        self._probes_chosen: dict[str, int] = {}
-        """Replica id -> probes chosen for it and not yet sent (their send is not a request)."""
+        self._probe_chosen_at: dict[str, float] = {}
+        """Replica id -> when a probe was chosen for it and not yet sent (its send is no
+        request). One at most: the ingress keeps one probe per replica in flight, and Ray may
+        ask again for the same one (backoff), which must not count twice."""
         FleetView.of_this_process().router = self
 
     # ------------------------------------------------------------------ choosing
@@ -109,7 +111,7 @@ class TokenmillRequestRouter(RequestRouter):
         target = probe_target(pending_request)
         probed = [r for r in candidate_replicas if r.replica_id.unique_id == target]
         if probed:  # a recovery probe: that replica only, and it is no user request
-            self._probes_chosen[target] = self._probes_chosen.get(target, 0) + 1
+            self._probe_chosen_at[target] = time.monotonic()
             return [probed]
         self._turn += 1
         key = routing_key(pending_request) if self.policy == "prefix_affinity" else ""
@@ -166,10 +168,10 @@ class TokenmillRequestRouter(RequestRouter):
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)
         name = replica_id.unique_id
-        if self._probes_chosen.get(name):
-            # Ray tells only the replica; a probe and a user request sent to one degraded
-            # replica at the same moment may swap labels, which leaves the counts right.
-            self._probes_chosen[name] -= 1
+        chosen_at = self._probe_chosen_at.pop(name, None)
+        if chosen_at is not None and time.monotonic() - chosen_at < RESERVATION_S:
+            # Ray tells only the replica; a user request sent to the same degraded replica
+            # right then could take the probe's label (one request, counted as a probe).
             FleetView.of_this_process().on_probe(name)
             return
         if self._reserved.get(name):
@@ -193,8 +195,8 @@ class TokenmillRequestRouter(RequestRouter):
             del FleetView.of_this_process().in_flight[gone]
         for gone in set(self._reserved) - live_names:
             del self._reserved[gone]
-        for gone in set(self._probes_chosen) - live_names:
-            del self._probes_chosen[gone]
+        for gone in set(self._probe_chosen_at) - live_names:
+            del self._probe_chosen_at[gone]
         for name in set(FleetView.of_this_process().replicas) - live_names:
             del FleetView.of_this_process().replicas[name]
 
