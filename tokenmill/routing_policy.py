@@ -15,8 +15,9 @@ they are tested once and behave the same in both:
 bucket with the median of the other replicas, stays above ``factor`` for ``persistence``
 consecutive evaluations. ``straggler_order`` is then the one rule both routers apply: a degraded
 replica takes only *overflow*. While any healthy replica holds fewer than ``capacity`` requests
-in flight, the degraded ones go behind every healthy one (reached only when each healthy replica
-has refused or failed this very request), so they get no user request; when every healthy
+in flight, the degraded ones go behind every healthy one (the gateway reaches them only when each
+healthy replica failed this very request; the Ray router drops them), so they get no user
+request; when every healthy
 replica is full, a degraded one with room goes first; when every replica is degraded, the
 policy's order stands (straggler marking never refuses a request).
 
