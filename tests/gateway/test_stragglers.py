@@ -150,7 +150,7 @@ def test_slow_upstream_takes_only_overflow_and_recovers_through_probes(upstreams
     assert len(recovered) == 1 and "r1" in recovered[0]
     assert probes(fb) == 4 and probes(fa) == 0
     assert counter(gw, "tokenmill_gateway_upstream_probes_total",
-                   'replica="r1",outcome="ok"') == 4
+                   'outcome="ok",replica="r1"') == 4
     poll(watch)
     assert probes(fb) == 4  # healthy again: no more probes
     before = user_requests(fb)
@@ -228,7 +228,7 @@ def test_real_server_slowed_2x_is_marked_gets_no_request_and_answers_probes(star
         steps_before = engine_steps(slow.url)
         poll(gw.state.stragglers)  # probes r1 first: a real server takes the probe
         assert counter(gw, "tokenmill_gateway_upstream_probes_total",
-                       'replica="r1",outcome="ok"') == 1
+                       'outcome="ok",replica="r1"') == 1
         assert gw.state.router.degraded == {"r1"}  # its probe's steps are still 2x
         assert answered(gw, "r1") == 0  # a probe is not a user request
         assert engine_steps(slow.url) >= steps_before + 8  # the probe's prefill + 7 decode steps
