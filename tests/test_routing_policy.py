@@ -150,3 +150,11 @@ def test_probed_replica_recovers_against_the_others_remembered_single_request_st
             detector.update(busy | {"c": {1: (0.005, 7)}})
     assert detector.degraded == set()
     assert "replica c recovered" in caplog.text
+
+
+def test_a_remembered_figure_never_marks_a_healthy_replica():
+    detector = StragglerDetector(StragglerPolicy(factor=1.3, persistence=1))
+    detector.update({"a": {1: (0.01, 9)}, "b": {1: (0.01, 9)}})
+    for _ in range(3):  # b's single-request steps, 3x a's from a quieter moment: no fresh peer
+        detector.update({"a": {8: (0.02, 9)}, "b": {1: (0.03, 9)}})
+    assert detector.degraded == set()

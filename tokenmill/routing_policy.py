@@ -33,7 +33,8 @@ degraded replica a small *probe* now and then (``PROBE_*``: a few greedy tokens,
 counted as user traffic); its decode steps are single-request steps (batch bucket 1), and the
 detector remembers each replica's last figure per bucket, so the probe's steps are compared
 with the healthy replicas' single-request steps even while those are busy with larger batches
-(a remembered figure counts only for a bucket no other replica ran lately).
+(a remembered figure counts only for a degraded replica, in a bucket no other replica ran
+lately).
 """
 
 from __future__ import annotations
@@ -136,10 +137,12 @@ class StragglerDetector:
     degraded: set[str] = field(default_factory=set)
     _streak: dict[str, int] = field(default_factory=dict)
     _last_seen: dict[str, dict[int, float]] = field(default_factory=dict)
-    """Replica -> bucket -> its latest usable median. Used only for a bucket no other replica
-    ran in this evaluation: a busy replica that ran no single-request step lately still gives a
-    probed replica something to compare with. Fresh figures come first because they were taken
-    under the same load on shared hardware; a remembered one may not have been."""
+    """Replica -> bucket -> its latest usable median. Used only to judge a *degraded* replica,
+    and only for a bucket no other replica ran in this evaluation: a busy replica that ran no
+    single-request step lately still gives a probed replica something to compare with. Fresh
+    figures come first because they were taken under the same load on shared hardware; a
+    remembered one may not have been, so it never marks a healthy replica (it can only keep a
+    degraded one marked, or clear it)."""
 
     def update(self, step_seconds: Mapping[str, Mapping[int, tuple[float, int]]]) -> None:
         """``step_seconds[replica][bucket] = (median seconds, num steps)``."""
@@ -157,7 +160,9 @@ class StragglerDetector:
             ratios = []
             for bucket, seconds in buckets.items():
                 others = [b[bucket] for r, b in usable.items() if r != replica and bucket in b]
-                if not others:  # none ran this bucket lately: their last figures stand in
+                if not others and replica in self.degraded:
+                    # A degraded replica's probes: the others' last figures stand in (a healthy
+                    # replica is judged on fresh comparisons only, so no stale figure marks it)
                     others = [b[bucket] for r, b in self._last_seen.items()
                               if r != replica and bucket in b]
                 if others and seconds > 0:
