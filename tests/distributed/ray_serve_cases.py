@@ -163,7 +163,11 @@ def _complete(url: str, prompt: str, max_tokens: int = 8) -> httpx.Response:
 
 @pytest.fixture(scope="module")
 def two_replicas(url):
-    _deploy()
+    # Straggler factor 3 in the cases without fault injection: on this shared 2-core box the
+    # replicas' step times differ by more than 1.3x now and then (two engines, Ray and other work
+    # on 2 cores), and at 1.3x with these fast settings an unfaulted replica was marked degraded,
+    # which now costs it every request until its probes clear it (NOTES-s24-straggler.md).
+    _deploy(straggler_factor=3.0)
     assert _replica_states() == {"RUNNING": 2}
     _complete(url, "Hello")  # the ingress's router starts with its first request
     # ... and learns of replicas asynchronously (Ray's long poll): wait until it knows both
@@ -211,8 +215,8 @@ def test_prefix_affinity_lands_on_one_replica_until_the_load_cap(two_replicas):
 
     with ThreadPoolExecutor(8) as pool:
         landed = Counter(pool.map(long_request, range(8)))
-    assert landed[owner] >= 3 and len(landed) == 2, landed
     fleet = httpx.get(two_replicas + "/ray/fleet").json()
+    assert landed[owner] >= 3 and len(landed) == 2, (landed, fleet)
     assert fleet["affinity_fallbacks"] >= 1, fleet
 
 
