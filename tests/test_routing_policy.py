@@ -158,3 +158,18 @@ def test_a_remembered_figure_never_marks_a_healthy_replica():
     for _ in range(3):  # b's single-request steps, 3x a's from a quieter moment: no fresh peer
         detector.update({"a": {8: (0.02, 9)}, "b": {1: (0.03, 9)}})
     assert detector.degraded == set()
+
+
+def test_only_evaluations_with_new_steps_count_towards_persistence():
+    """An idle replica's window is read again every evaluation; one noisy window must not mark
+    it by being read ``persistence`` times."""
+    detector = StragglerDetector(StragglerPolicy(factor=1.3, persistence=3))
+    for _ in range(5):  # c ran nothing since its slow-looking window: judged once
+        detector.update(_times(slow=2.0), {"a": 100, "b": 100, "c": 40})
+    assert detector.degraded == set()
+    for steps in (41, 42):  # with fresh steps, the next two evaluations count too
+        detector.update(_times(slow=2.0), {"a": 100, "b": 100, "c": steps})
+    assert detector.degraded == {"c"}
+    for steps in (43, 44, 45):  # a restarted engine's count may go down: a change is a change
+        detector.update(_times(slow=1.0), {"a": 100, "b": 100, "c": 3 if steps == 44 else steps})
+    assert detector.degraded == set()

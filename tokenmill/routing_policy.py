@@ -143,15 +143,25 @@ class StragglerDetector:
     figures come first because they were taken under the same load on shared hardware; a
     remembered one may not have been, so it never marks a healthy replica (it can only keep a
     degraded one marked, or clear it)."""
+    _judged_at_steps: dict[str, int] = field(default_factory=dict)
+    """Replica -> its cumulative step count when it was last judged (see ``update``)."""
 
-    def update(self, step_seconds: Mapping[str, Mapping[int, tuple[float, int]]]) -> None:
-        """``step_seconds[replica][bucket] = (median seconds, num steps)``."""
+    def update(self, step_seconds: Mapping[str, Mapping[int, tuple[float, int]]],
+               num_steps: Mapping[str, int | None] | None = None) -> None:
+        """``step_seconds[replica][bucket] = (median seconds, num steps)``.
+
+        ``num_steps[replica]``: its engine's cumulative step count, when known. A replica that
+        ran no step since it was last judged brings no new evidence, so it is not judged again:
+        persistence then counts evaluations with fresh steps, and an idle replica's unchanged
+        window (one noisy moment) cannot mark it by being re-read ``persistence`` times."""
         for gone in set(self.slowdown) - set(step_seconds):
             self.slowdown.pop(gone, None)
             self._streak.pop(gone, None)
             self.degraded.discard(gone)
         for gone in set(self._last_seen) - set(step_seconds):
             del self._last_seen[gone]
+        for gone in set(self._judged_at_steps) - set(step_seconds):
+            del self._judged_at_steps[gone]
         usable = {replica: {b: s for b, (s, n) in buckets.items() if n >= self.policy.min_steps}
                   for replica, buckets in step_seconds.items()}
         for replica, buckets in usable.items():
@@ -171,6 +181,11 @@ class StragglerDetector:
                 continue  # nothing comparable yet: keep its state
             slowdown = statistics.median(ratios)
             self.slowdown[replica] = slowdown
+            steps = (num_steps or {}).get(replica)
+            if steps is not None:
+                if self._judged_at_steps.get(replica) == steps:
+                    continue  # no step since its last judgement: nothing new to judge
+                self._judged_at_steps[replica] = steps  # (!=, not >: a restarted engine counts)
             self._judge(replica, slowdown > self.policy.factor, slowdown)
 
     def _judge(self, replica: str, is_slow: bool, slowdown: float) -> None:

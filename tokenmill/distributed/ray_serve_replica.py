@@ -106,7 +106,8 @@ class TokenmillReplica:
             "mean_step_seconds": use.mean_step_seconds, "tokens_per_s": use.tokens_per_s,
             "mean_batch_size": use.mean_batch_size, "busy_fraction": use.busy_fraction,
             "kv_cache_usage": stats.kv_cache_usage, "num_running": stats.num_running,
-            "num_waiting": stats.num_waiting, "prefix_cache_hits": stats.prefix_cache_hits,
+            "num_waiting": stats.num_waiting, "num_steps": stats.num_steps,
+            "prefix_cache_hits": stats.prefix_cache_hits,
             "prefix_cache_queries": stats.prefix_cache_queries,
         }
 

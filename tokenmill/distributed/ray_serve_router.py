@@ -211,19 +211,21 @@ class TokenmillRequestRouter(RequestRouter):
     def evaluate(self) -> None:
         """Feed the replicas' new stats snapshots to the straggler detector; publish to FleetView.of_this_process()."""
         step_seconds: dict[str, dict[int, tuple[float, int]]] = {}
+        num_steps: dict[str, int | None] = {}
         fresh = False
         for replica in self.curr_replicas.values():
             name = replica.replica_id.unique_id
             stats = replica.routing_stats or {}
             buckets = stats.get("step_seconds_by_bucket") or {}
             step_seconds[name] = {int(b): (float(s), int(n)) for b, (s, n) in buckets.items()}
+            num_steps[name] = stats.get("num_steps")
             seq = int(stats.get("seq", -1))
             fresh |= seq != self._seen_stats.get(name)
             self._seen_stats[name] = seq
             FleetView.of_this_process().replicas[name] = {
                 **stats, "outstanding": FleetView.of_this_process().in_flight.get(name, 0)}
         if fresh:
-            self.detector.update(step_seconds)
+            self.detector.update(step_seconds, num_steps)
         for name, entry in FleetView.of_this_process().replicas.items():
             entry["degraded"] = name in self.detector.degraded
             entry["slowdown"] = self.detector.slowdown.get(name)

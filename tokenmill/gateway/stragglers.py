@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 STEP_SECONDS = "tokenmill:engine_bucket_step_seconds"
 STEPS = "tokenmill:engine_bucket_steps"
+ENGINE_STEPS = "tokenmill:engine_steps_total"
 
 Buckets = dict[int, tuple[float, int]]
 """Batch bucket -> (median step seconds, number of steps), as ``StragglerDetector.update`` takes."""
@@ -68,6 +69,21 @@ def parse_step_buckets(text: str) -> Buckets:
     return {b: (s, counts.get(b, 0)) for b, s in seconds.items()}
 
 
+def parse_num_steps(text: str) -> int | None:
+    """A tokenmill server's cumulative engine step count (None when absent), so the detector
+    judges a replica only on polls after which it ran new steps."""
+    total = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == ENGINE_STEPS:
+                total = (total or 0) + int(sample.value)
+    return total
+
+
+def _parse(text: str) -> tuple[Buckets, int | None]:
+    return parse_step_buckets(text), parse_num_steps(text)
+
+
 class StragglerWatch:
     """Polls the router's replicas and keeps ``router.degraded`` in step with the detector."""
 
@@ -86,17 +102,17 @@ class StragglerWatch:
         # The detector has already logged the line naming the replica.
         self.metrics.upstream_degraded.labels(replica).set(1 if degraded else 0)
 
-    async def _scrape(self, client: httpx.AsyncClient, url: str) -> Buckets:
+    async def _scrape(self, client: httpx.AsyncClient, url: str) -> tuple[Buckets, int | None]:
         try:
             resp = await client.get(url + "/metrics",
                                     timeout=self.section.straggler_poll_timeout_s)
             if resp.status_code != 200:
-                return {}
+                return {}, None
             # Parsing a few hundred lines is cheap but not free; keep it off the event loop.
-            return await asyncio.to_thread(parse_step_buckets, resp.text)
+            return await asyncio.to_thread(_parse, resp.text)
         except (httpx.HTTPError, ValueError) as exc:
             logger.debug("straggler poll of %s failed: %s", url, exc)
-            return {}
+            return {}, None
 
     async def _probe(self, client: httpx.AsyncClient, replica: Replica) -> None:
         models = [m for m in replica.models if "*" not in m]
@@ -120,7 +136,8 @@ class StragglerWatch:
             await asyncio.gather(*(self._probe(client, r) for r in replicas
                                    if r.name in self.router.degraded))
         scraped = await asyncio.gather(*(self._scrape(client, r.url) for r in replicas))
-        self.detector.update({r.name: buckets for r, buckets in zip(replicas, scraped)})
+        self.detector.update({r.name: buckets for r, (buckets, _) in zip(replicas, scraped)},
+                             {r.name: steps for r, (_, steps) in zip(replicas, scraped)})
         self.num_polls += 1
         self.router.degraded = set(self.detector.degraded)
         for r in replicas:
