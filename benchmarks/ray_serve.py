@@ -11,6 +11,9 @@ each) and is warmed up before it is measured. Every scenario sends the same work
 non-streaming /v1/completions at --concurrency, --max-tokens tokens each, temperature 0.
 
 On 2 cores expect little gain from a second replica: both replicas share the same two cores.
+"to slow" is the share of a slowed scenario's requests (warm-up included) the router sent to the
+slowed replica: with handling on and --concurrency below the replica capacity (the engine's
+max_num_seqs, 64, within --max-ongoing-requests, 32) it should be 0% once it is marked.
 """
 
 from __future__ import annotations
@@ -75,6 +78,17 @@ def wait_for_degraded(url: str, args: argparse.Namespace, max_rounds: int = 10) 
     return False
 
 
+def routed_to_rank0(url: str) -> tuple[int, int]:
+    """(requests routed to the rank-0 replica, to all), from the ingress's /ray/fleet (recovery
+    probes are not counted there)."""
+    import httpx
+
+    fleet = httpx.get(url + "/ray/fleet", timeout=30).json()
+    rank0 = {name for name, r in fleet["replicas"].items() if r.get("rank") == 0}
+    routed = fleet["routed"]
+    return sum(n for name, n in routed.items() if name in rank0), sum(routed.values())
+
+
 def direct_server(args: argparse.Namespace) -> dict[str, float]:
     import httpx
 
@@ -134,9 +148,15 @@ def ray_scenarios(args: argparse.Namespace) -> list[tuple[str, dict[str, float]]
     try:
         for name, settings in scenarios:
             serve.run(build_application(server, settings), name=APP_NAME, route_prefix="/")
-            if settings.faults.step_delay_factor > 1 and settings.straggler_handling:
+            slowed = settings.faults.step_delay_factor > 1
+            if slowed and settings.straggler_handling:
                 name += "" if wait_for_degraded(url, args) else " (NOT marked in time)"
-            rows.append((name, run_load(url, args, name)))
+            to_slow, total = routed_to_rank0(url) if slowed else (0, 0)
+            row = run_load(url, args, name)
+            if slowed:  # share of the run's requests (its warm-up included) on the slowed one
+                now_slow, now_total = routed_to_rank0(url)
+                row["slow_share"] = (now_slow - to_slow) / max(1, now_total - total)
+            rows.append((name, row))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -159,10 +179,12 @@ def main() -> None:
     rows = [("tokenmill serve (direct)", direct_server(args)), *ray_scenarios(args)]
     print(f"\n{args.requests} requests, concurrency {args.concurrency}, {args.max_tokens} tokens "
           f"each, built-in model, 1 torch thread per engine\n")
-    print(f"{'scenario':<64} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7}")
+    print(f"{'scenario':<64} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} "
+          f"{'to slow':>7}")
     for name, row in rows:
+        share = f"{row['slow_share']:.0%}" if "slow_share" in row else "-"
         print(f"{name:<64} {row['requests_per_s']:>7.2f} {row['tokens_per_s']:>8.1f} "
-              f"{row['p50_s']:>7.3f} {row['p99_s']:>7.3f}")
+              f"{row['p50_s']:>7.3f} {row['p99_s']:>7.3f} {share:>7}")
     one, two = rows[1][1], rows[2][1]
     print(f"\n2 vs 1 replica throughput: {two['tokens_per_s'] / one['tokens_per_s']:.2f}x; "
           f"Ray path added latency p50 {one['p50_s'] - rows[0][1]['p50_s']:+.3f} s, "

@@ -12,6 +12,7 @@ from tokenmill.routing_policy import (
     batch_bucket,
     order_by_load,
     prefix_affinity_order,
+    straggler_order,
 )
 
 NAMES = ["r0", "r1", "r2"]
@@ -77,8 +78,6 @@ def test_a_replica_persistently_slower_than_the_median_is_marked_then_cleared(ca
     assert abs(detector.slowdown["c"] - 2.0) < 0.1
     assert changes == [("c", True, detector.slowdown["c"])]
     assert "replica c is degraded" in caplog.text
-    assert detector.effective_load("c", 0) > detector.effective_load("a", 2) - 2  # ranks behind
-    assert detector.effective_load("c", 1) > detector.effective_load("a", 1)
     for _ in range(3):
         detector.update(_times(slow=1.0))
     assert detector.degraded == set() and changes[-1][:2] == ("c", False)
@@ -99,4 +98,78 @@ def test_two_replicas_compare_with_each_other():
     detector.update({"a": {1: (0.02, 9)}, "b": {1: (0.04, 9)}})
     assert detector.degraded == {"b"}
     detector.update({"a": {1: (0.02, 9)}})  # b left: forgotten
+    assert detector.degraded == set()
+
+
+def _straggler_order(loads: dict[str, float], degraded: set[str], capacity: float = 4):
+    """The rule applied to NAMES in the policy's order r0, r1, r2."""
+    return straggler_order(NAMES, degraded.__contains__, loads.__getitem__, capacity)
+
+
+def test_a_degraded_replica_gets_nothing_while_a_healthy_one_has_room():
+    for loads in ({"r0": 0, "r1": 0, "r2": 0}, {"r0": 3, "r1": 0, "r2": 9}, {"r0": 3, "r1": 0,
+                                                                           "r2": 4}):
+        ordered, overflow = _straggler_order(loads, {"r1"})
+        # behind every healthy one (failover only), even idle and first in the policy's order
+        assert ordered == ["r0", "r2", "r1"] and not overflow
+    ordered, _ = _straggler_order({"r0": 4, "r1": 0, "r2": 0}, {"r0", "r1"})
+    assert ordered == ["r2", "r0", "r1"]
+
+
+def test_overflow_goes_to_a_degraded_replica_only_when_every_healthy_one_is_full():
+    ordered, overflow = _straggler_order({"r0": 4, "r1": 0, "r2": 5}, {"r1"})
+    assert ordered == ["r1", "r0", "r2"] and overflow
+    # two degraded with room: the less loaded first
+    ordered, overflow = _straggler_order({"r0": 2, "r1": 1, "r2": 4}, {"r0", "r1"})
+    assert ordered == ["r1", "r0", "r2"] and overflow
+    # everyone full: no degraded replica is the better place, the healthy order stands
+    ordered, overflow = _straggler_order({"r0": 4, "r1": 6, "r2": 5}, {"r1"})
+    assert ordered == ["r0", "r2", "r1"] and not overflow
+
+
+def test_with_every_replica_degraded_or_none_the_policy_order_stands():
+    loads = {"r0": 9, "r1": 0, "r2": 2}
+    assert _straggler_order(loads, set(NAMES)) == (NAMES, False)
+    assert _straggler_order(loads, set()) == (NAMES, False)
+
+
+def test_probed_replica_recovers_against_the_others_remembered_single_request_steps(caplog):
+    """A degraded replica that gets only probes runs single-request steps (bucket 1) while the
+    healthy ones, busy, run larger batches: it is compared with their last bucket-1 figures."""
+    detector = StragglerDetector(StragglerPolicy(factor=1.3, persistence=2))
+    for _ in range(2):  # all three serve traffic; c is slow
+        detector.update(_times(slow=2.0) | {"a": {1: (0.005, 9), 4: (0.01, 9)},
+                                            "c": {1: (0.010, 9), 4: (0.02, 9)}})
+    assert detector.degraded == {"c"}
+    busy = {"a": {8: (0.02, 30)}, "b": {8: (0.021, 30)}}  # no single-request steps lately
+    for _ in range(3):  # probes on c, still slow: stays degraded
+        detector.update(busy | {"c": {1: (0.011, 7)}})
+    assert detector.degraded == {"c"}
+    with caplog.at_level(logging.WARNING, logger="tokenmill.routing_policy"):
+        for _ in range(2):  # back to speed: cleared after ``persistence`` evaluations
+            detector.update(busy | {"c": {1: (0.005, 7)}})
+    assert detector.degraded == set()
+    assert "replica c recovered" in caplog.text
+
+
+def test_a_remembered_figure_never_marks_a_healthy_replica():
+    detector = StragglerDetector(StragglerPolicy(factor=1.3, persistence=1))
+    detector.update({"a": {1: (0.01, 9)}, "b": {1: (0.01, 9)}})
+    for _ in range(3):  # b's single-request steps, 3x a's from a quieter moment: no fresh peer
+        detector.update({"a": {8: (0.02, 9)}, "b": {1: (0.03, 9)}})
+    assert detector.degraded == set()
+
+
+def test_only_evaluations_with_new_steps_count_towards_persistence():
+    """An idle replica's window is read again every evaluation; one noisy window must not mark
+    it by being read ``persistence`` times."""
+    detector = StragglerDetector(StragglerPolicy(factor=1.3, persistence=3))
+    for _ in range(5):  # c ran nothing since its slow-looking window: judged once
+        detector.update(_times(slow=2.0), {"a": 100, "b": 100, "c": 40})
+    assert detector.degraded == set()
+    for steps in (41, 42):  # with fresh steps, the next two evaluations count too
+        detector.update(_times(slow=2.0), {"a": 100, "b": 100, "c": steps})
+    assert detector.degraded == {"c"}
+    for steps in (43, 44, 45):  # a restarted engine's count may go down: a change is a change
+        detector.update(_times(slow=1.0), {"a": 100, "b": 100, "c": 3 if steps == 44 else steps})
     assert detector.degraded == set()

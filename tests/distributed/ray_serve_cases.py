@@ -5,7 +5,7 @@ The first case runs the real ``tokenmill serve --ray`` with its own cluster, bef
 shared one (2 CPUs, node address 127.0.0.1) starts. On that one the application is deployed
 three times only (each ``serve.run`` is a rolling restart in Ray 2.60, a replica load each): 2
 replicas with prefix affinity; then, rolled out while answers stream, rank 0 slowed 2x by fault
-injection; then autoscaling 1..2. Replicas run the built-in model with one torch thread.
+injection (marked degraded, it gets no request, only recovery probes); then autoscaling 1..2. Replicas run the built-in model with one torch thread.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ def _deploy(**overrides) -> None:
         return
     settings = RayServeSettings(**{"num_replicas": 2, "stats_period_s": 0.5,
                                    "health_check_period_s": 1.0, "affinity_max_imbalance": 3,
-                                   "straggler_persistence": 2, **overrides})
+                                   "straggler_persistence": 2, "straggler_probe_interval_s": 1.0,
+                                   **overrides})
     _deployed[:] = []
     serve.run(build_application(SERVER, settings), name=APP_NAME, route_prefix="/")
     _deployed[:] = [overrides]
@@ -162,7 +163,11 @@ def _complete(url: str, prompt: str, max_tokens: int = 8) -> httpx.Response:
 
 @pytest.fixture(scope="module")
 def two_replicas(url):
-    _deploy()
+    # Straggler factor 3 in the cases without fault injection: on this shared 2-core box the
+    # replicas' step times differ by more than 1.3x now and then (two engines, Ray and other work
+    # on 2 cores), and at 1.3x with these fast settings an unfaulted replica was marked degraded,
+    # which now costs it every request until its probes clear it (NOTES-s24-straggler.md).
+    _deploy(straggler_factor=3.0)
     assert _replica_states() == {"RUNNING": 2}
     _complete(url, "Hello")  # the ingress's router starts with its first request
     # ... and learns of replicas asynchronously (Ray's long poll): wait until it knows both
@@ -210,8 +215,8 @@ def test_prefix_affinity_lands_on_one_replica_until_the_load_cap(two_replicas):
 
     with ThreadPoolExecutor(8) as pool:
         landed = Counter(pool.map(long_request, range(8)))
-    assert landed[owner] >= 3 and len(landed) == 2, landed
     fleet = httpx.get(two_replicas + "/ray/fleet").json()
+    assert landed[owner] >= 3 and len(landed) == 2, (landed, fleet)
     assert fleet["affinity_fallbacks"] >= 1, fleet
 
 
@@ -290,7 +295,9 @@ def test_a_rolling_restart_loses_no_request(two_replicas):
     _wait_for(lambda: _replica_states() == {"RUNNING": 2}, 60, "the old replicas gone")
 
 
-def test_a_replica_slowed_twofold_is_marked_degraded_and_gets_less_traffic(url):
+def test_a_replica_slowed_twofold_is_marked_degraded_and_takes_no_request_but_probes(url):
+    """Degraded, rank 0 gets no user request while the healthy replica has room (4 in flight at
+    most, capacity 32), and the ingress probes it so its step times keep moving."""
     _deploy(faults=STRAGGLER)  # already running after the roll-out case
     replicas = {}
 
@@ -311,14 +318,23 @@ def test_a_replica_slowed_twofold_is_marked_degraded_and_gets_less_traffic(url):
         degraded = [r for r in replicas.values() if r.get("degraded")]
         assert [r["rank"] for r in degraded] == [0], replicas
         slow_name = degraded[0]["name"]
+        slow_id = slow_name.rpartition("#")[2]
+        routed_before = fleet()["routed"].get(slow_id, 0)
         landed = Counter(pool.map(request, range(24)))
-    fast = [name for name in landed if name != slow_name]
-    assert landed[slow_name] < sum(landed[n] for n in fast), landed
+    assert landed[slow_name] == 0 and sum(landed.values()) == 24, landed
+    snapshot = fleet()
+    assert snapshot["routed"].get(slow_id, 0) == routed_before, snapshot["routed"]
+    assert snapshot["routed_while_degraded"].get(slow_id, 0) == 0
+    # recovery probes (one a second here) reach it, and are not counted as routed requests
+    _wait_for(lambda: fleet()["probes"].get(slow_id, 0) >= 2, 60, "two recovery probes")
+    assert fleet()["routed"].get(slow_id, 0) == routed_before
+    assert replicas[slow_id]["degraded"], replicas  # its probes' steps are 2x too
     events = fleet()["degraded_events"]
     assert any(degraded_flag for _, _, degraded_flag, _ in events)
     metrics = httpx.get(url + "/ray/metrics").text
-    assert "tokenmill:replica_degraded" in metrics and "tokenmill:replica_utilization_perc" \
-        in metrics
+    for name in ("tokenmill:replica_degraded", "tokenmill:replica_utilization_perc",
+                 "tokenmill:replica_probes_total", "tokenmill:replica_overflow_requests_total"):
+        assert name in metrics, name
 
 
 def test_autoscaling_goes_from_one_to_two_replicas_and_back(url):

@@ -31,6 +31,8 @@ from tokenmill.errors import ConfigError
      "--upscale-delay-s=-1.0 must be >= 0"),
     (["--straggler-factor", "0.9"], "--straggler-factor=0.9 must be > 1"),
     (["--inject-replica-ranks", "first"], "--inject-replica-ranks='first' must be"),
+    (["--replica-capacity", "0"], "--replica-capacity=0 must be >= 1"),
+    (["--straggler-probe-interval-s", "0"], "--straggler-probe-interval-s=0.0 must be > 0"),
 ])
 def test_bad_ray_settings_fail_with_a_message_before_ray_starts(capsys, flags, message):
     assert main(["serve", "--ray", *flags]) == 1
@@ -44,6 +46,12 @@ def test_autoscaling_config_is_what_ray_serve_expects():
     assert config["min_replicas"] == 1 and config["max_replicas"] == 4
     assert config["target_ongoing_requests"] == 3 and config["downscale_delay_s"] == 60
     assert RayServeSettings(num_replicas=2).autoscaling_config() is None
+
+
+def test_replica_capacity_is_the_engine_batch_within_rays_queue_cap():
+    assert RayServeSettings().resolved_replica_capacity(max_num_seqs=64) == 32
+    assert RayServeSettings(max_ongoing_requests=100).resolved_replica_capacity(64) == 64
+    assert RayServeSettings(replica_capacity=5).resolved_replica_capacity(64) == 5
 
 
 def test_without_ray_the_flag_says_what_to_install():

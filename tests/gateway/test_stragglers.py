@@ -1,17 +1,22 @@
 """Straggler handling in the gateway's router: an upstream whose step times (from its /metrics)
-are persistently above the others' is marked degraded, gets less traffic, is named in a metric and
-a log line, and recovers. The poller is driven by calling its ``poll`` (no timers): the gateway's
+are persistently above the others' is marked degraded, takes only overflow (no request while a
+healthy upstream has room), is named in a metric and a log line, and recovers through recovery
+probes. The poller is driven by calling its ``poll`` (no timers): the gateway's
 own poll interval is set far beyond the test."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
 from tests.gateway.helpers import base_config, chat
 from tokenmill.gateway.stragglers import StragglerWatch, parse_step_buckets
+from tokenmill.routing_policy import PROBE_PROMPT
 
 
 def step_metrics(seconds_by_bucket: dict[int, float], steps: int = 40) -> str:
@@ -47,16 +52,46 @@ def answered(gw, replica: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
 
 
-def test_slow_upstream_is_marked_gets_less_traffic_and_recovers(upstreams, start_gateway,
-                                                                caplog):
+def user_requests(fake) -> int:
+    """Requests the fake upstream got, recovery probes left out."""
+    return sum(body.get("prompt") != PROBE_PROMPT for body in fake.bodies)
+
+
+def probes(fake) -> int:
+    return sum(body.get("prompt") == PROBE_PROMPT for body in fake.bodies)
+
+
+def counter(gw, name: str, labels: str) -> float:
+    text = httpx.get(gw.url + "/metrics").text
+    prefix = f"{name}{{{labels}}}"
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def engine_steps(url: str) -> float:
+    """A real server's cumulative engine step count."""
+    text = httpx.get(url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("tokenmill:engine_steps_total"))
+
+
+def wait_until(condition, what: str, deadline_s: float = 30) -> None:
+    """Waits on a condition another thread makes true (a deadline, not a sleep, decides)."""
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_slow_upstream_takes_only_overflow_and_recovers_through_probes(upstreams, start_gateway,
+                                                                       caplog):
     (fa, sa), (fb, sb) = upstreams
     gw = start_gateway(base_config([sa.url, sb.url], routing={
-        "straggler_poll_interval_s": 3600, "straggler_persistence": 3,
-        "straggler_weight": 0.25}))
+        "straggler_poll_interval_s": 3600, "straggler_persistence": 3, "replica_capacity": 2}))
     watch = gw.state.stragglers
     # Comparable batches: both report buckets 1 and 16; r1's steps take 2x (bucket 64 is r1's
     # alone: nothing to compare it with, so it must not count).
-    fa.metrics_text = step_metrics({1: 0.010, 16: 0.030})
+    fast = {1: 0.010, 16: 0.030}
+    fa.metrics_text = step_metrics(fast)
     fb.metrics_text = step_metrics({1: 0.020, 16: 0.060, 64: 0.001})
     with caplog.at_level(logging.WARNING, logger="tokenmill.routing_policy"):
         polls = 0
@@ -69,13 +104,42 @@ def test_slow_upstream_is_marked_gets_less_traffic_and_recovers(upstreams, start
     assert degraded_metric(gw, "r1") == 1.0 and degraded_metric(gw, "r0") == 0.0
     marked = [r.getMessage() for r in caplog.records if "is degraded" in r.getMessage()]
     assert len(marked) == 1 and "r1" in marked[0]
+    assert probes(fb) == 0  # not degraded when those polls began: no probe
 
-    for i in range(40):  # least_outstanding alone would alternate 20/20
+    # The healthy replica has room (0 < capacity 2 in flight): the degraded one gets nothing.
+    for i in range(20):  # least_outstanding alone would alternate 10/10
         chat(gw.client(), f"q{i}", temperature=0.5)
-    assert fb.num_requests == 5  # a quarter of its 20 first-choice picks: less, never zero
-    assert fa.num_requests == 35
+    assert (user_requests(fa), user_requests(fb)) == (20, 0)
 
-    fb.metrics_text = fa.metrics_text  # back in line
+    # The healthy replica full (2 held in flight): the next request overflows to r1.
+    fa.hold = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(chat, gw.client(), f"held {i}", temperature=0.5) for i in range(2)]
+        wait_until(lambda: fa.num_started == 22, "both requests held on r0")
+        chat(gw.client(), "overflow", temperature=0.5)
+        assert user_requests(fb) == 1
+        fa.hold.set()
+        for future in held:
+            future.result()
+    assert counter(gw, "tokenmill_gateway_upstream_degraded_requests_total",
+                   'replica="r1"') == 1
+    chat(gw.client(), "room again", temperature=0.5)  # r0 has room again: back to it
+    assert (user_requests(fa), user_requests(fb)) == (23, 1)
+
+    # Recovery: each poll first probes r1 (no user request reaches it now); still slow, it
+    # stays degraded.
+    poll(watch)
+    assert probes(fb) == 1 and gw.state.router.degraded == {"r1"}
+    # Its probes' steps are back at r0's speed (bucket 1 only, as a probe's decode steps are;
+    # r0, busy with larger batches, reports no bucket 1 any more: its last figure counts).
+    fa.metrics_text = step_metrics({16: 0.030})
+
+    def answer(body: dict) -> str:
+        if body.get("prompt") == PROBE_PROMPT:
+            fb.metrics_text = step_metrics({1: 0.010}, steps=7)
+        return "ok"
+
+    fb.reply = answer
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tokenmill.routing_policy"):
         for _ in range(3):
@@ -84,10 +148,16 @@ def test_slow_upstream_is_marked_gets_less_traffic_and_recovers(upstreams, start
     assert degraded_metric(gw, "r1") == 0.0
     recovered = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
     assert len(recovered) == 1 and "r1" in recovered[0]
-    before = fb.num_requests
+    assert probes(fb) == 4 and probes(fa) == 0
+    assert counter(gw, "tokenmill_gateway_upstream_probes_total",
+                   'outcome="ok",replica="r1"') == 4
+    poll(watch)
+    assert probes(fb) == 4  # healthy again: no more probes
+    before = user_requests(fb)
     for i in range(10):
         chat(gw.client(), f"r{i}", temperature=0.5)
-    assert fb.num_requests - before == 5
+    assert user_requests(fb) - before == 5
+    assert user_requests(fa) + user_requests(fb) == 34  # probes were never user traffic
 
 
 def test_upstream_without_step_metrics_is_never_marked(upstreams, start_gateway):
@@ -118,10 +188,9 @@ def test_a_real_server_exports_the_step_buckets_the_gateway_reads(tokenmill_serv
     assert sum(steps for _, steps in buckets.values()) >= 8  # the prefill + 7 decode steps
 
 
-def test_real_server_slowed_2x_is_marked_and_gets_less_traffic(start_gateway, caplog):
+def test_real_server_slowed_2x_is_marked_gets_no_request_and_answers_probes(start_gateway,
+                                                                           caplog):
     """Two real `tokenmill serve`, one with the fault-injection option slowing its steps 2x."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from tests.gateway.helpers import KEY_BETA
     from tests.server_fixture import ServerProcess
 
@@ -155,7 +224,14 @@ def test_real_server_slowed_2x_is_marked_and_gets_less_traffic(start_gateway, ca
         for i in range(8):  # sequential: least_outstanding alone would alternate 4/4
             client.completions.create(model=model, prompt=f"q{i}", max_tokens=2, temperature=0)
         counts = {r: answered(gw, r) for r in ("r0", "r1")}
-        assert 1 <= counts["r1"] < counts["r0"], counts  # less, not cut off
+        assert counts == {"r0": 8, "r1": 0}, counts  # r0 never full (capacity 64)
+        steps_before = engine_steps(slow.url)
+        poll(gw.state.stragglers)  # probes r1 first: a real server takes the probe
+        assert counter(gw, "tokenmill_gateway_upstream_probes_total",
+                       'outcome="ok",replica="r1"') == 1
+        assert gw.state.router.degraded == {"r1"}  # its probe's steps are still 2x
+        assert answered(gw, "r1") == 0  # a probe is not a user request
+        assert engine_steps(slow.url) >= steps_before + 8  # the probe's prefill + 7 decode steps
     finally:
         fast.stop()
         slow.stop()

@@ -90,7 +90,9 @@ def build_application(server: ServerSettings, settings: RayServeSettings) -> Any
             "straggler_factor": settings.straggler_factor,
             "straggler_persistence": settings.straggler_persistence,
             "straggler_handling": settings.straggler_handling,
-            "stats_period_s": settings.stats_period_s},
+            "stats_period_s": settings.stats_period_s,
+            "replica_capacity": settings.resolved_replica_capacity(
+                server.engine.scheduler.max_num_seqs)},
         request_routing_stats_period_s=settings.stats_period_s,
         request_routing_stats_timeout_s=max(settings.stats_period_s, 1.0))
     replica_options: dict[str, Any] = {
@@ -124,7 +126,7 @@ def build_application(server: ServerSettings, settings: RayServeSettings) -> Any
         # class-based view re-wraps the method, and FastAPI could no longer resolve the names.
         proxy.__annotations__.update({"request": Request, "return": Response})
 
-    return Ingress.bind(replica.bind(server))
+    return Ingress.bind(replica.bind(server), settings.straggler_probe_interval_s)
 
 
 def deploy(server: ServerSettings, settings: RayServeSettings, *, host: str, port: int,

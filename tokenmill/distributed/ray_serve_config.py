@@ -75,6 +75,13 @@ class RayServeSettings:
     straggler_factor: float = 1.3
     straggler_persistence: int = 3
     straggler_handling: bool = True
+    replica_capacity: int | None = None
+    """Requests in flight at which a healthy replica counts as full, so a degraded replica gets
+    the overflow; None: the engine's ``max_num_seqs`` (capped by ``max_ongoing_requests``), the
+    batch a replica runs at once: below it a new request joins the running batch at almost no
+    cost, above it it waits for a slot (``resolved_replica_capacity``)."""
+    straggler_probe_interval_s: float = 2.0
+    """Seconds between recovery probes of each degraded replica (``ray_serve_probes``)."""
     stats_period_s: float = 1.0
     """How often the router reads each replica's step times and load."""
     health_check_period_s: float = 2.0
@@ -98,7 +105,7 @@ class RayServeSettings:
             raise ConfigError(f"--num-replicas={self.num_replicas} must be >= 1",
                               param="num_replicas")
         positive = ("target_ongoing_requests", "autoscaling_interval_s", "replica_num_cpus",
-                    "stats_period_s", "health_check_period_s")
+                    "stats_period_s", "health_check_period_s", "straggler_probe_interval_s")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} must be > 0",
@@ -119,6 +126,15 @@ class RayServeSettings:
         if self.straggler_persistence < 1:
             raise ConfigError(f"--straggler-persistence={self.straggler_persistence} must be "
                               ">= 1", param="straggler_persistence")
+        if self.replica_capacity is not None and self.replica_capacity < 1:
+            raise ConfigError(f"--replica-capacity={self.replica_capacity} must be >= 1",
+                              param="replica_capacity")
+
+    def resolved_replica_capacity(self, max_num_seqs: int) -> int:
+        """``replica_capacity``, or the engine's batch size within Ray's per-replica cap."""
+        if self.replica_capacity is not None:
+            return self.replica_capacity
+        return max(1, min(max_num_seqs, self.max_ongoing_requests))
 
     @property
     def is_autoscaled(self) -> bool:
@@ -175,6 +191,13 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-straggler-handling", dest="straggler_handling",
                        action="store_false",
                        help="Still detect and report stragglers, but route as if none were.")
+    group.add_argument("--replica-capacity", type=int, default=None,
+                       help="Requests in flight at which a healthy replica is full: only then "
+                            "does a degraded replica get requests (overflow). Default: the "
+                            "engine's --max-num-seqs, at most --max-ongoing-requests.")
+    group.add_argument("--straggler-probe-interval-s", type=float, default=2.0,
+                       help="Seconds between recovery probes (8 greedy tokens) of each "
+                            "degraded replica.")
     group.add_argument("--ray-stats-period-s", type=float, default=1.0,
                        help="How often the router reads each replica's load and step times.")
     group.add_argument("--inject-replica-ranks", default=None,
@@ -213,4 +236,6 @@ def ray_settings_from_args(args: argparse.Namespace) -> RayServeSettings:
         router_policy=args.router_policy, affinity_max_imbalance=args.affinity_max_imbalance,
         straggler_factor=args.straggler_factor, straggler_persistence=args.straggler_persistence,
         straggler_handling=args.straggler_handling, stats_period_s=args.ray_stats_period_s,
+        replica_capacity=args.replica_capacity,
+        straggler_probe_interval_s=args.straggler_probe_interval_s,
         faults=fault_settings_from_args(args))

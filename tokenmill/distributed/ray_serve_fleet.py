@@ -1,7 +1,8 @@
 """What the Ray Serve request routers of one process know about the engine replicas, for the
 ingress's ``/ray/fleet`` (JSON) and ``/ray/metrics`` (Prometheus): each replica's utilization
 (step time, tokens/s, batch size, share of time in steps, KV usage), requests in flight, slowdown
-against the others and degraded mark, plus routing counters and the degraded/recovered events.
+against the others and degraded mark, plus routing counters (requests routed, of them sent to a
+degraded replica as overflow, recovery probes) and the degraded/recovered events.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ class Evaluator(Protocol):
 
     def evaluate(self) -> None: ...
 
+    def probe_targets(self) -> list[str]: ...
+
 
 @dataclass
 class FleetView:
@@ -25,7 +28,12 @@ class FleetView:
     replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Replica id -> its latest routing stats, plus ``outstanding`` and ``degraded``."""
     routed: dict[str, int] = field(default_factory=dict)
-    """Replica id -> requests routed to it (cumulative)."""
+    """Replica id -> requests routed to it (cumulative; probes not included)."""
+    routed_while_degraded: dict[str, int] = field(default_factory=dict)
+    """Replica id -> of those, requests sent while it was marked degraded (overflow: every
+    healthy replica was full, or refused the request)."""
+    probes: dict[str, int] = field(default_factory=dict)
+    """Replica id -> recovery probes sent to it (``ray_serve_probes``)."""
     in_flight: dict[str, int] = field(default_factory=dict)
     """Replica id -> requests sent to it whose answer has not ended (the routers' load)."""
     num_affinity_hits: int = 0
@@ -35,9 +43,14 @@ class FleetView:
     router: Evaluator | None = None
     """The router of this process (the ingress asks it for a fresh evaluation when read)."""
 
-    def on_sent(self, replica: str) -> None:
+    def on_sent(self, replica: str, degraded: bool = False) -> None:
         self.routed[replica] = self.routed.get(replica, 0) + 1
         self.in_flight[replica] = self.in_flight.get(replica, 0) + 1
+        if degraded:
+            self.routed_while_degraded[replica] = self.routed_while_degraded.get(replica, 0) + 1
+
+    def on_probe(self, replica: str) -> None:
+        self.probes[replica] = self.probes.get(replica, 0) + 1
 
     def on_finished(self, replica: str) -> None:
         if self.in_flight.get(replica, 0) > 0:
@@ -62,6 +75,7 @@ def fleet_snapshot(view: FleetView) -> dict[str, Any]:
     if view.router is not None:
         view.router.evaluate()
     return {"replicas": view.replicas, "routed": view.routed,
+            "routed_while_degraded": view.routed_while_degraded, "probes": view.probes,
             "affinity_hits": view.num_affinity_hits,
             "affinity_fallbacks": view.num_affinity_fallbacks,
             "degraded_events": view.degraded_events}
@@ -91,4 +105,13 @@ def render_fleet_metrics(view: FleetView) -> bytes:
     lines += [f"# HELP {name} Requests the router sent to each replica.",
               f"# TYPE {name} counter"]
     lines += [f'{name}{{replica="{r}"}} {n}' for r, n in sorted(snapshot["routed"].items())]
+    counters = {
+        "replica_overflow_requests_total": (
+            "routed_while_degraded", "Of those, requests sent while it was degraded (overflow)."),
+        "replica_probes_total": ("probes", "Straggler-recovery probes sent to the replica."),
+    }
+    for metric, (key, doc) in counters.items():
+        name = f"tokenmill:{metric}"
+        lines += [f"# HELP {name} {doc}", f"# TYPE {name} counter"]
+        lines += [f'{name}{{replica="{r}"}} {n}' for r, n in sorted(snapshot[key].items())]
     return ("\n".join(lines) + "\n").encode()

@@ -11,12 +11,16 @@ engine failed) costs nothing: the ingress sends the request again, to another re
 ``MAX_ATTEMPTS`` times. After the first byte, the client sees the stream end early (as with any
 server), since text already delivered cannot be taken back.
 
+The ingress also sends the straggler-recovery probes (``ray_serve_probes``), from a task started
+with its first request (its router exists only from then on).
+
 Own endpoints: ``GET /ray/fleet`` (each replica's utilization, load, degraded mark, as the router
 sees them) and ``GET /ray/metrics`` (the same in Prometheus format); the rest is forwarded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -27,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tokenmill.distributed.ray_serve_fleet import FleetView, fleet_snapshot, render_fleet_metrics
+from tokenmill.distributed.ray_serve_probes import run_probes
 from tokenmill.distributed.ray_serve_replica import REPLICA_HEADER, ForwardedRequest
 from tokenmill.errors import UpstreamUnavailableError
 from tokenmill.openai_protocol import error_response
@@ -88,10 +93,21 @@ def build_ingress_app() -> FastAPI:
 class TokenmillIngress:
     """The ingress deployment class (wrapped with ``serve.ingress`` in ``ray_serve``)."""
 
-    def __init__(self, replicas: Any) -> None:
+    def __init__(self, replicas: Any, probe_interval_s: float = 2.0,
+                 probe_timeout_s: float = 30.0) -> None:
         self.replicas = replicas.options(stream=True)
+        self._probe_handle = replicas.options(method_name="probe")
+        self.probe_interval_s = probe_interval_s
+        self.probe_timeout_s = probe_timeout_s
+        self._probes: asyncio.Task | None = None
+
+    def _start_probes(self) -> None:
+        if self._probes is None or self._probes.done():
+            self._probes = asyncio.get_running_loop().create_task(run_probes(
+                self._probe_handle, self.probe_interval_s, self.probe_timeout_s))
 
     async def forward(self, request: Request) -> Response:
+        self._start_probes()
         body = await request.body()
         forwarded = ForwardedRequest(
             method=request.method, path=request.url.path,

@@ -9,7 +9,8 @@ client, which is what lets the ingress retry a request whose replica died before
 
 The replica also reports, for the router, its step times and utilization
 (``record_routing_stats``) and, for Ray's health checks, whether its engine is alive
-(``check_health``: a dead engine makes Ray replace the replica). Fault injection comes in as the
+(``check_health``: a dead engine makes Ray replace the replica), and answers the routers'
+straggler-recovery probes (``probe``). Fault injection comes in as the
 deployment's ``user_config`` (``reconfigure``). (A declarative ``serve deploy`` changing only it
 reconfigures running replicas; each Python ``serve.run`` in Ray 2.60 replaces them anyway.)
 """
@@ -26,6 +27,8 @@ from typing import Any, TypedDict
 from tokenmill.distributed.ray_serve_config import FaultSettings
 from tokenmill.engine.async_llm import AsyncLLM
 from tokenmill.engine.fault_injection import StepFaultInjector
+from tokenmill.routing_policy import PROBE_MAX_TOKENS, PROBE_PROMPT
+from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.app import create_app
 from tokenmill.server.state import ServerSettings, ServerState
 
@@ -70,6 +73,7 @@ class TokenmillReplica:
         if state.load_error is not None:
             raise state.load_error
         self._seq = 0
+        self._num_probes = 0
 
     # ------------------------------------------------------------------ Ray Serve hooks
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -102,9 +106,26 @@ class TokenmillReplica:
             "mean_step_seconds": use.mean_step_seconds, "tokens_per_s": use.tokens_per_s,
             "mean_batch_size": use.mean_batch_size, "busy_fraction": use.busy_fraction,
             "kv_cache_usage": stats.kv_cache_usage, "num_running": stats.num_running,
-            "num_waiting": stats.num_waiting, "prefix_cache_hits": stats.prefix_cache_hits,
+            "num_waiting": stats.num_waiting, "num_steps": stats.num_steps,
+            "prefix_cache_hits": stats.prefix_cache_hits,
             "prefix_cache_queries": stats.prefix_cache_queries,
         }
+
+    async def probe(self, request: dict[str, Any]) -> int:
+        """A straggler-recovery probe (``ray_serve_probes``): ``PROBE_MAX_TOKENS`` greedy tokens
+        run straight on the engine, not through the HTTP app, so no request metric counts it;
+        its request id (``straggler-probe-N``) names it in the engine's traces. Returns the
+        tokens generated (0: no engine)."""
+        engine = self.app.state.server.engine
+        if engine is None:
+            return 0
+        self._num_probes += 1
+        params = SamplingParams(max_tokens=PROBE_MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        num_tokens = 0
+        async for output in engine.generate(PROBE_PROMPT, params,
+                                            request_id=f"straggler-probe-{self._num_probes}"):
+            num_tokens += sum(len(c.delta_token_ids) for c in output.outputs)
+        return num_tokens
 
     # ------------------------------------------------------------------ requests
     async def handle(self, request: ForwardedRequest) -> AsyncIterator[dict[str, Any] | bytes]:

@@ -99,8 +99,13 @@ class RoutingSection:
     straggler_factor: float = _help("Slowdown above which a replica is slow; > 1.", default=1.3)
     straggler_persistence: int = _help("Consecutive slow (healthy) polls to mark (clear).",
                                        default=3)
-    straggler_weight: float = _help("Share of its first-choice picks a degraded replica keeps, "
-                                    "in (0, 1].", default=0.25)
+    replica_capacity: int = _help(
+        "Requests in flight at which a replica is full: a degraded replica gets requests only "
+        "while every healthy one is full (tokenmill's default max_num_seqs).", default=64)
+    straggler_probes: bool = _help(
+        "Before each poll, send every degraded replica a probe (8 greedy tokens) so its step "
+        "times move while it gets no traffic, and its recovery is seen.", default=True)
+    straggler_probe_timeout_s: float = _help("Timeout of one recovery probe.", default=10.0)
 
 
 @dataclass(frozen=True)
@@ -332,14 +337,14 @@ def _validate(config: GatewayConfig) -> None:
            f"{r.policy!r} is not one of {', '.join(ROUTING_POLICIES)}")
     for name in ("health_check_interval_s", "cooldown_s", "connect_timeout_s", "read_timeout_s"):
         _check(getattr(r, name) > 0, f"routing.{name}", "must be > 0")
-    for name in ("failure_threshold", "prefix_chars", "max_attempts", "straggler_persistence"):
+    for name in ("failure_threshold", "prefix_chars", "max_attempts", "straggler_persistence",
+                 "replica_capacity"):
         _check(getattr(r, name) >= 1, f"routing.{name}", "must be >= 1")
-    for name in ("straggler_poll_interval_s", "straggler_poll_timeout_s"):
+    for name in ("straggler_poll_interval_s", "straggler_poll_timeout_s",
+                 "straggler_probe_timeout_s"):
         _check(getattr(r, name) > 0, f"routing.{name}", "must be > 0")
     _check(r.straggler_factor > 1.0, "routing.straggler_factor",
            f"must be > 1, got {r.straggler_factor}")
-    _check(0.0 < r.straggler_weight <= 1.0, "routing.straggler_weight",
-           f"must be in (0, 1], got {r.straggler_weight}")
     _check(bool(config.tenants), "tenants", "at least one tenant is needed")
     seen_hashes: set[str] = set()
     for i, t in enumerate(config.tenants):

@@ -37,8 +37,15 @@ class GatewayMetrics:
                                       "is routable (healthy, circuit closed).", ["replica"],
                                       registry=r)
         self.upstream_degraded = Gauge("tokenmill_gateway_upstream_degraded", "1 while the "
-                                       "replica is marked a straggler (less traffic).",
+                                       "replica is marked a straggler (overflow only).",
                                        ["replica"], registry=r)
+        self.upstream_degraded_requests = Counter(
+            "tokenmill_gateway_upstream_degraded_requests", "Requests sent to a replica while it "
+            "was marked degraded: overflow (every healthy replica full) or failover.",
+            ["replica"], registry=r)
+        self.upstream_probes = Counter("tokenmill_gateway_upstream_probes", "Straggler-recovery "
+                                       "probes sent to a degraded replica, by outcome (ok, "
+                                       "error).", ["replica", "outcome"], registry=r)
         self.upstream_slowdown = Gauge("tokenmill_gateway_upstream_slowdown", "Replica's step "
                                        "time / the other replicas' median, comparable batches.",
                                        ["replica"], registry=r)

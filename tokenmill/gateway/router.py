@@ -15,6 +15,11 @@ afterwards it is half-open: exactly one request (the probe) is let through, the 
 another replica or fail fast until the probe's answer starts (closes the circuit) or fails
 (re-opens it at once). A probe that ends without a verdict (a 4xx, a caller gone) frees the
 slot for the next request.
+
+Stragglers (``stragglers.StragglerWatch`` keeps ``degraded``): the policy orders the healthy
+replicas, then ``routing_policy.straggler_order`` (the rule the Ray Serve router applies too) puts
+a degraded replica first only when every healthy one holds ``replica_capacity`` requests or more
+(overflow), else last in the plan (reached only if every healthy replica failed this request).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import httpx
 
 from tokenmill.gateway.config import RoutingSection, UpstreamSection
 from tokenmill.gateway.metrics import GatewayMetrics
-from tokenmill.routing_policy import order_by_load, prefix_affinity_order
+from tokenmill.routing_policy import order_by_load, prefix_affinity_order, straggler_order
 
 
 @dataclass
@@ -102,7 +107,6 @@ class Router:
         self.num_affinity_fallbacks = 0
         self.degraded: set[str] = set()
         """Replicas marked stragglers (kept by ``stragglers.StragglerWatch``)."""
-        self._straggler_credit: dict[str, float] = {}
         for r in self.replicas:
             self._publish(r)
 
@@ -122,25 +126,16 @@ class Router:
         usable = [r for r in self.replicas if r.serves(model) and r.can_take(now)]
         if not usable:
             return []
-        ordered = self.policy(self, usable, prompt[:self.section.prefix_chars])
-        if self.degraded:
-            ordered = self._demote_degraded(ordered)
+        key = prompt[:self.section.prefix_chars]
+        if not self.degraded:
+            return self.policy(self, usable, key)[:self.section.max_attempts]
+        # The policy ranks the healthy replicas (a degraded one's prefixes move to them), then
+        # the straggler rule places the degraded ones.
+        healthy = [r for r in usable if r.name not in self.degraded] or usable
+        ordered = self.policy(self, healthy, key) + [r for r in usable if r not in healthy]
+        ordered, _ = straggler_order(ordered, lambda r: r.name in self.degraded,
+                                     lambda r: r.outstanding, self.section.replica_capacity)
         return ordered[:self.section.max_attempts]
-
-    def _demote_degraded(self, ordered: list[Replica]) -> list[Replica]:
-        """A degraded replica the policy put first keeps that place ``straggler_weight`` of the
-        time (a deterministic credit, not a coin), else goes behind the healthy replicas; it stays
-        in the retry plan, so with no healthy replica left it still serves."""
-        first = ordered[0]
-        if first.name not in self.degraded:
-            return ordered
-        credit = self._straggler_credit.get(first.name, 0.0) + self.section.straggler_weight
-        if credit >= 1.0:
-            self._straggler_credit[first.name] = credit - 1.0
-            return ordered
-        self._straggler_credit[first.name] = credit
-        healthy = [r for r in ordered if r.name not in self.degraded]
-        return healthy + [r for r in ordered if r.name in self.degraded]
 
     def acquire(self, replica: Replica, attempt: object) -> bool:
         """Claim ``replica`` for ``attempt`` (any unique object); False when it cannot take one
@@ -151,6 +146,8 @@ class Router:
             return False
         if replica.is_half_open(now):
             replica.probe = attempt  # the probe; the others wait for its verdict
+        if replica.name in self.degraded:
+            self.metrics.upstream_degraded_requests.labels(replica.name).inc()
         return True
 
     def release(self, replica: Replica, attempt: object) -> None:

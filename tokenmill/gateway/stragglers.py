@@ -1,4 +1,5 @@
-"""Stragglers among the gateway's upstreams: found from their /metrics, routed around, not cut off.
+"""Stragglers among the gateway's upstreams: found from their /metrics, given only overflow, and
+probed until they recover.
 
 The gateway has no view into its upstreams' engines, so a background task (``run``, every
 ``routing.straggler_poll_interval_s``) scrapes each replica's ``/metrics`` with a short timeout, off
@@ -9,11 +10,16 @@ bucket by bucket, with the others' median and marks it degraded after ``straggle
 slow polls (and clears it after as many polls back in line). An upstream that is not tokenmill (no
 such lines, a 404, a timeout) simply reports no buckets and is never marked.
 
-A degraded replica keeps ``straggler_weight`` of the first-choice picks the routing policy would
-give it (``Router.plan`` demotes it behind the healthy ones otherwise), so it still serves some
-requests and its recovery shows in its own step times. The mark is exported as
-``tokenmill_gateway_upstream_degraded{replica=...}`` (plus ``..._upstream_slowdown``), and the
-detector logs one line naming the replica when it is marked and when it recovers.
+A degraded replica takes only overflow (``Router.plan``, ``routing_policy.straggler_order``): no
+user request while a healthy replica holds fewer than ``routing.replica_capacity``. Its step
+times would then stop moving, so each poll first sends every degraded replica one recovery probe
+(``routing_policy.probe_body``: 8 greedy tokens, header ``x-tokenmill-probe``; not routed, so no
+user-traffic metric counts it) and waits for it (at most ``straggler_probe_timeout_s``) before
+scraping: a probe per degraded replica per poll, never more, and none to healthy replicas. The
+mark is exported as ``tokenmill_gateway_upstream_degraded{replica=...}`` (plus
+``..._upstream_slowdown``, ``..._upstream_degraded_requests_total`` and
+``..._upstream_probes_total``), and the detector logs one line naming the replica when it is
+marked and when it recovers.
 """
 
 from __future__ import annotations
@@ -26,13 +32,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tokenmill.gateway.config import RoutingSection
 from tokenmill.gateway.metrics import GatewayMetrics
-from tokenmill.gateway.router import Router
-from tokenmill.routing_policy import StragglerDetector, StragglerPolicy
+from tokenmill.gateway.router import Replica, Router
+from tokenmill.routing_policy import (
+    PROBE_HEADER,
+    StragglerDetector,
+    StragglerPolicy,
+    probe_body,
+)
 
 logger = logging.getLogger(__name__)
 
 STEP_SECONDS = "tokenmill:engine_bucket_step_seconds"
 STEPS = "tokenmill:engine_bucket_steps"
+ENGINE_STEPS = "tokenmill:engine_steps_total"
 
 Buckets = dict[int, tuple[float, int]]
 """Batch bucket -> (median step seconds, number of steps), as ``StragglerDetector.update`` takes."""
@@ -57,6 +69,21 @@ def parse_step_buckets(text: str) -> Buckets:
     return {b: (s, counts.get(b, 0)) for b, s in seconds.items()}
 
 
+def parse_num_steps(text: str) -> int | None:
+    """A tokenmill server's cumulative engine step count (None when absent), so the detector
+    judges a replica only on polls after which it ran new steps."""
+    total = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == ENGINE_STEPS:
+                total = (total or 0) + int(sample.value)
+    return total
+
+
+def _parse(text: str) -> tuple[Buckets, int | None]:
+    return parse_step_buckets(text), parse_num_steps(text)
+
+
 class StragglerWatch:
     """Polls the router's replicas and keeps ``router.degraded`` in step with the detector."""
 
@@ -75,23 +102,42 @@ class StragglerWatch:
         # The detector has already logged the line naming the replica.
         self.metrics.upstream_degraded.labels(replica).set(1 if degraded else 0)
 
-    async def _scrape(self, client: httpx.AsyncClient, url: str) -> Buckets:
+    async def _scrape(self, client: httpx.AsyncClient, url: str) -> tuple[Buckets, int | None]:
         try:
             resp = await client.get(url + "/metrics",
                                     timeout=self.section.straggler_poll_timeout_s)
             if resp.status_code != 200:
-                return {}
+                return {}, None
             # Parsing a few hundred lines is cheap but not free; keep it off the event loop.
-            return await asyncio.to_thread(parse_step_buckets, resp.text)
+            return await asyncio.to_thread(_parse, resp.text)
         except (httpx.HTTPError, ValueError) as exc:
             logger.debug("straggler poll of %s failed: %s", url, exc)
-            return {}
+            return {}, None
+
+    async def _probe(self, client: httpx.AsyncClient, replica: Replica) -> None:
+        models = [m for m in replica.models if "*" not in m]
+        if not models:  # nothing to name in the request (its models are not known yet)
+            return
+        try:
+            resp = await client.post(replica.url + "/v1/completions", json=probe_body(models[0]),
+                                     headers={PROBE_HEADER: "straggler-recovery"},
+                                     timeout=self.section.straggler_probe_timeout_s)
+            outcome = "ok" if resp.status_code == 200 else "error"
+        except httpx.HTTPError as exc:
+            logger.info("recovery probe of %s failed: %r", replica.name, exc)
+            outcome = "error"
+        self.metrics.upstream_probes.labels(replica.name, outcome).inc()
 
     async def poll(self, client: httpx.AsyncClient) -> None:
-        """One evaluation: scrape every replica at once, feed the detector, publish."""
+        """One evaluation: probe the degraded replicas, scrape every replica at once, feed the
+        detector, publish."""
         replicas = self.router.replicas
+        if self.section.straggler_probes:
+            await asyncio.gather(*(self._probe(client, r) for r in replicas
+                                   if r.name in self.router.degraded))
         scraped = await asyncio.gather(*(self._scrape(client, r.url) for r in replicas))
-        self.detector.update({r.name: buckets for r, buckets in zip(replicas, scraped)})
+        self.detector.update({r.name: buckets for r, (buckets, _) in zip(replicas, scraped)},
+                             {r.name: steps for r, (_, steps) in zip(replicas, scraped)})
         self.num_polls += 1
         self.router.degraded = set(self.detector.degraded)
         for r in replicas:
