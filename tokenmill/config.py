@@ -19,10 +19,11 @@ ATTENTION_BACKENDS = ("auto", "native", "torch")
 TASKS = ("generate", "embed")
 
 
-def help_field(text: str, **kwargs: Any) -> Any:
+def help_field(text: str, *, flag: str | None = None, cli: bool = True, **kwargs: Any) -> Any:
     """A dataclass field whose help text is the CLI flag's help (and the gateway config's docs):
-    the one helper every config dataclass uses."""
-    return field(metadata={"help": text}, **kwargs)
+    the one helper every config dataclass uses. ``flag`` names the flag when it is not
+    ``--field-name``; ``cli=False`` keeps a field off the command line."""
+    return field(metadata={"help": text, "flag": flag, "cli": cli}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         if cls is EngineConfig and f.name in ENGINE_SECTIONS:
             continue  # the sections' own fields are added one by one
-        flag = "--" + f.name.replace("_", "-")
+        if not f.metadata.get("cli", True):
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         help_text = f.metadata.get("help", "")
         if kind is bool:

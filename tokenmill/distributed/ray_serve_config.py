@@ -8,9 +8,11 @@ it is missing.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.config import add_config_arguments, config_from_args, help_field
 from tokenmill.errors import ConfigError
 
 ROUTER_POLICIES = ("prefix_affinity", "least_loaded")
@@ -57,37 +59,62 @@ class FaultSettings:
 
 @dataclass(frozen=True)
 class RayServeSettings:
-    ray_address: str | None = None
-    """An existing cluster (``ray://host:10001`` or ``host:6379``); None: start a local one."""
-    num_replicas: int = 1
-    min_replicas: int | None = None
-    """Set (with ``max_replicas``) to autoscale instead of a fixed ``num_replicas``."""
-    max_replicas: int | None = None
-    target_ongoing_requests: float = 2.0
-    upscale_delay_s: float = 30.0
-    downscale_delay_s: float = 600.0
-    autoscaling_interval_s: float = 1.0
-    """How often replicas report their load to the autoscaler (Ray: metrics_interval_s)."""
-    replica_num_cpus: float = 1.0
-    max_ongoing_requests: int = 32
-    router_policy: str = "prefix_affinity"
-    affinity_max_imbalance: int = 4
-    straggler_factor: float = 1.3
-    straggler_persistence: int = 3
-    straggler_handling: bool = True
-    replica_capacity: int | None = None
-    """Requests in flight at which a healthy replica counts as full, so a degraded replica gets
-    the overflow; None: the engine's ``max_num_seqs`` (capped by ``max_ongoing_requests``), the
-    batch a replica runs at once: below it a new request joins the running batch at almost no
-    cost, above it it waits for a slot (``resolved_replica_capacity``)."""
-    straggler_probe_interval_s: float = 2.0
-    """Seconds between recovery probes of each degraded replica (``ray_serve_probes``)."""
-    stats_period_s: float = 1.0
-    """How often the router reads each replica's step times and load."""
-    health_check_period_s: float = 2.0
-    local_num_cpus: int | None = None
-    """CPUs of a local cluster (None: Ray counts them)."""
-    faults: FaultSettings = field(default_factory=FaultSettings)
+    """Each field is a ``tokenmill serve`` flag (``add_ray_arguments``), help text included."""
+
+    ray_address: str | None = help_field(
+        "Join this Ray cluster (e.g. 10.0.0.5:6379 or ray://host:10001); default: start a local "
+        "one on 127.0.0.1.", default=None)
+    num_replicas: int = help_field("Replicas (one engine each) when not autoscaling.", default=1)
+    min_replicas: int | None = help_field(
+        "Autoscale between --min-replicas and --max-replicas (set both) instead of a fixed "
+        "--num-replicas.", default=None)
+    max_replicas: int | None = help_field("Upper bound of autoscaling.", default=None)
+    target_ongoing_requests: float = help_field(
+        "Autoscaling target of requests in flight per replica.", default=2.0)
+    upscale_delay_s: float = help_field(
+        "Seconds the load must stay above target before adding a replica.", default=30.0)
+    downscale_delay_s: float = help_field(
+        "Seconds the load must stay below target before removing one.", default=600.0)
+    autoscaling_interval_s: float = help_field(
+        "How often replicas report their load to the autoscaler (Ray's metrics_interval_s).",
+        default=1.0, cli=False)
+    replica_num_cpus: float = help_field(
+        "CPUs Ray reserves per replica (also its torch threads unless --num-threads is given).",
+        default=1.0)
+    max_ongoing_requests: int = help_field(
+        "Requests in flight per replica before the router queues them.", default=32)
+    router_policy: str = help_field(
+        f"How the deployment's request router picks a replica: {', '.join(ROUTER_POLICIES)}.",
+        default="prefix_affinity")
+    affinity_max_imbalance: int = help_field(
+        "Prefix affinity yields to the least loaded replica once the preferred one has this many "
+        "more requests in flight.", default=4)
+    straggler_factor: float = help_field(
+        "A replica whose step time for comparable batches stays above this many times the "
+        "others' median is marked degraded.", default=1.3)
+    straggler_persistence: int = help_field(
+        "Consecutive evaluations (one per --ray-stats-period-s) before a replica is marked "
+        "degraded or cleared.", default=3)
+    straggler_handling: bool = help_field(
+        "Route around degraded replicas (--no-straggler-handling: still detect and report "
+        "stragglers, but route as if there were none).", default=True)
+    replica_capacity: int | None = help_field(
+        "Requests in flight at which a healthy replica is full: only then does a degraded replica "
+        "get requests (overflow). Default: the engine's --max-num-seqs, at most "
+        "--max-ongoing-requests: below it a new request joins the running batch at almost no "
+        "cost, above it it waits for a slot (resolved_replica_capacity).", default=None)
+    straggler_probe_interval_s: float = help_field(
+        "Seconds between recovery probes (8 greedy tokens) of each degraded replica "
+        "(ray_serve_probes).", default=2.0)
+    stats_period_s: float = help_field(
+        "How often the router reads each replica's load and step times.", default=1.0,
+        flag="--ray-stats-period-s")
+    health_check_period_s: float = help_field("Ray's health check period of a replica.",
+                                              default=2.0, cli=False)
+    local_num_cpus: int | None = help_field("CPUs of a local cluster (None: Ray counts them).",
+                                            default=None, cli=False)
+    faults: FaultSettings = help_field(  # noqa: RUF009 - help_field is dataclasses.field
+        "--inject-* (add_fault_arguments).", default_factory=FaultSettings, cli=False)
 
     def __post_init__(self) -> None:
         autoscaled = self.min_replicas is not None or self.max_replicas is not None
@@ -158,48 +185,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
         "Ray Serve (--ray)", "Run replicas of the server on Ray Serve (docs/ray_serve.md).")
     group.add_argument("--ray", action="store_true",
                        help=f"Serve through Ray Serve replicas (needs: {RAY_EXTRA}).")
-    group.add_argument("--ray-address", default=None,
-                       help="Join this Ray cluster (e.g. 10.0.0.5:6379); default: start a local "
-                            "one on 127.0.0.1.")
-    group.add_argument("--num-replicas", type=int, default=1,
-                       help="Replicas (one engine each) when not autoscaling.")
-    group.add_argument("--min-replicas", type=int, default=None,
-                       help="Autoscale between --min-replicas and --max-replicas.")
-    group.add_argument("--max-replicas", type=int, default=None)
-    group.add_argument("--target-ongoing-requests", type=float, default=2.0,
-                       help="Autoscaling target of requests in flight per replica.")
-    group.add_argument("--upscale-delay-s", type=float, default=30.0,
-                       help="Seconds the load must stay above target before adding a replica.")
-    group.add_argument("--downscale-delay-s", type=float, default=600.0,
-                       help="Seconds the load must stay below target before removing one.")
-    group.add_argument("--replica-num-cpus", type=float, default=1.0,
-                       help="CPUs Ray reserves per replica (also its torch threads unless "
-                            "--num-threads is given).")
-    group.add_argument("--max-ongoing-requests", type=int, default=32,
-                       help="Requests in flight per replica before the router queues them.")
-    group.add_argument("--router-policy", choices=ROUTER_POLICIES, default="prefix_affinity",
-                       help="How the deployment's request router picks a replica.")
-    group.add_argument("--affinity-max-imbalance", type=int, default=4,
-                       help="Prefix affinity yields to the least loaded replica once the "
-                            "preferred one has this many more requests in flight.")
-    group.add_argument("--straggler-factor", type=float, default=1.3,
-                       help="A replica whose step time for comparable batches stays above this "
-                            "many times the others' median is marked degraded.")
-    group.add_argument("--straggler-persistence", type=int, default=3,
-                       help="Consecutive evaluations (one per --ray-stats-period-s) before a "
-                            "replica is marked degraded or cleared.")
-    group.add_argument("--no-straggler-handling", dest="straggler_handling",
-                       action="store_false",
-                       help="Still detect and report stragglers, but route as if none were.")
-    group.add_argument("--replica-capacity", type=int, default=None,
-                       help="Requests in flight at which a healthy replica is full: only then "
-                            "does a degraded replica get requests (overflow). Default: the "
-                            "engine's --max-num-seqs, at most --max-ongoing-requests.")
-    group.add_argument("--straggler-probe-interval-s", type=float, default=2.0,
-                       help="Seconds between recovery probes (8 greedy tokens) of each "
-                            "degraded replica.")
-    group.add_argument("--ray-stats-period-s", type=float, default=1.0,
-                       help="How often the router reads each replica's load and step times.")
+    add_config_arguments(group, RayServeSettings)
     group.add_argument("--inject-replica-ranks", default=None,
                        help="With --inject-*: the replica ranks (comma-separated, e.g. 0) to "
                             "slow down or fail; default: all.")
@@ -227,15 +213,5 @@ def fault_settings_from_args(args: argparse.Namespace) -> FaultSettings:
 
 
 def ray_settings_from_args(args: argparse.Namespace) -> RayServeSettings:
-    return RayServeSettings(
-        ray_address=args.ray_address, num_replicas=args.num_replicas,
-        min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-        target_ongoing_requests=args.target_ongoing_requests,
-        upscale_delay_s=args.upscale_delay_s, downscale_delay_s=args.downscale_delay_s,
-        replica_num_cpus=args.replica_num_cpus, max_ongoing_requests=args.max_ongoing_requests,
-        router_policy=args.router_policy, affinity_max_imbalance=args.affinity_max_imbalance,
-        straggler_factor=args.straggler_factor, straggler_persistence=args.straggler_persistence,
-        straggler_handling=args.straggler_handling, stats_period_s=args.ray_stats_period_s,
-        replica_capacity=args.replica_capacity,
-        straggler_probe_interval_s=args.straggler_probe_interval_s,
-        faults=fault_settings_from_args(args))
+    return dataclasses.replace(config_from_args(RayServeSettings, args),
+                               faults=fault_settings_from_args(args))
