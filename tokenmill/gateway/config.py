@@ -161,6 +161,11 @@ class InjectionDetectorSection:
     max_windows: int = _help(
         "Most sentence windows scored per text; longer texts are scored in wider windows.",
         default=64)
+    llm_view: bool = _help(
+        "Add a third view: a classifier over the built-in LLM's (SmolLM2-135M) mean-pooled "
+        "hidden states, which read every script. Loads that model in the gateway process "
+        "(~300 MB) and costs one prefill per scored window; if it cannot load, the detector "
+        "runs on its other two views and says so in the log.", default=False)
     rag_chunks: str = _help(
         "Retrieved RAG chunks the detector or an input rule flags: drop (the chunk is left out), "
         "block (the request is refused) or off (chunks are not scanned).", default="drop")

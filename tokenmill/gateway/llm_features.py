@@ -39,16 +39,16 @@ class LLMEmbedder:
     """``Embedder`` (``embeddings.py``) over the built-in LLM's pooled final hidden states:
     unit-length float32 vectors of ``dim`` (576 for SmolLM2-135M)."""
 
-    def __init__(self, llm: LLM | None = None, pooling: str = "mean",
+    def __init__(self, llm: LLM | None = None, pooling: str = "mean", model: str | None = None,
                  num_threads: int | None = None) -> None:
         """``llm``: an engine to share (its other callers must not step it concurrently);
-        default: the built-in model, loaded here with a small KV pool."""
+        default: ``model`` (default: the built-in one), loaded here with a small KV pool."""
         from tokenmill.engine.llm import LLM
 
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
         self.pooling = pooling
-        self.llm = llm or LLM(kv_cache_memory=_KV_BYTES, num_threads=num_threads)
+        self.llm = llm or LLM(model, kv_cache_memory=_KV_BYTES, num_threads=num_threads)
         self.dim = int(self.llm.engine.source.arch.hidden_size)
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -92,16 +92,17 @@ _shared: dict[str, LLMEmbedder | None] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_llm_embedder(pooling: str = "mean") -> LLMEmbedder | None:
+def shared_llm_embedder(pooling: str = "mean", model: str | None = None) -> LLMEmbedder | None:
     """The built-in model's embedder, loaded once per process on first call; None, with a
     warning, when it cannot be loaded: the detector then runs on its other two views (and its
     scores are those of the two-view model, whose dev curve docs/gateway.md gives too)."""
     with _shared_lock:
-        if pooling not in _shared:
+        key = f"{pooling}:{model}"
+        if key not in _shared:
             try:
-                _shared[pooling] = LLMEmbedder(pooling=pooling)
+                _shared[key] = LLMEmbedder(pooling=pooling, model=model)
             except Exception as exc:  # noqa: BLE001 -- any load failure (weights, memory) degrades
                 logger.warning("injection detector: the built-in LLM view is unavailable (%s); "
                                "scoring with the MiniLM and n-gram views only", exc)
-                _shared[pooling] = None
-        return _shared[pooling]
+                _shared[key] = None
+        return _shared[key]
