@@ -2,7 +2,7 @@
 positives on the held-back test half, and the latency the detector adds to a request.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gateway_injection.py \\
-        [--threshold 0.75] [--folds 5] [--llm-view] [--dev-only] [--skip-latency]
+        [--threshold T] [--folds 5] [--llm-view] [--dev-only] [--skip-latency]
 
 Data: ``benchmarks/data/injection_prompts.jsonl`` (``benchmarks/injection_split.py`` made the
 split). The dev half is the shipped exemplar library, so its curve comes from k-fold
@@ -103,10 +103,9 @@ def time_detector(detector, texts: list[str], warm: bool) -> list[float]:
 
 
 def main() -> None:
-    from tokenmill.gateway.config import InjectionDetectorSection
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threshold", type=float, default=InjectionDetectorSection().threshold)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="default: the detector's own default for its views")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--long-docs", type=int, default=20, help="long documents timed")
     parser.add_argument("--skip-latency", action="store_true",
@@ -157,6 +156,7 @@ def main() -> None:
 
     # the shipped library = the dev half
     detector = InjectionDetector(embedder, load_exemplars(), llm=llm)
+    args.threshold = args.threshold or detector.default_threshold
     test_scores = np.array([s.score for s in detector.score([r["text"] for r in test])])
     test_attack = np.array([r["label"] == "attack" for r in test])
     caught, blocked = rates(test_scores, test_attack, args.threshold)

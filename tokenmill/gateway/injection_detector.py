@@ -44,6 +44,11 @@ LABELS = ("attack", "benign")
 # at 16 or 64 detection was the same within noise, and a point higher than at 4.
 _SVM_C = 4.0
 _NGRAM_C = 16.0
+# Default thresholds: the lowest step of 0.025 whose false-positive rate stays at or under 3% on
+# the dev half (5-fold cross-validation, 3 shuffles averaged; docs/gateway.md). The views'
+# mean is a different scale with or without the LLM view, so each has its own.
+DEFAULT_THRESHOLD = 0.675
+DEFAULT_THRESHOLD_WITH_LLM = 0.60
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,10 @@ class InjectionDetector:
         ]).fit([e.text for e in exemplars])
         self.models: dict[str, Any] = {}
         self._fit(exemplars)
+
+    @property
+    def default_threshold(self) -> float:
+        return DEFAULT_THRESHOLD if self.llm is None else DEFAULT_THRESHOLD_WITH_LLM
 
     @property
     def views(self) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ POOLINGS = ("mean", "last")
 _MAX_TOKENS = 512
 # The KV pool a prefill-only model needs: one step's chunks, never a long conversation.
 _KV_BYTES = 64 * 2**20
+_BATCH = 256
 
 
 class LLMEmbedder:
@@ -56,8 +57,12 @@ class LLMEmbedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        prompts = [self._token_ids(t) for t in texts]
+        pooled: list[np.ndarray] = []
         with self._lock:
-            pooled = self._pooled([self._token_ids(t) for t in texts])
+            # In batches: the engine's waiting queue is bounded (max_waiting_requests).
+            for start in range(0, len(prompts), _BATCH):
+                pooled += self._pooled(prompts[start:start + _BATCH])
         vectors = np.asarray(pooled, dtype=np.float32)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors / np.maximum(norms, 1e-12)
