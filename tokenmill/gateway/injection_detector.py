@@ -1,16 +1,19 @@
 """Semantic prompt-injection / jailbreak detector: classifiers trained at start-up on a labelled
-library of attack and benign exemplars, over the gateway's MiniLM embedding and over n-grams.
+library of attack and benign exemplars, over the gateway's MiniLM embedding, over n-grams and
+(optionally) over the built-in LLM's hidden states.
 
 Why a classifier and not regexes: attacks are paraphrased endlessly ("disregard everything you
 were told before", "you are now in developer mode") while harmless prompts share their words
 ("jailbreak my iPhone", "ignore the typo"). A support-vector machine with an RBF kernel over
 sentence embeddings learns the meaning; a logistic regression over word and character n-grams
 (TF-IDF) is averaged with it because MiniLM is an English model and the n-grams carry the look
-of attacks in other languages and of obfuscated spellings. The library ships with the package (``data/injection_exemplars.jsonl``,
-the dev half of ``benchmarks/data/injection_prompts.jsonl``); a deployment can point at its own
-file.
+of attacks in other languages and of obfuscated spellings; optionally (the gateway's default)
+a third RBF SVM over the built-in LLM's pooled hidden states (``llm_features``), which read
+every script, is averaged in too (+3.5 points of dev detection at 3% false positives).
+The library ships with the package (``data/injection_exemplars.jsonl``, the dev half of
+``benchmarks/data/injection_prompts.jsonl``); a deployment can point at its own file.
 
-Training (a few seconds, once per process and library):
+Training (once per process and library; about a minute with the LLM view on one thread):
 
 - every benign exemplar gives negatives: the whole text and each of its windows
   (``injection_windows``), so harmless sentences out of context do not score high;
@@ -183,11 +186,11 @@ class InjectionDetector:
             rows = [row_of[t] for t in some]
             return {view: found[rows] for view, found in all_vectors.items()}
 
-        # Two views, each its own model; their probabilities are averaged. In cross-validation
-        # on the dev half this beat one model over both feature sets joined (85% vs 76% of
-        # attacks at 2.6% false positives): the n-grams' many weights no longer drown the
-        # embedding's. Taking the larger of the two instead of the mean, or a weighted mean,
-        # scored lower.
+        # Each view its own model; their probabilities are averaged. In cross-validation on the
+        # dev half this beat one model over both feature sets joined (85% vs 76% of attacks at
+        # 2.6% false positives): the n-grams' many weights no longer drown the embedding's.
+        # Taking the larger of the two instead of the mean, or a weighted mean, scored lower;
+        # so did weighting the LLM view 0.5 or 2 (docs/gateway.md).
         for view in self.views:
             view_texts, view_labels = list(texts), list(labels)
             model = self._new_model(view)
