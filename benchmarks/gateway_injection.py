@@ -2,7 +2,7 @@
 positives on the held-back test half, and the latency the detector adds to a request.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gateway_injection.py \\
-        [--threshold 0.75] [--folds 5] [--dev-only] [--skip-latency]
+        [--threshold T] [--folds 5] [--llm-view] [--dev-only] [--skip-latency]
 
 Data: ``benchmarks/data/injection_prompts.jsonl`` (``benchmarks/injection_split.py`` made the
 split). The dev half is the shipped exemplar library, so its curve comes from k-fold
@@ -47,7 +47,7 @@ def rates(scores: np.ndarray, is_attack: np.ndarray, threshold: float) -> tuple[
     return float(flagged[is_attack].mean()), float(flagged[~is_attack].mean())
 
 
-def dev_curve(embedder, dev: list[dict], folds: int) -> np.ndarray:
+def dev_curve(embedder, dev: list[dict], folds: int, llm=None) -> np.ndarray:
     from sklearn.model_selection import StratifiedKFold
 
     from tokenmill.gateway.injection_detector import Exemplar, InjectionDetector
@@ -57,7 +57,7 @@ def dev_curve(embedder, dev: list[dict], folds: int) -> np.ndarray:
     scores = np.zeros(len(dev))
     splitter = StratifiedKFold(folds, shuffle=True, random_state=0)
     for train, held in splitter.split(np.zeros(len(dev)), labels):
-        detector = InjectionDetector(embedder, [exemplars[i] for i in train])
+        detector = InjectionDetector(embedder, [exemplars[i] for i in train], llm=llm)
         found = detector.score([exemplars[i].text for i in held])
         scores[held] = [s.score for s in found]
     return scores
@@ -103,14 +103,16 @@ def time_detector(detector, texts: list[str], warm: bool) -> list[float]:
 
 
 def main() -> None:
-    from tokenmill.gateway.config import InjectionDetectorSection
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threshold", type=float, default=InjectionDetectorSection().threshold)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="default: the detector's own default for its views")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--long-docs", type=int, default=20, help="long documents timed")
     parser.add_argument("--skip-latency", action="store_true",
                         help="print only the quality figures (no timing)")
+    parser.add_argument("--llm-view", action="store_true",
+                        help="add the third view over the built-in LLM's hidden states "
+                        "(guardrails.injection_detector.llm_view)")
     parser.add_argument("--dev-only", action="store_true",
                         help="print only the dev-half curve (to choose a threshold before the "
                         "test half is ever scored)")
@@ -126,13 +128,19 @@ def main() -> None:
 
     model = load_embedder()
     embedder = MemoizedEmbedder(model, max_entries=100_000)  # folds share the windows' vectors
+    llm = None
+    if args.llm_view:
+        from tokenmill.gateway.llm_features import LLMEmbedder
+
+        llm = MemoizedEmbedder(LLMEmbedder(), max_entries=100_000)
     dev, test = load("dev"), load("test")
     print(f"prompts: dev {len(dev)} ({sum(r['label'] == 'attack' for r in dev)} attacks), "
           f"test {len(test)} ({sum(r['label'] == 'attack' for r in test)} attacks)")
 
-    dev_scores = dev_curve(embedder, dev, args.folds)
+    dev_scores = dev_curve(embedder, dev, args.folds, llm)
     dev_attack = np.array([r["label"] == "attack" for r in dev])
-    print(f"\ndev half, {args.folds}-fold cross-validation")
+    views = "MiniLM, n-grams" + (", built-in LLM" if llm else "")
+    print(f"\ndev half, {args.folds}-fold cross-validation, views: {views}")
     print("| threshold | attacks caught | benign blocked |")
     print("|---|---|---|")
     suggested = None
@@ -146,7 +154,9 @@ def main() -> None:
     if args.dev_only:
         return
 
-    detector = InjectionDetector(embedder, load_exemplars())  # the shipped library = dev half
+    # the shipped library = the dev half
+    detector = InjectionDetector(embedder, load_exemplars(), llm=llm)
+    args.threshold = args.threshold or detector.default_threshold
     test_scores = np.array([s.score for s in detector.score([r["text"] for r in test])])
     test_attack = np.array([r["label"] == "attack" for r in test])
     caught, blocked = rates(test_scores, test_attack, args.threshold)
@@ -176,6 +186,8 @@ def main() -> None:
         return
 
     detector = detector.using(model)  # timing: no memo left over from the runs above
+    if llm is not None:
+        detector.llm = llm.inner
     prompts = [r["text"] for r in test]
     docs = long_documents([r["text"] for r in test if r["label"] == "attack"], args.long_docs)
     print(f"\ndetector latency on {torch.get_num_threads()} torch thread(s), ms")

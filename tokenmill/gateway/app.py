@@ -39,6 +39,7 @@ from tokenmill.gateway.exact_cache import ExactCacheStage
 from tokenmill.gateway.fleet_stats import FleetHistory
 from tokenmill.gateway.guardrails import GuardrailsStage
 from tokenmill.gateway.injection_detector import shared_detector
+from tokenmill.gateway.llm_features import shared_llm_embedder
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler, Stage, compose
 from tokenmill.gateway.protocol import CHAT, COMPLETIONS, is_usage_chunk, validate_body
@@ -96,8 +97,11 @@ def build_gateway(config: GatewayConfig, *, embedder: Embedder | None = None,
     auth = AuthStage(config.tenants)
     ratelimit = RateLimitStage(limiter, metrics)
     detector_section = config.guardrails.injection_detector
-    detector = shared_detector(embedder, detector_section.exemplars,
-                               detector_section.max_windows) if detector_section.enabled else None
+    detector = None
+    if detector_section.enabled:
+        llm = shared_llm_embedder() if detector_section.llm_view else None
+        detector = shared_detector(embedder, detector_section.exemplars,
+                                   detector_section.max_windows, llm=llm)
     guardrails = GuardrailsStage(config.guardrails, metrics, detector)
     stages: list[Stage] = [auth, ratelimit, guardrails,
                            RagSpecStage(config.rag, RagStore(config.rag.dir, embedder.dim))]

@@ -155,17 +155,23 @@ class InjectionDetectorSection:
     enabled: bool = _help(
         "Score caller text and RAG chunks with the embedding classifier (needs the embedding "
         "model; trains in a few seconds at start-up).", default=False)
-    threshold: float = _help(
+    threshold: float | None = _help(
         "Attack probability in (0, 1] at which a text is blocked; tenants may override it. "
-        "0.75 is the lowest step keeping false positives at or under 3% on the dev half "
-        "(docs/gateway.md).",
-        default=0.75)
+        "None: the lowest step keeping false positives at or under 3% on the dev half for the "
+        "views in use, 0.60 with the LLM view and 0.675 without (docs/gateway.md).",
+        default=None)
     exemplars: str | None = _help(
         "JSONL exemplar library ({label: attack|benign, text}); default: the one shipped in "
         "tokenmill/gateway/data.", default=None)
     max_windows: int = _help(
         "Most sentence windows scored per text; longer texts are scored in wider windows.",
         default=64)
+    llm_view: bool = _help(
+        "Add a third view: a classifier over the built-in LLM's (SmolLM2-135M) mean-pooled "
+        "hidden states, which read every script. Loads that model in the gateway process "
+        "(~300 MB), adds its pass over the library to start-up training and costs one prefill "
+        "per scored window; if it cannot load, the detector runs on its other two views (at "
+        "their own default threshold) and says so in the log.", default=True)
     rag_chunks: str = _help(
         "Retrieved RAG chunks the detector or an input rule flags: drop (the chunk is left out), "
         "block (the request is refused) or off (chunks are not scanned).", default="drop")
@@ -378,7 +384,8 @@ def _validate(config: GatewayConfig) -> None:
     _check(g.output_window_chars >= 1, "guardrails.output_window_chars", "must be >= 1")
     _check(g.output_holdback_chars >= 0, "guardrails.output_holdback_chars", "must be >= 0")
     d = g.injection_detector
-    _check(0.0 < d.threshold <= 1.0, "guardrails.injection_detector.threshold",
+    _check(d.threshold is None or 0.0 < d.threshold <= 1.0,
+           "guardrails.injection_detector.threshold",
            f"must be in (0, 1], got {d.threshold!r}")
     _check(d.max_windows >= 1, "guardrails.injection_detector.max_windows", "must be >= 1")
     _check(d.rag_chunks in RAG_CHUNK_ACTIONS, "guardrails.injection_detector.rag_chunks",

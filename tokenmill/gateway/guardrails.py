@@ -33,7 +33,11 @@ from typing import Any
 
 from tokenmill.errors import ContentFilterError
 from tokenmill.gateway.config import GuardrailsSection, RuleSection
-from tokenmill.gateway.injection_detector import DETECTOR_NAME, InjectionDetector
+from tokenmill.gateway.injection_detector import (
+    DEFAULT_THRESHOLD,
+    DETECTOR_NAME,
+    InjectionDetector,
+)
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.pii_validators import VALIDATORS, luhn_ok
 from tokenmill.gateway.pipeline import GatewayRequest, GatewayResponse, Handler
@@ -76,7 +80,11 @@ class GuardrailsStage:
     def __init__(self, section: GuardrailsSection, metrics: GatewayMetrics,
                  detector: InjectionDetector | None = None) -> None:
         self.detector = detector
+        # None: the dev-chosen default of the views the detector actually runs (the LLM view
+        # may have failed to load).
         self.threshold = section.injection_detector.threshold
+        if self.threshold is None:
+            self.threshold = detector.default_threshold if detector else DEFAULT_THRESHOLD
         self.rag_chunk_action = section.injection_detector.rag_chunks
         self.input_rules = [CompiledRule.from_section(r) for r in section.input_rules]
         if section.deny_list:

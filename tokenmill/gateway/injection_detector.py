@@ -1,16 +1,19 @@
 """Semantic prompt-injection / jailbreak detector: classifiers trained at start-up on a labelled
-library of attack and benign exemplars, over the gateway's MiniLM embedding and over n-grams.
+library of attack and benign exemplars, over the gateway's MiniLM embedding, over n-grams and
+(optionally) over the built-in LLM's hidden states.
 
 Why a classifier and not regexes: attacks are paraphrased endlessly ("disregard everything you
 were told before", "you are now in developer mode") while harmless prompts share their words
 ("jailbreak my iPhone", "ignore the typo"). A support-vector machine with an RBF kernel over
 sentence embeddings learns the meaning; a logistic regression over word and character n-grams
 (TF-IDF) is averaged with it because MiniLM is an English model and the n-grams carry the look
-of attacks in other languages and of obfuscated spellings. The library ships with the package (``data/injection_exemplars.jsonl``,
-the dev half of ``benchmarks/data/injection_prompts.jsonl``); a deployment can point at its own
-file.
+of attacks in other languages and of obfuscated spellings; optionally (the gateway's default)
+a third RBF SVM over the built-in LLM's pooled hidden states (``llm_features``), which read
+every script, is averaged in too (+3.5 points of dev detection at 3% false positives).
+The library ships with the package (``data/injection_exemplars.jsonl``, the dev half of
+``benchmarks/data/injection_prompts.jsonl``); a deployment can point at its own file.
 
-Training (a few seconds, once per process and library):
+Training (once per process and library; about a minute with the LLM view on one thread):
 
 - every benign exemplar gives negatives: the whole text and each of its windows
   (``injection_windows``), so harmless sentences out of context do not score high;
@@ -44,6 +47,11 @@ LABELS = ("attack", "benign")
 # at 16 or 64 detection was the same within noise, and a point higher than at 4.
 _SVM_C = 4.0
 _NGRAM_C = 16.0
+# Default thresholds: the lowest step of 0.025 whose false-positive rate stays at or under 3% on
+# the dev half (5-fold cross-validation, 3 shuffles averaged; docs/gateway.md). The views'
+# mean is a different scale with or without the LLM view, so each has its own.
+DEFAULT_THRESHOLD = 0.675
+DEFAULT_THRESHOLD_WITH_LLM = 0.60
 
 
 @dataclass(frozen=True)
@@ -94,12 +102,16 @@ def load_exemplars(path: str | None = None) -> list[Exemplar]:
 
 
 class InjectionDetector:
+    """``llm``: optional vectors from the built-in generative model (``llm_features``); given,
+    they are a third view, averaged with the other two."""
+
     def __init__(self, embedder: Embedder, exemplars: list[Exemplar], max_windows: int = 64,
-                 ) -> None:
+                 llm: Embedder | None = None) -> None:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.pipeline import FeatureUnion
 
         self.embedder = embedder
+        self.llm = llm
         self.max_windows = max_windows
         self.ngrams = FeatureUnion([
             # 2-6 over 3-5: two points more on dev; 2-grams carry Chinese and Japanese words.
@@ -107,28 +119,46 @@ class InjectionDetector:
                                       sublinear_tf=True)),
             ("words", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)),
         ]).fit([e.text for e in exemplars])
-        self.models: dict[str, object] = {}
+        self.models: dict[str, Any] = {}
         self._fit(exemplars)
 
-    def _features(self, view: str, texts: list[str], vectors: np.ndarray):
-        return vectors if view == "embedding" else self.ngrams.transform(texts)
+    @property
+    def default_threshold(self) -> float:
+        return DEFAULT_THRESHOLD if self.llm is None else DEFAULT_THRESHOLD_WITH_LLM
 
-    def _view_probs(self, view: str, texts: list[str], vectors: np.ndarray) -> np.ndarray:
-        model = self.models[view]
-        return model.predict_proba(self._features(view, texts, vectors))[:, 1]  # type: ignore
+    @property
+    def views(self) -> tuple[str, ...]:
+        return ("embedding", "ngrams") + (("llm",) if self.llm is not None else ())
+
+    def _vectors(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Each vector view's vectors of ``texts`` (the n-gram view needs none)."""
+        found = {"embedding": self.embedder.embed(texts)}
+        if self.llm is not None:
+            found["llm"] = self.llm.embed(texts)
+        return found
+
+    def _features(self, view: str, texts: list[str], vectors: dict[str, np.ndarray]) -> Any:
+        return self.ngrams.transform(texts) if view == "ngrams" else vectors[view]
+
+    def _view_probs(self, view: str, texts: list[str], vectors: dict[str, np.ndarray]
+                    ) -> np.ndarray:
+        return self.models[view].predict_proba(self._features(view, texts, vectors))[:, 1]
 
     @staticmethod
     def _new_model(view: str) -> Any:
+        from sklearn.calibration import CalibratedClassifierCV
         from sklearn.linear_model import LogisticRegression
         from sklearn.svm import SVC
 
-        if view == "embedding":
+        if view in ("embedding", "llm"):
             # An RBF kernel over the embedding beat a logistic regression on it by 3 points
             # of dev detection at 3% false positives (87% vs 84%, both views averaged): attacks
             # form several clusters (overrides, personas, extraction), not one half-space.
-            # Platt scaling (probability=True) makes its output a probability to average.
-            return SVC(C=_SVM_C, kernel="rbf", probability=True, class_weight="balanced",
-                       random_state=0)
+            # Platt scaling (a sigmoid fitted on 5-fold out-of-fold scores, then one SVM on all
+            # the data: what SVC(probability=True) did, in the form sklearn 1.9 keeps) makes
+            # its output a probability to average.
+            svm = SVC(C=_SVM_C, kernel="rbf", class_weight="balanced")
+            return CalibratedClassifierCV(svm, method="sigmoid", cv=5, ensemble=False)
         return LogisticRegression(C=_NGRAM_C, class_weight="balanced", max_iter=5000)
 
     def _fit(self, exemplars: list[Exemplar]) -> None:
@@ -148,18 +178,20 @@ class InjectionDetector:
                 texts += parts
                 labels += [False] * len(parts)
         candidates = sorted({s for group in attack_sentences for s in group})
-        all_texts = texts + candidates
-        vector_of = dict(zip(all_texts, self.embedder.embed(all_texts)))
+        all_texts = list(dict.fromkeys(texts + candidates))
+        row_of = {t: i for i, t in enumerate(all_texts)}
+        all_vectors = self._vectors(all_texts)
 
-        def vectors(some: list[str]) -> np.ndarray:
-            return np.stack([vector_of[t] for t in some])
+        def vectors(some: list[str]) -> dict[str, np.ndarray]:
+            rows = [row_of[t] for t in some]
+            return {view: found[rows] for view, found in all_vectors.items()}
 
-        # Two views, each its own model; their probabilities are averaged. In cross-validation
-        # on the dev half this beat one model over both feature sets joined (85% vs 76% of
-        # attacks at 2.6% false positives): the n-grams' many weights no longer drown the
-        # embedding's. Taking the larger of the two instead of the mean, or a weighted mean,
-        # scored lower.
-        for view in ("embedding", "ngrams"):
+        # Each view its own model; their probabilities are averaged. In cross-validation on the
+        # dev half this beat one model over both feature sets joined (85% vs 76% of attacks at
+        # 2.6% false positives): the n-grams' many weights no longer drown the embedding's.
+        # Taking the larger of the two instead of the mean, or a weighted mean, scored lower;
+        # so did weighting the LLM view 0.5 or 2 (docs/gateway.md).
+        for view in self.views:
             view_texts, view_labels = list(texts), list(labels)
             model = self._new_model(view)
             self.models[view] = model
@@ -173,8 +205,8 @@ class InjectionDetector:
                     view_labels.append(True)
                 model.fit(self._features(view, view_texts, vectors(view_texts)), view_labels)
 
-    def _predict(self, texts: list[str], vectors: np.ndarray) -> np.ndarray:
-        return np.mean([self._view_probs(view, texts, vectors) for view in self.models], axis=0)
+    def _predict(self, texts: list[str], vectors: dict[str, np.ndarray]) -> np.ndarray:
+        return np.mean([self._view_probs(view, texts, vectors) for view in self.views], axis=0)
 
     def using(self, embedder: Embedder) -> InjectionDetector:
         """The same trained model, embedding through ``embedder`` (e.g. a memoizing wrapper)."""
@@ -188,7 +220,7 @@ class InjectionDetector:
         flat = [w for group in per_text for w in group]
         if not flat:
             return []
-        probs = self._predict(flat, self.embedder.embed(flat))
+        probs = self._predict(flat, self._vectors(flat))
         results, start = [], 0
         for group in per_text:
             window = int(np.argmax(probs[start:start + len(group)]))
@@ -197,18 +229,19 @@ class InjectionDetector:
         return results
 
 
-_trained: dict[tuple[int, str, int], InjectionDetector] = {}
+_trained: dict[tuple[int, str, int, int], InjectionDetector] = {}
 _trained_lock = threading.Lock()
 
 
 def shared_detector(embedder: Embedder, exemplars_path: str | None = None,
-                    max_windows: int = 64) -> InjectionDetector:
-    """One trained detector per process, model and library: training embeds every exemplar.
+                    max_windows: int = 64, llm: Embedder | None = None) -> InjectionDetector:
+    """One trained detector per process, model(s) and library: training embeds every exemplar.
     A wrapper embedder (``embedding_memo``) names the model it wraps as ``inner``."""
     model = getattr(embedder, "inner", embedder)
-    key = (id(model), exemplars_path or default_exemplars_path(), max_windows)
+    key = (id(model), exemplars_path or default_exemplars_path(), max_windows, id(llm))
     with _trained_lock:
         if key not in _trained:
-            _trained[key] = InjectionDetector(model, load_exemplars(exemplars_path), max_windows)
+            _trained[key] = InjectionDetector(model, load_exemplars(exemplars_path), max_windows,
+                                              llm=llm)
         detector = _trained[key]
     return detector.using(embedder)
