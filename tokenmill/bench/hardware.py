@@ -153,8 +153,8 @@ class OverheadTable:
 @dataclass(frozen=True)
 class ServingTable:
     """What ``tokenmill serve`` adds to each decode step: the server's measured step (ITL p50 of
-    a streaming client on the same machine) minus the engine-only step the tables above predict
-    for it, at each batch. It is a time per step, not a factor: fp32, bf16 and quantized
+    a streaming client on the same machine) minus the engine's own step for the same requests,
+    measured in ``LLM.generate``, at each batch. It is a time per step, not a factor: fp32, bf16 and quantized
     servers, whose engine steps differ 3x, pay about the same (on a 2-core VM with 2 torch
     threads ~14 ms at batch 1, ~30 ms at 16: the engine thread waits for the event loop's
     detokenizing and SSE writes, and for the GIL, between steps)."""
