@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tokenmill.gateway.embedding_memo import MemoizedEmbedder
 from tokenmill.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -93,11 +94,12 @@ class LLMEmbedder:
         return result  # type: ignore[return-value]
 
 
-_shared: dict[str, LLMEmbedder | None] = {}
+_shared: dict[str, MemoizedEmbedder | None] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_llm_embedder(pooling: str = "mean", model: str | None = None) -> LLMEmbedder | None:
+def shared_llm_embedder(pooling: str = "mean", model: str | None = None
+                        ) -> MemoizedEmbedder | None:
     """The built-in model's embedder, loaded once per process on first call; None, with a
     warning, when it cannot be loaded: the detector then runs on its other two views (and its
     scores are those of the two-view model, whose dev curve docs/gateway.md gives too)."""
@@ -105,7 +107,9 @@ def shared_llm_embedder(pooling: str = "mean", model: str | None = None) -> LLME
         key = f"{pooling}:{model}"
         if key not in _shared:
             try:
-                _shared[key] = LLMEmbedder(pooling=pooling, model=model)
+                # memoized like MiniLM (embedding_memo.py): a repeated text, e.g. an exact
+                # cache hit that the guardrails still screen, costs a look-up, not a forward pass
+                _shared[key] = MemoizedEmbedder(LLMEmbedder(pooling=pooling, model=model))
             except Exception as exc:  # noqa: BLE001 -- any load failure (weights, memory) degrades
                 logger.warning("injection detector: the built-in LLM view is unavailable (%s); "
                                "scoring with the MiniLM and n-gram views only", exc)
