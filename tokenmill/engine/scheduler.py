@@ -213,7 +213,17 @@ class Scheduler:
                 hit = (self.block_manager.get_computed_blocks(request)
                        if request.reads_prefix_cache else ComputedBlocks())
                 num_new = min(request.num_tokens - hit.num_tokens, budget)
-                if not self.block_manager.allocate_slots(request, num_new, hit):
+                admitted = self.block_manager.allocate_slots(request, num_new, hit)
+                if not admitted and hit.copy_source is not None and not self.running:
+                    # A whole-prompt hit copies its last block, which holds the source beside the
+                    # copy: one block more than the prompt needs. In a pool with no block to
+                    # spare (and nobody running to free one) that would wait for ever, so the
+                    # last block's tokens are computed again instead.
+                    block_size = self.block_manager.block_size
+                    hit = ComputedBlocks(hit.block_ids, len(hit.block_ids) * block_size)
+                    num_new = min(request.num_tokens - hit.num_tokens, budget)
+                    admitted = self.block_manager.allocate_slots(request, num_new, hit)
+                if not admitted:
                     if tracing:
                         kv_short = self._admission_shortfall(hit, num_new)
                     break  # nobody jumps the head of the queue
