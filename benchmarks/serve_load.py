@@ -61,6 +61,7 @@ class Server:
     pid: int | None = None
     rss_after_load: int | None = None
     kv_bytes: int | None = None  # KV pool resident after load, to separate it from weights in RSS
+    runtime_rss: int | None = None  # the same process's runtime without a model (tokenmill only)
 
 
 @dataclass
@@ -157,6 +158,16 @@ def measure(server: Server, args: argparse.Namespace, levels: list[int]) -> Figu
     return figures
 
 
+def runtime_rss(env: dict[str, str]) -> int:
+    """RSS of a Python process that imports everything `tokenmill serve` imports but loads no
+    model: the fixed cost of Python, torch and the server's libraries, so what the model itself
+    adds can be read off the server's RSS."""
+    code = ("import psutil, uvicorn, tokenmill.server.app, tokenmill.engine.llm, tokenmill.cli; "
+            "print(psutil.Process().memory_info().rss)")
+    return int(subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                              capture_output=True, text=True).stdout.split()[-1])
+
+
 def settle(pid: int | None) -> int | None:
     """RSS once the freshly started server is idle (after a moment for lazy allocations)."""
     if pid is None:
@@ -202,6 +213,11 @@ def print_table(results: dict[str, tuple[Server, Figures]], levels: list[int],
                        else server.rss_after_load - server.kv_bytes)
         print(f"{n}: RSS after load {mib(server.rss_after_load)} (KV pool {mib(server.kv_bytes)},"
               f" so {mib(weights_etc)} besides it); after the run {mib(figures.rss_after_run)}")
+        if server.runtime_rss is not None and weights_etc is not None:
+            model_share = weights_etc - server.runtime_rss
+            print(f"{n}: of which the runtime without a model (Python, torch, server libraries) "
+                  f"{mib(server.runtime_rss)}, the model {mib(model_share)} = "
+                  f"{model_share / model.stat().st_size:.2f}x the GGUF file")
 
 
 def cpu_name() -> str:
@@ -263,6 +279,7 @@ def main() -> None:
             # are touched as blocks get used), so RSS after load is all weights and runtime.
             server = Server("tokenmill", f"http://127.0.0.1:{port}", process.pid, kv_bytes=0)
             server.rss_after_load = settle(process.pid)
+            server.runtime_rss = runtime_rss(env)
             results[server.name] = (server, measure(server, args, levels))
     if args.llama_server:
         port = free_port()

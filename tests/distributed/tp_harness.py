@@ -43,12 +43,17 @@ def load_model(spec: RunSpec, quantization: str, parallel: ParallelContext) -> t
 
     if spec.model is None:
         from tokenmill.loader.builtin import builtin_model_path
-        from tokenmill.loader.gguf import iter_gguf_tensors, open_gguf, read_arch_config
+        from tokenmill.loader.gguf import (
+            iter_gguf_tensors,
+            open_gguf,
+            read_arch_config,
+            tensor_entries,
+        )
 
         path = builtin_model_path()
         reader = open_gguf(path)
         arch = read_arch_config(reader, path)
-        tensors = iter_gguf_tensors(list(reader.tensors), arch, path)
+        tensors = iter_gguf_tensors(tensor_entries(reader), arch, path)
     else:
         from tokenmill.loader.safetensors import iter_safetensors, read_hf_config
 

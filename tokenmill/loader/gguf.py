@@ -20,6 +20,7 @@ import logging
 import re
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,35 @@ def open_gguf(path: Path) -> Any:
         raise CorruptModelFileError(
             f"{path} is not a readable GGUF file (truncated or corrupt?): {exc}"
         ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """Where one tensor's bytes lie in the file: what a load needs of gguf's ``ReaderTensor``.
+
+    Why not keep the ``ReaderTensor``s between reading the metadata and loading the weights: the
+    reader builds them among its ~500k small metadata objects, so the few kept pinned ~50 MB of
+    Python's object arenas that the freed metadata would otherwise have given back, resident for
+    the life of the server. These records are made in one pass and hold no view of the mapping."""
+
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # GGUF order: the fastest-moving dimension first
+    offset: int  # of the data, from the start of the file
+    dtype: np.dtype  # how gguf presents the data (float32/float16 values, or uint8 block bytes)
+    data_shape: tuple[int, ...]
+
+    def data(self, mapped: np.ndarray) -> np.ndarray:
+        """The tensor's data as gguf's reader presents it, read from ``mapped`` (the file)."""
+        num_bytes = int(np.prod(self.data_shape)) * self.dtype.itemsize
+        return mapped[self.offset:self.offset + num_bytes].view(self.dtype).reshape(
+            self.data_shape)
+
+
+def tensor_entries(reader: Any) -> list[TensorEntry]:
+    return [TensorEntry(str(t.name), t.tensor_type, tuple(int(n) for n in t.shape),
+                        int(t.data_offset), t.data.dtype, tuple(t.data.shape))
+            for t in reader.tensors]
 
 
 def field_value(reader: Any, key: str, default: Any = None) -> Any:
@@ -186,33 +216,38 @@ def _rope_scaling(arch_key: Any, reader: Any, path: Path) -> RopeScaling:
                                 "factors")
 
 
-def iter_gguf_tensors(tensors: list[Any], arch: ArchConfig, path: Path
+def iter_gguf_tensors(tensors: list[TensorEntry], arch: ArchConfig, path: Path
                       ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """Yield ``(hf_name, tensor)`` for every tensor, un-permuted: Q8_0/Q4_0/Q4_1 matrices as
-    ``QuantizedWeight`` (their blocks kept bit for bit), everything else dequantized to float32."""
+    ``QuantizedWeight`` (their blocks kept bit for bit), everything else dequantized to float32.
+    The file is mapped for the load only: its pages are not resident once the load is done."""
     from gguf.quants import dequantize
 
+    try:
+        mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    except OSError as exc:
+        raise ModelNotFoundError(f"model file {path} cannot be read: {exc}") from exc
     dequantized_types: set[str] = set()
     dequantized_expert_types: set[str] = set()
     permuted = arch.gguf_architecture in ROTARY_PERMUTED_GGUF_ARCHITECTURES
     while tensors:
-        tensor = tensors.pop(0)  # the list empties as the load goes: nothing keeps the mapping
+        tensor = tensors.pop(0)
         name = _hf_name(tensor.name, path)
         if name is None:
             continue  # e.g. rope_freqs: read with the metadata (read_arch_config)
         type_name = tensor.tensor_type.name
         if type_name in NATIVE_BLOCK_TYPES and len(tensor.shape) == 2:
-            yield name, _native_weight(tensor, name, arch, path, permuted)
+            yield name, _native_weight(tensor, mapped, name, arch, path, permuted)
             continue
         if type_name in NATIVE_BLOCK_TYPES and len(tensor.shape) == 3:
-            yield from _native_experts(tensor, name, path)
+            yield from _native_experts(tensor, mapped, name, path)
             continue
         if type_name not in ("F32", "F16", "BF16"):
             # stacked expert tensors [E, rows, cols] are dequantized whatever their type
             (dequantized_expert_types if len(tensor.shape) == 3 else dequantized_types).add(
                 type_name)
         try:
-            array = dequantize(tensor.data, tensor.tensor_type)
+            array = dequantize(tensor.data(mapped), tensor.tensor_type)
         except NotImplementedError as exc:
             raise UnsupportedModelError(
                 f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which cannot "
@@ -238,13 +273,13 @@ def iter_gguf_tensors(tensors: list[Any], arch: ArchConfig, path: Path
                     ", ".join(NATIVE_BLOCK_TYPES))
 
 
-def _native_weight(tensor: Any, name: str, arch: ArchConfig, path: Path,
-                   permuted: bool) -> QuantizedWeight:
+def _native_weight(tensor: TensorEntry, mapped: np.ndarray, name: str, arch: ArchConfig,
+                   path: Path, permuted: bool) -> QuantizedWeight:
     cols, rows = (int(n) for n in tensor.shape)  # GGUF lists the fastest-moving dimension first
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about the read-only memory map
-            weight = block_weight(tensor.tensor_type.name, tensor.data, rows, cols)
+            weight = block_weight(tensor.tensor_type.name, tensor.data(mapped), rows, cols)
     except (ValueError, RuntimeError) as exc:
         raise CorruptModelFileError(f"{path}: tensor {tensor.name} is unreadable: {exc}") from exc
     if permuted and name.endswith("q_proj.weight"):
@@ -254,17 +289,18 @@ def _native_weight(tensor: Any, name: str, arch: ArchConfig, path: Path,
     return weight
 
 
-def _native_experts(tensor: Any, name: str, path: Path
+def _native_experts(tensor: TensorEntry, mapped: np.ndarray, name: str, path: Path
                     ) -> Iterator[tuple[str, QuantizedWeight]]:
     """A stacked ``ffn_*_exps`` tensor of a kept block type, as one ``QuantizedWeight`` per expert
     under per-expert names (``...mlp.experts.gate_proj.weight`` -> ``...mlp.experts.3.gate_proj.weight``)."""
     cols, rows, num_experts = (int(n) for n in tensor.shape)
+    data = tensor.data(mapped)
     prefix, _, projection = name.removesuffix(".weight").rpartition(".")
     for expert in range(num_experts):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch warns about the read-only memory map
-                weight = block_weight(tensor.tensor_type.name, tensor.data[expert], rows, cols)
+                weight = block_weight(tensor.tensor_type.name, data[expert], rows, cols)
         except (ValueError, RuntimeError, IndexError) as exc:
             raise CorruptModelFileError(f"{path}: tensor {tensor.name} is unreadable: "
                                         f"{exc}") from exc

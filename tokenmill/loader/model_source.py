@@ -57,7 +57,7 @@ def open_model_source(model: str | Path | None) -> ModelSource:
 
 
 def _gguf_source(path: Path, name: str) -> ModelSource:
-    from tokenmill.loader.gguf import iter_gguf_tensors, open_gguf, read_arch_config
+    from tokenmill.loader.gguf import iter_gguf_tensors, open_gguf, read_arch_config, tensor_entries
 
     reader = open_gguf(path)
     arch = read_arch_config(reader, path)
@@ -66,11 +66,11 @@ def _gguf_source(path: Path, name: str) -> ModelSource:
     # vocabulary and merges as ~500k small numpy views) held ~180 MB, and the mapped file pages
     # another ~95 MB of resident memory, for the life of the server. The first load reads the
     # tensors listed here; a later one (an engine restart) opens the file again.
-    listed = [list(reader.tensors)]
+    listed = [tensor_entries(reader)]
     del reader
 
     def weights() -> Iterator[tuple[str, Any]]:
-        tensors = listed.pop() if listed else list(open_gguf(path).tensors)
+        tensors = listed.pop() if listed else tensor_entries(open_gguf(path))
         return iter_gguf_tensors(tensors, arch, path)
 
     return ModelSource(path, name, arch, tokenizer, weights)
