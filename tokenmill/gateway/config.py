@@ -172,6 +172,11 @@ class InjectionDetectorSection:
         "(~300 MB), adds its pass over the library to start-up training and costs one prefill "
         "per scored window; if it cannot load, the detector runs on its other two views (at "
         "their own default threshold) and says so in the log.", default=True)
+    vector_cache_dir: str | None = _help(
+        "Folder where the exemplars' vectors are kept between starts (keyed by the models, "
+        "their settings and the exact exemplar texts), so a start with unchanged models and "
+        "library skips embedding it; None: $XDG_CACHE_HOME/tokenmill (~/.cache/tokenmill), "
+        "'off': embed at every start.", default=None)
     rag_chunks: str = _help(
         "Retrieved RAG chunks the detector or an input rule flags: drop (the chunk is left out), "
         "block (the request is refused) or off (chunks are not scanned).", default="drop")
