@@ -132,6 +132,6 @@ def test_default_threshold_follows_the_views_in_use(embedder, three_view_detecto
     assert two_view_detector.views == ("embedding", "ngrams")
     default, explicit = GuardrailsSection(), GuardrailsSection(
         injection_detector=InjectionDetectorSection(threshold=0.8))
-    assert GuardrailsStage(default, GatewayMetrics(), three_view_detector).threshold == 0.60
-    assert GuardrailsStage(default, GatewayMetrics(), two_view_detector).threshold == 0.675
+    assert GuardrailsStage(default, GatewayMetrics(), three_view_detector).threshold == 0.675
+    assert GuardrailsStage(default, GatewayMetrics(), two_view_detector).threshold == 0.725
     assert GuardrailsStage(explicit, GatewayMetrics(), two_view_detector).threshold == 0.8

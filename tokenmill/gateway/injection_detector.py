@@ -47,15 +47,17 @@ from tokenmill.gateway.vector_cache import VectorCache, cache_for, model_identit
 DETECTOR_NAME = "injection.semantic"
 LABELS = ("attack", "benign")
 # Inverse regularisation strengths, from 5-fold cross-validation on the dev half (3 shuffles,
-# attacks caught at 3% false positives): the SVM was flat from 4 to 8; with the n-gram model
-# at 16 or 64 detection was the same within noise, and a point higher than at 4.
-_SVM_C = 4.0
+# attacks caught at 3% false positives): on the 1,001-prompt dev half (446 more non-English
+# prompts) the SVMs gained 5 points from C 4 to 32 (61.3% to 66.3%; 64: 65.7%), almost all of
+# it in the LLM view's SVM; with the n-gram model at 16 or 64 detection was the same within
+# noise, and a point higher than at 4 (docs/gateway.md lists every variant).
+_SVM_C = 32.0
 _NGRAM_C = 16.0
 # Default thresholds: the lowest step of 0.025 whose false-positive rate stays at or under 3% on
 # the dev half (5-fold cross-validation, 3 shuffles averaged; docs/gateway.md). The views'
 # mean is a different scale with or without the LLM view, so each has its own.
-DEFAULT_THRESHOLD = 0.675
-DEFAULT_THRESHOLD_WITH_LLM = 0.60
+DEFAULT_THRESHOLD = 0.725
+DEFAULT_THRESHOLD_WITH_LLM = 0.675
 
 
 @dataclass(frozen=True)
