@@ -13,7 +13,8 @@ every script, is averaged in too (+3.5 points of dev detection at 3% false posit
 The library ships with the package (``data/injection_exemplars.jsonl``, the dev half of
 ``benchmarks/data/injection_prompts.jsonl``); a deployment can point at its own file.
 
-Training (once per process and library; about a minute with the LLM view on one thread):
+Training (once per process and library; over a minute with the LLM view on one thread, a few
+seconds when ``vector_cache`` already holds the exemplars' vectors):
 
 - every benign exemplar gives negatives: the whole text and each of its windows
   (``injection_windows``), so harmless sentences out of context do not score high;
