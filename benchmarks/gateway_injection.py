@@ -63,6 +63,35 @@ def dev_curve(embedder, dev: list[dict], folds: int, llm=None) -> np.ndarray:
     return scores
 
 
+def origin_of(row: dict) -> str:
+    """Which batch a prompt came in: "s25" for the prompts added in session 25 (never scored
+    before it), "older" for the rest; the test figure is printed for each apart."""
+    return row.get("added") or "older"
+
+
+def print_by_origin(rows: list[dict], scores: np.ndarray, threshold: float, half: str) -> None:
+    print(f"\n{half} by origin, threshold {threshold:.3f}")
+    print("| prompts | attacks caught | benign blocked |")
+    print("|---|---|---|")
+    for origin in sorted({origin_of(r) for r in rows}):
+        picked = [i for i, r in enumerate(rows) if origin_of(r) == origin]
+        attack = np.array([rows[i]["label"] == "attack" for i in picked])
+        flagged = scores[picked] >= threshold
+        print(f"| {origin} ({len(picked)}) | {flagged[attack].mean():.3f} "
+              f"({int(flagged[attack].sum())}/{int(attack.sum())}) | "
+              f"{flagged[~attack].mean():.3f} ({int(flagged[~attack].sum())}/"
+              f"{int((~attack).sum())}) |")
+    added = [i for i, r in enumerate(rows) if "kind" in r]
+    if added:  # the newer non-English prompts name the kind their "encoded" category hides
+        print(f"\n{half}, prompts with a kind (non-English, category encoded), by kind")
+        print("| label | kind | flagged |")
+        print("|---|---|---|")
+        for label, kind in sorted({(rows[i]["label"], rows[i]["kind"]) for i in added}):
+            picked = [i for i in added if (rows[i]["label"], rows[i]["kind"]) == (label, kind)]
+            num = int((scores[picked] >= threshold).sum())
+            print(f"| {label} | {kind} | {num}/{len(picked)} |")
+
+
 def regex_baseline(rows: list[dict]) -> tuple[float, float]:
     import yaml
 
@@ -151,6 +180,8 @@ def main() -> None:
             suggested = threshold
     print(f"suggested threshold (lowest step with dev false positives <= {MAX_DEV_FPR:.0%}): "
           f"{suggested}")
+    if suggested is not None:
+        print_by_origin(dev, dev_scores, suggested, "dev half (cross-validated)")
     if args.dev_only:
         return
 
@@ -179,6 +210,7 @@ def main() -> None:
                                                                                   category)]
         num = int((test_scores[picked] >= args.threshold).sum())
         print(f"| {label} | {category} | {num}/{len(picked)} |")
+    print_by_origin(test, test_scores, args.threshold, "test half")
     regex_caught, regex_blocked = regex_baseline(test)
     print(f"regex rules of examples/gateway.yaml on the test half: attacks caught "
           f"{regex_caught:.3f}, benign blocked {regex_blocked:.3f}")

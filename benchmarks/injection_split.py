@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/injection_split.py --check  # fail if either file is out of date
 
 ``benchmarks/data/injection_prompts.jsonl`` holds every labelled prompt (``label`` attack|benign,
-``category``, ``text``, ``split``). A prompt goes to ``dev`` when the sha256 of its text is even,
+``category``, ``text``, ``split``; some also ``lang``, ``kind``, ``added``). A prompt goes to ``dev`` when the sha256 of its text is even,
 to ``test`` when odd: the split depends only on the text itself, so adding prompts never moves
 one already placed from one half to the other, and each kind of attack and look-alike lands in
 both halves in about equal parts. The dev half becomes the exemplar library shipped with the gateway
@@ -24,6 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "benchmarks" / "data" / "injection_prompts.jsonl"
 EXEMPLARS = REPO / "tokenmill" / "gateway" / "data" / "injection_exemplars.jsonl"
+# Kept in the prompts file, not shipped: the language (ISO 639-1, "mix" for code-switched), the
+# kind of attack or look-alike a non-English prompt is (its category stays "encoded"), and the
+# session that added it ("s25"), so the benchmark can report new prompts apart from old ones.
+OPTIONAL_KEYS = ("lang", "kind", "added")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -53,8 +57,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="only check the files are current")
     args = parser.parse_args()
-    rows = assign_splits([{k: r[k] for k in ("label", "category", "text")}
-                          for r in read_jsonl(PROMPTS)])
+    rows = assign_splits([{k: r[k] for k in ("label", "category", "text", *OPTIONAL_KEYS)
+                           if k in r} for r in read_jsonl(PROMPTS)])
     texts = [r["text"] for r in rows]
     if len(set(texts)) != len(texts):
         print("duplicate prompt texts in", PROMPTS, file=sys.stderr)

@@ -158,7 +158,7 @@ class InjectionDetectorSection:
     threshold: float | None = _help(
         "Attack probability in (0, 1] at which a text is blocked; tenants may override it. "
         "None: the lowest step keeping false positives at or under 3% on the dev half for the "
-        "views in use, 0.60 with the LLM view and 0.675 without (docs/gateway.md).",
+        "views in use, 0.675 with the LLM view and 0.725 without (docs/gateway.md).",
         default=None)
     exemplars: str | None = _help(
         "JSONL exemplar library ({label: attack|benign, text}); default: the one shipped in "
@@ -172,6 +172,11 @@ class InjectionDetectorSection:
         "(~300 MB), adds its pass over the library to start-up training and costs one prefill "
         "per scored window; if it cannot load, the detector runs on its other two views (at "
         "their own default threshold) and says so in the log.", default=True)
+    vector_cache_dir: str | None = _help(
+        "Folder where the exemplars' vectors are kept between starts (keyed by the models, "
+        "their settings and the exact exemplar texts), so a start with unchanged models and "
+        "library skips embedding it; None: $XDG_CACHE_HOME/tokenmill (~/.cache/tokenmill), "
+        "'off': embed at every start.", default=None)
     rag_chunks: str = _help(
         "Retrieved RAG chunks the detector or an input rule flags: drop (the chunk is left out), "
         "block (the request is refused) or off (chunks are not scanned).", default="drop")

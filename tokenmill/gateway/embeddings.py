@@ -34,6 +34,7 @@ def default_model_path() -> str:
 class SentenceTransformerEmbedder:
     def __init__(self, model_path: str | None = None, device: str = "cpu") -> None:
         path = model_path or default_model_path()
+        self.path = path
         if not Path(path).is_dir():
             raise ConfigError(f"embeddings.model_path={path!r} is not a folder",
                               param="embeddings.model_path")
@@ -47,6 +48,14 @@ class SentenceTransformerEmbedder:
         self.dim = int(get_dim())
         # One forward pass at a time: calls come from worker threads of the async server.
         self._lock = threading.Lock()
+
+    def identity(self) -> dict[str, object]:
+        """What this model's vectors depend on, for caches that outlive the process
+        (``vector_cache``): the model folder's files and the settings ``embed`` uses."""
+        from tokenmill.gateway.vector_cache import files_identity
+
+        return {"embedder": type(self).__name__, "model": files_identity(self.path),
+                "max_seq_length": int(self.model.max_seq_length), "normalize": True}
 
     def embed(self, texts: list[str]) -> np.ndarray:
         with self._lock:

@@ -13,7 +13,8 @@ every script, is averaged in too (+3.5 points of dev detection at 3% false posit
 The library ships with the package (``data/injection_exemplars.jsonl``, the dev half of
 ``benchmarks/data/injection_prompts.jsonl``); a deployment can point at its own file.
 
-Training (once per process and library; about a minute with the LLM view on one thread):
+Training (once per process and library; over a minute with the LLM view on one thread, a few
+seconds when ``vector_cache`` already holds the exemplars' vectors):
 
 - every benign exemplar gives negatives: the whole text and each of its windows
   (``injection_windows``), so harmless sentences out of context do not score high;
@@ -22,6 +23,9 @@ Training (once per process and library; about a minute with the LLM view on one 
   ones; the first fit finds it, the second learns it).
 
 A text's score is the highest probability over its windows, in [0, 1].
+
+The exemplars' vectors can be kept on disk (``vector_cache``): a start whose models and library
+are unchanged then reads them instead of embedding the library again, and only fits.
 """
 
 from __future__ import annotations
@@ -39,19 +43,22 @@ import numpy as np
 from tokenmill.errors import ConfigError
 from tokenmill.gateway.embeddings import Embedder
 from tokenmill.gateway.injection_windows import decoded_payloads, windows
+from tokenmill.gateway.vector_cache import VectorCache, cache_for, model_identity
 
 DETECTOR_NAME = "injection.semantic"
 LABELS = ("attack", "benign")
 # Inverse regularisation strengths, from 5-fold cross-validation on the dev half (3 shuffles,
-# attacks caught at 3% false positives): the SVM was flat from 4 to 8; with the n-gram model
-# at 16 or 64 detection was the same within noise, and a point higher than at 4.
-_SVM_C = 4.0
+# attacks caught at 3% false positives): on the 1,001-prompt dev half (446 more non-English
+# prompts) the SVMs gained 5 points from C 4 to 32 (61.3% to 66.3%; 64: 65.7%), almost all of
+# it in the LLM view's SVM; with the n-gram model at 16 or 64 detection was the same within
+# noise, and a point higher than at 4 (docs/gateway.md lists every variant).
+_SVM_C = 32.0
 _NGRAM_C = 16.0
 # Default thresholds: the lowest step of 0.025 whose false-positive rate stays at or under 3% on
 # the dev half (5-fold cross-validation, 3 shuffles averaged; docs/gateway.md). The views'
 # mean is a different scale with or without the LLM view, so each has its own.
-DEFAULT_THRESHOLD = 0.675
-DEFAULT_THRESHOLD_WITH_LLM = 0.60
+DEFAULT_THRESHOLD = 0.725
+DEFAULT_THRESHOLD_WITH_LLM = 0.675
 
 
 @dataclass(frozen=True)
@@ -103,16 +110,18 @@ def load_exemplars(path: str | None = None) -> list[Exemplar]:
 
 class InjectionDetector:
     """``llm``: optional vectors from the built-in generative model (``llm_features``); given,
-    they are a third view, averaged with the other two."""
+    they are a third view, averaged with the other two. ``vector_cache``: where the exemplars'
+    vectors are read from and kept (None: always embedded)."""
 
     def __init__(self, embedder: Embedder, exemplars: list[Exemplar], max_windows: int = 64,
-                 llm: Embedder | None = None) -> None:
+                 llm: Embedder | None = None, vector_cache: VectorCache | None = None) -> None:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.pipeline import FeatureUnion
 
         self.embedder = embedder
         self.llm = llm
         self.max_windows = max_windows
+        self.vector_cache = vector_cache
         self.ngrams = FeatureUnion([
             # 2-6 over 3-5: two points more on dev; 2-grams carry Chinese and Japanese words.
             ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 6), min_df=2,
@@ -135,6 +144,28 @@ class InjectionDetector:
         found = {"embedding": self.embedder.embed(texts)}
         if self.llm is not None:
             found["llm"] = self.llm.embed(texts)
+        return found
+
+    def _exemplar_vectors(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """``_vectors`` of the training texts, through the on-disk cache when there is one and
+        the view's model can name itself."""
+        embedders = {"embedding": self.embedder, "llm": self.llm}
+        found = {}
+        for view in self.views:
+            embedder = embedders.get(view)
+            if embedder is None:
+                continue  # the n-gram view needs no vectors
+            cache = self.vector_cache
+            identity = model_identity(embedder) if cache is not None else None
+            if cache is None or identity is None:
+                found[view] = embedder.embed(texts)
+                continue
+            key = cache.key(view, identity, texts)
+            vectors = cache.load(view, key, len(texts))
+            if vectors is None:
+                vectors = embedder.embed(texts)
+                cache.store(view, key, vectors)
+            found[view] = vectors
         return found
 
     def _features(self, view: str, texts: list[str], vectors: dict[str, np.ndarray]) -> Any:
@@ -180,7 +211,7 @@ class InjectionDetector:
         candidates = sorted({s for group in attack_sentences for s in group})
         all_texts = list(dict.fromkeys(texts + candidates))
         row_of = {t: i for i, t in enumerate(all_texts)}
-        all_vectors = self._vectors(all_texts)
+        all_vectors = self._exemplar_vectors(all_texts)
 
         def vectors(some: list[str]) -> dict[str, np.ndarray]:
             rows = [row_of[t] for t in some]
@@ -234,14 +265,16 @@ _trained_lock = threading.Lock()
 
 
 def shared_detector(embedder: Embedder, exemplars_path: str | None = None,
-                    max_windows: int = 64, llm: Embedder | None = None) -> InjectionDetector:
-    """One trained detector per process, model(s) and library: training embeds every exemplar.
+                    max_windows: int = 64, llm: Embedder | None = None,
+                    vector_cache_dir: str | None = None) -> InjectionDetector:
+    """One trained detector per process, model(s) and library: training embeds every exemplar
+    (or reads their vectors from ``vector_cache_dir``: None the default folder, "off" never).
     A wrapper embedder (``embedding_memo``) names the model it wraps as ``inner``."""
     model = getattr(embedder, "inner", embedder)
     key = (id(model), exemplars_path or default_exemplars_path(), max_windows, id(llm))
     with _trained_lock:
         if key not in _trained:
             _trained[key] = InjectionDetector(model, load_exemplars(exemplars_path), max_windows,
-                                              llm=llm)
+                                              llm=llm, vector_cache=cache_for(vector_cache_dir))
         detector = _trained[key]
     return detector.using(embedder)

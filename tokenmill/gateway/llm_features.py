@@ -55,6 +55,17 @@ class LLMEmbedder:
         self._ids = itertools.count()
         self._lock = threading.Lock()
 
+    def identity(self) -> dict[str, object]:
+        """What these vectors depend on, for caches that outlive the process (``vector_cache``):
+        the weights file(s), how they are computed (dtype, quantization) and pooled."""
+        from tokenmill.gateway.vector_cache import files_identity
+
+        model = self.llm.config.model
+        return {"embedder": type(self).__name__,
+                "model": files_identity(self.llm.engine.source.path),
+                "dtype": model.resolved_dtype(), "quantization": model.quantization,
+                "device": model.device, "pooling": self.pooling, "max_tokens": _MAX_TOKENS}
+
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
