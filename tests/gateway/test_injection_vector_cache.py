@@ -127,3 +127,27 @@ def test_default_folder_and_off(monkeypatch, tmp_path):
     assert cache_for(None).folder == tmp_path / "tokenmill"
     assert cache_for("/srv/cache").folder.as_posix() == "/srv/cache"
     assert cache_for("off") is None
+
+
+def test_the_folder_keeps_only_the_most_recently_used_files_per_view(embedder, library,
+                                                                     tmp_path):
+    import hashlib
+    import os
+
+    from tokenmill.gateway.vector_cache import KEEP_PER_VIEW
+
+    cache = VectorCache(tmp_path)
+    vectors = np.ones((2, 3), dtype=np.float32)
+    keys = [hashlib.sha256(str(n).encode()).hexdigest() for n in range(KEEP_PER_VIEW)]  # oldest first
+    for age, key in enumerate(keys):
+        cache.store("embedding", key, vectors)
+        os.utime(cache.path("embedding", key), (1000 + age, 1000 + age))
+    cache.store("llm", keys[0], vectors)  # another view's files are not counted with these
+    assert cache.load("embedding", keys[0], 2) is not None  # the oldest, read again: used now
+    cache.store("embedding", "f" * 64, vectors)
+    kept = {p.name for p in tmp_path.glob("injection-embedding-*.npz")}
+    assert len(kept) == KEEP_PER_VIEW
+    assert cache.path("embedding", keys[0]).name in kept
+    assert cache.path("embedding", "f" * 64).name in kept
+    assert cache.path("embedding", keys[1]).name not in kept  # least recently used went first
+    assert cache.path("llm", keys[0]).exists()

@@ -16,6 +16,10 @@ An embedder without ``identity()`` (a test double, a remote service) is never ca
 a temporary file in the same folder and are renamed into place, so a reader never sees half a
 file and concurrent gateways at most write the same file twice. A file that cannot be read, or
 holds another key or the wrong shape, is logged and rebuilt: a cache problem never stops a start.
+
+The folder does not grow for ever: a file read is touched, and a new file's write removes the
+view's files beyond the ``KEEP_PER_VIEW`` most recently used (several gateways with different
+libraries or models can share the folder, each keeping its own files fresh).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ DISABLED = "off"
 # Enough of a weights file to cover its header (GGUF metadata and tensor table, a safetensors
 # header) and first tensors; hashing whole files of hundreds of MB would cost more than it saves.
 _HEADER_BYTES = 1 << 20
+# Files kept per view: a few libraries or models in use side by side, not every past edit.
+KEEP_PER_VIEW = 8
 
 
 def default_cache_dir() -> Path:
@@ -106,6 +112,10 @@ class VectorCache:
             self.num_misses += 1
             return None
         self.num_hits += 1
+        try:
+            os.utime(path)  # used now: pruning keeps the recently used files
+        except OSError:
+            pass
         return vectors
 
     def store(self, view: str, key: str, vectors: np.ndarray) -> None:
@@ -121,9 +131,27 @@ class VectorCache:
             except BaseException:
                 Path(temp).unlink(missing_ok=True)
                 raise
+            self._prune(view)
         except OSError as exc:  # a read-only home, a full disk: the next start embeds again
             logger.warning("injection detector: could not cache the exemplar vectors in %s (%s)",
                            path, exc)
+
+
+    def _prune(self, view: str) -> None:
+        """Remove the view's files beyond the ``KEEP_PER_VIEW`` most recently used."""
+        def last_used(file: Path) -> float:
+            try:
+                return file.stat().st_mtime
+            except OSError:  # removed meanwhile by another gateway's prune
+                return 0.0
+
+        files = sorted(self.folder.glob(f"injection-{view}-*.npz"), key=last_used, reverse=True)
+        for old in files[KEEP_PER_VIEW:]:
+            try:
+                old.unlink(missing_ok=True)
+            except OSError as exc:
+                logger.warning("injection detector: could not remove the old vectors %s (%s)",
+                               old, exc)
 
 
 def cache_for(setting: str | None) -> VectorCache | None:
