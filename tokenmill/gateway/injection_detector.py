@@ -139,22 +139,18 @@ class InjectionDetector:
     def views(self) -> tuple[str, ...]:
         return ("embedding", "ngrams") + (("llm",) if self.llm is not None else ())
 
+    def _vector_embedders(self) -> dict[str, Embedder]:
+        """The views that need vectors, and what embeds them (the n-gram view needs none)."""
+        return {"embedding": self.embedder, **({"llm": self.llm} if self.llm is not None else {})}
+
     def _vectors(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """Each vector view's vectors of ``texts`` (the n-gram view needs none)."""
-        found = {"embedding": self.embedder.embed(texts)}
-        if self.llm is not None:
-            found["llm"] = self.llm.embed(texts)
-        return found
+        return {view: embedder.embed(texts) for view, embedder in self._vector_embedders().items()}
 
     def _exemplar_vectors(self, texts: list[str]) -> dict[str, np.ndarray]:
         """``_vectors`` of the training texts, through the on-disk cache when there is one and
         the view's model can name itself."""
-        embedders = {"embedding": self.embedder, "llm": self.llm}
         found = {}
-        for view in self.views:
-            embedder = embedders.get(view)
-            if embedder is None:
-                continue  # the n-gram view needs no vectors
+        for view, embedder in self._vector_embedders().items():
             cache = self.vector_cache
             identity = model_identity(embedder) if cache is not None else None
             if cache is None or identity is None:
