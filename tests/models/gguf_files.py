@@ -10,6 +10,7 @@ metadata, so tiny models need ``vocab_size=49152``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,14 @@ def llama3_freq_factors(config: Any) -> np.ndarray:
 
 
 def write_gguf(model: Any, path: Path, tokenizer_reader: Any, *, qtype: str = "F32",
-               eot_token_id: int | None = None, rope_scaling_type: str | None = None) -> Path:
+               eot_token_id: int | None = None, rope_scaling_type: str | None = None,
+               encode: Callable[[str, np.ndarray], tuple[np.ndarray, str] | None] | None = None
+               ) -> Path:
     """``model`` (a transformers causal LM) as a GGUF file; 2-D matrices as ``qtype`` (F32 or
     Q8_0), norms and biases F32, as the converter writes them. ``rope_scaling_type`` writes that
-    ``rope.scaling.type`` instead of the model's (for files tokenmill must refuse)."""
+    ``rope.scaling.type`` instead of the model's (for files tokenmill must refuse). ``encode``,
+    when given, is asked first for every 2-D matrix (GGUF name, float rows as the file holds them)
+    and may return ``(raw block bytes, type name)`` to store instead."""
     import gguf
 
     config = model.config
@@ -123,7 +128,11 @@ def write_gguf(model: Any, path: Path, tokenizer_reader: Any, *, qtype: str = "F
         if arch == "gemma" and name.endswith("norm.weight"):
             array = array + 1  # llama.cpp's converter stores Gemma's 1 + w scale
         target = gguf_name(name)
-        if array.ndim == 2 and quant_type != gguf.GGMLQuantizationType.F32:
+        encoded = encode(target, array) if encode is not None and array.ndim == 2 else None
+        if encoded is not None:
+            raw, type_name = encoded
+            writer.add_tensor(target, raw, raw_dtype=gguf.GGMLQuantizationType[type_name])
+        elif array.ndim == 2 and quant_type != gguf.GGMLQuantizationType.F32:
             writer.add_tensor(target, gguf.quants.quantize(array, quant_type),
                               raw_dtype=quant_type)
         else:

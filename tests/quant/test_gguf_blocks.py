@@ -1,5 +1,6 @@
 """GGUF's Q8_0 / Q4_0 / Q4_1 blocks are kept as they are: repacked bit for bit, never copied to float,
-and the built-in model runs on them by default."""
+and the built-in model runs on them by default. Q5_0 / Q5_1 and the K-quants Q4_K / Q5_K / Q6_K are
+converted into the kernels' groups within stated bounds of what the gguf package dequantizes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from tokenmill.layers.linear import QuantizedOp
+from tests.quant.gguf_block_bytes import random_blocks
 from tokenmill.quant.gguf import NATIVE_BLOCK_TYPES, block_weight
+from tokenmill.quant.gguf_kquants import CONVERTED_BLOCK_TYPES
 
 
 def _random_blocks(type_name: str, rows: int, cols: int) -> np.ndarray:
@@ -40,9 +43,76 @@ def test_blocks_repack_to_exactly_what_the_gguf_package_dequantizes(type_name):
     assert weight.nbytes() == raw.nbytes + extra
 
 
-def test_other_block_types_are_left_to_the_dequantizer():
-    raw = np.zeros((2, 144), dtype=np.uint8)  # two rows of one 256-element Q4_K super-block
-    assert block_weight("Q4_K", raw, 2, 256) is None
+def _reference(raw: np.ndarray, type_name: str) -> torch.Tensor:
+    return torch.from_numpy(np.array(dequantize(raw, GGMLQuantizationType[type_name]),
+                                     dtype=np.float32))
+
+
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1"])
+def test_five_bit_blocks_convert_exactly(type_name):
+    rows, cols = 37, 160
+    raw = random_blocks(type_name, rows, cols)
+    weight = block_weight(type_name, raw, rows, cols)
+    assert weight.bits == 8 and weight.group_size == 32
+    assert torch.equal(weight.dequantize(torch.float32), _reference(raw, type_name))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K"])
+def test_k_quants_convert_within_float16_rounding_of_their_scales(type_name):
+    """Each 32-element sub-block's scale ``d * sc`` and offset ``dmin * m`` (read here with the
+    gguf package's own unpacking) become float16: each weight within 2^-11 of both, relative."""
+    from gguf.quants import Q4_K
+
+    rows, cols = 9, 768  # three super-blocks per row
+    raw = random_blocks(type_name, rows, cols)
+    weight = block_weight(type_name, raw, rows, cols)
+    assert weight.bits == (4 if type_name == "Q4_K" else 8) and weight.group_size == 32
+    blocks = raw.reshape(-1, CONVERTED_BLOCK_TYPES[type_name][1])
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16])
+    top_code = 15 if type_name == "Q4_K" else 31
+    bound = 2.0 ** -11 * (d * sc * top_code + dmin * m)  # [super-blocks, 8 sub-blocks]
+    bound = torch.from_numpy(np.repeat(bound.reshape(rows, -1), 32, axis=1)) * 1.001 + 1e-9
+    error = (weight.dequantize(torch.float32) - _reference(raw, type_name)).abs()
+    assert (error <= bound).all(), f"worst {(error / bound).max():.3f} of the bound"
+    assert error.max() > 0  # the rounding is real: the bound is not vacuous
+
+
+def test_q6_k_is_requantized_exactly_as_the_gguf_package_makes_q8_0():
+    """Q6_K's 16-element sub-blocks cannot share a 32-element scale exactly; the conversion is
+    llama.cpp's Q8_0 rounding of the file's values, which the gguf package reproduces bit for bit."""
+    rows, cols = 9, 768
+    raw = random_blocks("Q6_K", rows, cols)
+    weight = block_weight("Q6_K", raw, rows, cols)
+    assert weight.bits == 8 and weight.group_size == 32 and weight.mins is None
+    reference = _reference(raw, "Q6_K")
+    q8_0 = GGMLQuantizationType.Q8_0
+    as_q8_0 = torch.from_numpy(np.array(dequantize(quantize(reference.numpy(), q8_0), q8_0)))
+    assert torch.equal(weight.dequantize(torch.float32), as_q8_0)
+    # which is within 0.56 of a step (max|w| / 127 per 32 weights) of the file's values
+    step = reference.view(rows, -1, 32).abs().amax(-1, keepdim=True) / 127
+    bound = (step * (0.5 + 127 * 2.0 ** -11)).expand(-1, -1, 32).reshape(rows, cols)
+    assert ((weight.dequantize(torch.float32) - reference).abs() <= bound + 1e-9).all()
+
+
+def test_converted_types_cost_a_fraction_of_float32():
+    rows, cols = 64, 512
+    for type_name in CONVERTED_BLOCK_TYPES:
+        weight = block_weight(type_name, random_blocks(type_name, rows, cols), rows, cols)
+        bytes_per_weight = weight.nbytes() / (rows * cols)
+        assert bytes_per_weight <= (0.625 if type_name == "Q4_K" else 1.125), type_name
+
+
+def test_a_row_that_is_not_whole_super_blocks_is_refused():
+    raw = np.zeros((2, 144), dtype=np.uint8)
+    with pytest.raises(ValueError, match="576 columns is not a whole number of 256-element Q4_K"):
+        block_weight("Q4_K", raw, 1, 576)
+
+
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K"])
+def test_other_block_types_are_left_to_the_dequantizer(type_name):
+    assert block_weight(type_name, random_blocks(type_name, 2, 256), 2, 256) is None
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tokenmill.quant.registry import QuantMethod, to_dense
-from tokenmill.quant.weight import QuantizedWeight, concat_rows
+from tokenmill.quant.weight import QuantizedWeight, concat_rows, widened_to_match
 
 
 class MergedLinear(nn.Module):
@@ -69,9 +69,12 @@ class MergedLinear(nn.Module):
 def _stack(parts: list[Any]) -> Any:
     if len(parts) == 1:
         return parts[0]
-    if all(isinstance(p, QuantizedWeight) for p in parts) and all(
-            parts[0].can_concat(p) for p in parts[1:]):
-        return concat_rows(parts)
+    if all(isinstance(p, QuantizedWeight) for p in parts):
+        if all(parts[0].can_concat(p) for p in parts[1:]):
+            return concat_rows(parts)
+        widened = widened_to_match(parts)
+        if widened is not None:
+            return concat_rows(widened)
     if all(isinstance(p, torch.Tensor) for p in parts):
         return torch.cat(parts)
     first = parts[0]

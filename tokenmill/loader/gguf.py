@@ -31,7 +31,8 @@ from tokenmill.errors import CorruptModelFileError, ModelNotFoundError, Unsuppor
 from tokenmill.layers.rotary import RopeScaling
 from tokenmill.loader.moe_metadata import GGUF_MOE_ARCHITECTURES, moe_from_gguf
 from tokenmill.models.arch_config import ArchConfig
-from tokenmill.quant.gguf import NATIVE_BLOCK_TYPES, block_weight
+from tokenmill.quant.gguf import KEPT_BLOCK_TYPES, block_weight
+from tokenmill.quant.gguf_kquants import CONVERSION, CONVERTED_BLOCK_TYPES
 from tokenmill.quant.weight import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -218,8 +219,9 @@ def _rope_scaling(arch_key: Any, reader: Any, path: Path) -> RopeScaling:
 
 def iter_gguf_tensors(tensors: list[TensorEntry], arch: ArchConfig, path: Path
                       ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
-    """Yield ``(hf_name, tensor)`` for every tensor, un-permuted: Q8_0/Q4_0/Q4_1 matrices as
-    ``QuantizedWeight`` (their blocks kept bit for bit), everything else dequantized to float32.
+    """Yield ``(hf_name, tensor)`` for every tensor, un-permuted: matrices of ``KEPT_BLOCK_TYPES``
+    as ``QuantizedWeight`` (Q8_0/Q4_0/Q4_1 bit for bit, Q5/K-quants converted as
+    ``gguf_kquants`` says), everything else dequantized to float32.
     The file is mapped for the load only: its pages are not resident once the load is done."""
     from gguf.quants import dequantize
 
@@ -229,6 +231,7 @@ def iter_gguf_tensors(tensors: list[TensorEntry], arch: ArchConfig, path: Path
         raise ModelNotFoundError(f"model file {path} cannot be read: {exc}") from exc
     dequantized_types: set[str] = set()
     dequantized_expert_types: set[str] = set()
+    converted_types: set[str] = set()
     permuted = arch.gguf_architecture in ROTARY_PERMUTED_GGUF_ARCHITECTURES
     while tensors:
         tensor = tensors.pop(0)
@@ -236,12 +239,14 @@ def iter_gguf_tensors(tensors: list[TensorEntry], arch: ArchConfig, path: Path
         if name is None:
             continue  # e.g. rope_freqs: read with the metadata (read_arch_config)
         type_name = tensor.tensor_type.name
-        if type_name in NATIVE_BLOCK_TYPES and len(tensor.shape) == 2:
-            yield name, _native_weight(tensor, mapped, name, arch, path, permuted)
-            continue
-        if type_name in NATIVE_BLOCK_TYPES and len(tensor.shape) == 3:
-            yield from _native_experts(tensor, mapped, name, path)
-            continue
+        if type_name in KEPT_BLOCK_TYPES and len(tensor.shape) in (2, 3):
+            kept = (_native_weight(tensor, mapped, name, arch, path, permuted)
+                    if len(tensor.shape) == 2 else _native_experts(tensor, mapped, name, path))
+            if kept is not None:  # None: a scale beyond float16, dequantized below
+                if type_name in CONVERTED_BLOCK_TYPES:
+                    converted_types.add(type_name)
+                yield from ([(name, kept)] if isinstance(kept, QuantizedWeight) else kept)
+                continue
         if type_name not in ("F32", "F16", "BF16"):
             # stacked expert tensors [E, rows, cols] are dequantized whatever their type
             (dequantized_expert_types if len(tensor.shape) == 3 else dequantized_types).add(
@@ -262,19 +267,22 @@ def iter_gguf_tensors(tensors: list[TensorEntry], arch: ArchConfig, path: Path
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             array = _unpermute_rotary(array, arch.num_key_value_heads)
         yield name, torch.from_numpy(array)
+    if converted_types:
+        logger.info("%s: %s", path.name, "; ".join(
+            f"{kind} kept {CONVERSION[kind]}" for kind in sorted(converted_types)))
     if dequantized_types:
-        logger.info("%s: tensors of type %s are dequantized at load (tokenmill keeps %s as they "
-                    "are)", path.name, ", ".join(sorted(dequantized_types)),
-                    ", ".join(NATIVE_BLOCK_TYPES))
+        logger.info("%s: tensors of type %s are dequantized at load (tokenmill keeps %s in "
+                    "quantized form)", path.name, ", ".join(sorted(dequantized_types)),
+                    ", ".join(KEPT_BLOCK_TYPES))
     if dequantized_expert_types:
         logger.info("%s: expert tensors (ffn_*_exps) of type %s are dequantized at load to the "
-                    "model's dtype (tokenmill keeps %s expert blocks as they are)",
+                    "model's dtype (tokenmill keeps %s expert blocks in quantized form)",
                     path.name, ", ".join(sorted(dequantized_expert_types)),
-                    ", ".join(NATIVE_BLOCK_TYPES))
+                    ", ".join(KEPT_BLOCK_TYPES))
 
 
 def _native_weight(tensor: TensorEntry, mapped: np.ndarray, name: str, arch: ArchConfig,
-                   path: Path, permuted: bool) -> QuantizedWeight:
+                   path: Path, permuted: bool) -> QuantizedWeight | None:
     cols, rows = (int(n) for n in tensor.shape)  # GGUF lists the fastest-moving dimension first
     try:
         with warnings.catch_warnings():
@@ -282,6 +290,8 @@ def _native_weight(tensor: TensorEntry, mapped: np.ndarray, name: str, arch: Arc
             weight = block_weight(tensor.tensor_type.name, tensor.data(mapped), rows, cols)
     except (ValueError, RuntimeError) as exc:
         raise CorruptModelFileError(f"{path}: tensor {tensor.name} is unreadable: {exc}") from exc
+    if weight is None:
+        return None
     if permuted and name.endswith("q_proj.weight"):
         weight = weight.select_rows(_unpermute_rows(rows, arch.num_attention_heads))
     elif permuted and name.endswith("k_proj.weight"):
@@ -290,12 +300,14 @@ def _native_weight(tensor: TensorEntry, mapped: np.ndarray, name: str, arch: Arc
 
 
 def _native_experts(tensor: TensorEntry, mapped: np.ndarray, name: str, path: Path
-                    ) -> Iterator[tuple[str, QuantizedWeight]]:
+                    ) -> list[tuple[str, QuantizedWeight]] | None:
     """A stacked ``ffn_*_exps`` tensor of a kept block type, as one ``QuantizedWeight`` per expert
-    under per-expert names (``...mlp.experts.gate_proj.weight`` -> ``...mlp.experts.3.gate_proj.weight``)."""
+    under per-expert names (``...mlp.experts.gate_proj.weight`` -> ``...mlp.experts.3.gate_proj.weight``);
+    None when one expert's blocks cannot be kept (the whole tensor is then dequantized)."""
     cols, rows, num_experts = (int(n) for n in tensor.shape)
     data = tensor.data(mapped)
     prefix, _, projection = name.removesuffix(".weight").rpartition(".")
+    experts = []
     for expert in range(num_experts):
         try:
             with warnings.catch_warnings():
@@ -304,7 +316,10 @@ def _native_experts(tensor: TensorEntry, mapped: np.ndarray, name: str, path: Pa
         except (ValueError, RuntimeError, IndexError) as exc:
             raise CorruptModelFileError(f"{path}: tensor {tensor.name} is unreadable: "
                                         f"{exc}") from exc
-        yield f"{prefix}.{expert}.{projection}.weight", weight
+        if weight is None:
+            return None
+        experts.append((f"{prefix}.{expert}.{projection}.weight", weight))
+    return experts
 
 
 def _unpermute_rows(rows: int, num_heads: int) -> torch.Tensor:

@@ -11,8 +11,10 @@ nibble. ``QuantizedWeight`` stores element ``k`` in byte ``k // 2`` (low nibble 
 nibbles are reordered; the codes and the float16 scales are kept bit for bit, which makes the result
 exactly what llama.cpp (and transformers' GGUF loader) dequantize the file to.
 
-Other types (the K-quants Q4_K/Q5_K/Q6_K, IQ*, ...) are not repacked: ``block_weight`` returns None for
-them and the loader dequantizes them instead, naming them in the start-up log.
+Q5_0, Q5_1 and the K-quants Q4_K, Q5_K and Q6_K are converted into the same groups at load
+(``gguf_kquants``: exactly for Q5_0/Q5_1, scales rounded to float16 for Q4_K/Q5_K, requantized to
+8 bits for Q6_K). Other types (Q2_K, Q3_K, IQ*, ...): ``block_weight`` returns None for them and the
+loader dequantizes them instead, naming them in the start-up log.
 """
 
 from __future__ import annotations
@@ -20,18 +22,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tokenmill.quant.gguf_kquants import CONVERTED_BLOCK_TYPES, kquant_weight
 from tokenmill.quant.weight import QuantizedWeight
 
 # type name -> (bytes per 32-element block, bits, has a per-block min)
 NATIVE_BLOCK_TYPES = {"Q8_0": (34, 8, False), "Q4_0": (18, 4, False), "Q4_1": (20, 4, True)}
 GGUF_BLOCK = 32
+# Every type ``block_weight`` turns into a QuantizedWeight rather than a float copy.
+KEPT_BLOCK_TYPES = (*NATIVE_BLOCK_TYPES, *CONVERTED_BLOCK_TYPES)
 
 
 def block_weight(type_name: str, data: np.ndarray, rows: int, cols: int) -> QuantizedWeight | None:
     """The ``[rows, cols]`` matrix stored as ``data`` (the file's raw bytes) as a QuantizedWeight,
-    or None when ``type_name`` is not one of ``NATIVE_BLOCK_TYPES``."""
+    or None when ``type_name`` is not one of ``KEPT_BLOCK_TYPES``."""
     if type_name not in NATIVE_BLOCK_TYPES:
-        return None
+        return kquant_weight(type_name, data, rows, cols)
     block_bytes, bits, has_min = NATIVE_BLOCK_TYPES[type_name]
     if cols % GGUF_BLOCK:
         raise ValueError(f"{cols} columns is not a whole number of {GGUF_BLOCK}-element blocks")

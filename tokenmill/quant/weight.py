@@ -139,9 +139,29 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     """Stack the output rows of compatible weights (``can_concat``): fused q/k/v and gate/up."""
     first = parts[0]
     mins = None if first.mins is None else torch.cat([p.mins for p in parts])
+    source = "+".join(dict.fromkeys(p.source for p in parts))  # "gguf:Q4_K+gguf:Q6_K" if mixed
     return QuantizedWeight(first.bits, first.group_size, torch.cat([p.qweight for p in parts]),
-                           torch.cat([p.scales for p in parts]), mins, first.input_perm,
-                           first.source)
+                           torch.cat([p.scales for p in parts]), mins, first.input_perm, source)
+
+
+def widened_to_match(parts: list[QuantizedWeight]) -> list[QuantizedWeight] | None:
+    """``parts`` that differ only in bit width or in having offsets, each rewritten losslessly as
+    8-bit codes (with zero offsets where another part has them) so that they can be fused: a
+    GGUF file may store q and k as Q4_K and v as Q6_K. None when they differ in anything else."""
+    first = parts[0]
+    if any(p.group_size != first.group_size or p.in_features != first.in_features
+           or not _same_perm(p.input_perm, first.input_perm) for p in parts[1:]):
+        return None
+    with_mins = any(p.mins is not None for p in parts)
+    widened = []
+    for part in parts:
+        qweight = part.codes().to(torch.int8) if part.bits == 4 else part.qweight
+        mins = part.mins
+        if with_mins and mins is None:
+            mins = torch.zeros_like(part.scales, dtype=torch.float16)
+        widened.append(QuantizedWeight(8, part.group_size, qweight, part.scales, mins,
+                                       part.input_perm, part.source))
+    return widened
 
 
 def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
