@@ -230,7 +230,11 @@ def test_formats_bits_per_weight() -> None:
     # for int8, float32 scale for fp8)
     assert method_format("int8").nbytes(k, n) == k * n + 4 * n
     assert method_format("fp8").nbytes(k, n) == k * n + 4 * n
-    assert gguf_format("Q6_K", "bf16") == WeightFormat("bf16", "bf16")  # dequantized at load
+    assert gguf_format("Q3_K", "bf16") == WeightFormat("bf16", "bf16")  # dequantized at load
+    # converted at load: Q4_K like Q4_1, Q6_K and Q5_0 like Q8_0, Q5_1 / Q5_K with a min as well
+    assert {t: gguf_format(t, "bf16").nbytes(k, n) * 8 / (k * n)
+            for t in ("Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K")} == {
+        "Q4_K": 5.0, "Q6_K": 8.5, "Q5_0": 8.5, "Q5_1": 9.0, "Q5_K": 9.0}
 
 
 def test_quantized_methods_keep_embedding_and_head_dense() -> None:

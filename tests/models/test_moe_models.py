@@ -147,16 +147,22 @@ def test_gguf_quantized_experts_stay_quantized(tmp_path, hf_builtin_tokenizer, b
         assert ("gguf:Q8_0" in model.weight_report()) == (quantization == "auto")
 
 
-def test_gguf_other_expert_types_are_dequantized(tmp_path, hf_builtin_tokenizer,
-                                                 builtin_source, caplog):
-    reference = make_hf_moe("mixtral", seed=3)  # Q5_0 blocks need I % 32 == 0
-    path = write_moe_gguf(reference, "mixtral", tmp_path / "q5.gguf", builtin_source.path,
-                          expert_type="Q5_0")
-    round_trip_experts(reference, "Q5_0")
+@pytest.mark.parametrize("expert_type, kept", [("Q5_0", True), ("MXFP4", False)])
+def test_gguf_converted_and_other_expert_types(expert_type, kept, tmp_path, hf_builtin_tokenizer,
+                                               builtin_source, caplog):
+    """Q5_0 expert blocks are converted exactly into 8-bit groups (docs/quantization.md) and stay
+    quantized per expert; a type tokenmill does not keep (MXFP4) is dequantized, and the log says
+    so. Both give the reference's logits on what the file holds."""
+    reference = make_hf_moe("mixtral", seed=3)  # 32-element blocks need I % 32 == 0
+    path = write_moe_gguf(reference, "mixtral", tmp_path / "experts.gguf", builtin_source.path,
+                          expert_type=expert_type)
+    round_trip_experts(reference, expert_type)
     ids = hf_builtin_tokenizer.encode(PROMPT)
     with caplog.at_level(logging.INFO, logger="tokenmill.loader.gguf"):
-        _, ours = _logits(path, ids)
-    assert "expert tensors (ffn_*_exps) of type Q5_0 are dequantized" in caplog.text
+        model, ours = _logits(path, ids)
+    dequantized = f"expert tensors (ffn_*_exps) of type {expert_type} are dequantized"
+    assert (dequantized in caplog.text) != kept
+    assert (f"gguf:{expert_type}" in model.weight_report()) == kept
     with torch.no_grad():
         expected = reference(torch.tensor([ids])).logits[0]
     assert (ours - expected).abs().max().item() < TOLERANCE

@@ -22,10 +22,14 @@ BYTES_PER_PARAM: dict[str, float] = {
 }
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 DENSE_DTYPES = ("fp32", "bf16", "fp16")
-# GGUF block types tokenmill keeps as blocks (groups of 32) and the kernel that runs them. Q4_0
-# is held like Q4_1 (its "- 8" becomes a float16 min): 5 bits per weight in memory, although the
-# file stores 4.5.
-GGUF_KEPT_TYPES: dict[str, str] = {"Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4"}
+# GGUF block types tokenmill keeps quantized (groups of 32: tokenmill/quant/gguf.py and
+# gguf_kquants.py), the kernel that runs them and whether a group has a float16 min. Q4_0 is held
+# like Q4_1 (its "- 8" becomes a float16 min): 5 bits per weight in memory, although the file
+# stores 4.5; the 5-bit types take a byte per code.
+GGUF_KEPT_TYPES: dict[str, tuple[str, bool]] = {
+    "Q8_0": ("q8", False), "Q4_0": ("q4", True), "Q4_1": ("q4", True), "Q5_0": ("q8", False),
+    "Q5_1": ("q8", True), "Q4_K": ("q4", True), "Q5_K": ("q8", True), "Q6_K": ("q8", False),
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class WeightFormat:
     kernel: str
     group_size: int | None = None  # inputs per scale; None = one scale per row (or dense)
     bytes_per_weight: float | None = None  # a file's average (weights "as stored", no types known)
+    has_min: bool | None = None  # q4 / q8: a float16 min per group (None: q4 has one, q8 not)
 
     def nbytes(self, in_features: int, out_features: int) -> float:
         weights = float(in_features * out_features)
@@ -49,8 +54,9 @@ class WeightFormat:
             return weights * BYTES_PER_PARAM[self.kernel]
         if self.kernel == "fp8":
             return weights + out_features * 4  # float32 scale per row
+        has_min = self.kernel == "q4" if self.has_min is None else self.has_min
         return packed_bytes(in_features, out_features, 4 if self.kernel == "q4" else 8,
-                            self.group_size, has_min=self.kernel == "q4")
+                            self.group_size, has_min=has_min)
 
 
 def packed_bytes(in_features: int, out_features: int, bits: int, group_size: int | None,
@@ -85,7 +91,8 @@ def gguf_format(type_name: str, compute_dtype: str) -> WeightFormat:
     """What tokenmill holds a GGUF tensor of ``type_name`` as (``--quantization auto``): kept
     block types as blocks, everything else dequantized to the compute dtype at load."""
     if type_name in GGUF_KEPT_TYPES:
-        return WeightFormat(f"gguf:{type_name}", GGUF_KEPT_TYPES[type_name], 32)
+        kernel, has_min = GGUF_KEPT_TYPES[type_name]
+        return WeightFormat(f"gguf:{type_name}", kernel, 32, has_min=has_min)
     return dense_format(compute_dtype)
 
 
@@ -234,8 +241,8 @@ class ModelArch:
         * int8 / int4 / fp8 (``--quantization int8|int4|fp8``): the decoder layers' linears in
           that format; the embedding and a tied LM head dense in the compute dtype (a quantizer
           never touches them), an untied LM head as the checkpoint holds it;
-        * as stored (``--quantization auto``) for a GGUF: each tensor by its type (Q8_0 / Q4_0 /
-          Q4_1 kept as blocks, anything else dequantized to the compute dtype), a tied
+        * as stored (``--quantization auto``) for a GGUF: each tensor by its type (the
+          ``GGUF_KEPT_TYPES`` kept quantized, anything else dequantized to the compute dtype), a tied
           embedding/LM head at its own type; for other files, their average bytes per weight.
         """
         compute = compute_dtype or (dtype if dtype in DENSE_DTYPES else "bf16")
@@ -301,10 +308,17 @@ class ModelArch:
             type_name = (types.get(f"blk.{index}.{name}.weight")
                          or types.get(f"blk.{index}.{name}_exps.weight", ""))
             found.add(type_name)
-        if role == "router" or len(found) != 1:
-            # shards of different types are stacked into one dense matrix at load
+        if role == "router":
             return dense_format(compute)
-        return gguf_format(found.pop(), compute)
+        if len(found) == 1:
+            return gguf_format(found.pop(), compute)
+        formats = [gguf_format(type_name, compute) for type_name in sorted(found)]
+        if all(fmt.kernel in ("q4", "q8") for fmt in formats):
+            # kept shards of different types are fused as 8-bit codes (quant.weight.widened_to_match)
+            return WeightFormat("gguf:" + "+".join(sorted(found)), "q8", 32,
+                                has_min=any(fmt.has_min for fmt in formats))
+        # shards of which one is dequantized are stacked into one dense matrix at load
+        return dense_format(compute)
 
     def _uniform_layout(self, fmt: WeightFormat, head: WeightFormat, embed_bytes: float,
                         other_bytes: float, description: str) -> WeightLayout:
