@@ -10,8 +10,8 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from tokenmill.layers.linear import QuantizedOp
 from tests.quant.gguf_block_bytes import random_blocks
+from tokenmill.layers.linear import QuantizedOp
 from tokenmill.quant.gguf import NATIVE_BLOCK_TYPES, block_weight
 from tokenmill.quant.gguf_kquants import CONVERTED_BLOCK_TYPES
 
