@@ -64,8 +64,8 @@ def dev_curve(embedder, dev: list[dict], folds: int, llm=None) -> np.ndarray:
 
 
 def origin_of(row: dict) -> str:
-    """Which batch a prompt came in: "s25" for the prompts added in session 25 (never scored
-    before it), "older" for the rest; the test figure is printed for each apart."""
+    """Which batch a prompt came in: "s25" or "s26" for the prompts added in that session (never
+    scored before it), "older" for the rest; the test figure is printed for each apart."""
     return row.get("added") or "older"
 
 
