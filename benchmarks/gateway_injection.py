@@ -82,8 +82,8 @@ def print_by_origin(rows: list[dict], scores: np.ndarray, threshold: float, half
               f"{flagged[~attack].mean():.3f} ({int(flagged[~attack].sum())}/"
               f"{int((~attack).sum())}) |")
     added = [i for i, r in enumerate(rows) if "kind" in r]
-    if added:  # the newer non-English prompts name the kind their "encoded" category hides
-        print(f"\n{half}, prompts with a kind (non-English, category encoded), by kind")
+    if added:  # the s25 and s26 batches name their kind (non-English ones are all "encoded")
+        print(f"\n{half}, prompts with a kind (the s25 and s26 batches), by kind")
         print("| label | kind | flagged |")
         print("|---|---|---|")
         for label, kind in sorted({(rows[i]["label"], rows[i]["kind"]) for i in added}):
