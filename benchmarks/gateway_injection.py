@@ -64,8 +64,8 @@ def dev_curve(embedder, dev: list[dict], folds: int, llm=None) -> np.ndarray:
 
 
 def origin_of(row: dict) -> str:
-    """Which batch a prompt came in: "s25" for the prompts added in session 25 (never scored
-    before it), "older" for the rest; the test figure is printed for each apart."""
+    """Which batch a prompt came in: "s25" or "s26" for the prompts added in that session (never
+    scored before it), "older" for the rest; the test figure is printed for each apart."""
     return row.get("added") or "older"
 
 
@@ -82,8 +82,8 @@ def print_by_origin(rows: list[dict], scores: np.ndarray, threshold: float, half
               f"{flagged[~attack].mean():.3f} ({int(flagged[~attack].sum())}/"
               f"{int((~attack).sum())}) |")
     added = [i for i, r in enumerate(rows) if "kind" in r]
-    if added:  # the newer non-English prompts name the kind their "encoded" category hides
-        print(f"\n{half}, prompts with a kind (non-English, category encoded), by kind")
+    if added:  # the s25 and s26 batches name their kind (non-English ones are all "encoded")
+        print(f"\n{half}, prompts with a kind (the s25 and s26 batches), by kind")
         print("| label | kind | flagged |")
         print("|---|---|---|")
         for label, kind in sorted({(rows[i]["label"], rows[i]["kind"]) for i in added}):

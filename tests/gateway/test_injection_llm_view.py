@@ -104,14 +104,17 @@ def test_a_second_start_reads_the_llm_views_vectors(three_view_detector, embedde
 def test_detector_with_the_llm_view_averages_three_views(three_view_detector, small_library):
     detector, small = three_view_detector, small_library
     assert detector.views == ("embedding", "ngrams", "llm")
-    # One-window texts (one sentence, nothing encoded): the score is the mean of three views.
+    # The n-grams weigh as much as the two views over vectors together (dev CV's choice).
+    assert detector.view_weights == {"embedding": 0.25, "ngrams": 0.5, "llm": 0.25}
+    # One-window texts (one sentence, nothing encoded): the score is the weighted mean.
     attacks = [e.text for e in small if e.is_attack and windows(e.text, 64) == [e.text]]
     benign = [e.text for e in small if not e.is_attack and windows(e.text, 64) == [e.text]]
     texts = attacks[:2] + benign[:2]
     vectors = detector._vectors(texts)
     per_view = np.array([detector._view_probs(view, texts, vectors) for view in detector.views])
     scores = detector.score(texts)
-    np.testing.assert_allclose([s.score for s in scores], per_view.mean(0), rtol=1e-6)
+    weights = np.array([detector.view_weights[view] for view in detector.views])
+    np.testing.assert_allclose([s.score for s in scores], weights @ per_view, rtol=1e-6)
     assert all(0.0 <= s.score <= 1.0 for s in scores)
     # Trained on them: the library's attacks score above its harmless prompts.
     assert min(s.score for s in scores[:2]) > max(s.score for s in scores[2:])
@@ -127,11 +130,13 @@ def test_a_model_that_cannot_load_leaves_the_two_view_detector(caplog):
 def test_default_threshold_follows_the_views_in_use(embedder, three_view_detector,
                                                     small_library):
     """Without the LLM view (off, or it could not load) the two-view model's own dev-chosen
-    threshold applies, not the three-view one; a configured threshold wins either way."""
+    threshold applies (on today's dev half the same step as the three-view one) and its two
+    views count equally; a configured threshold wins either way."""
     two_view_detector = InjectionDetector(embedder, small_library)
     assert two_view_detector.views == ("embedding", "ngrams")
+    assert two_view_detector.view_weights == {"embedding": 0.5, "ngrams": 0.5}
     default, explicit = GuardrailsSection(), GuardrailsSection(
         injection_detector=InjectionDetectorSection(threshold=0.8))
     assert GuardrailsStage(default, GatewayMetrics(), three_view_detector).threshold == 0.675
-    assert GuardrailsStage(default, GatewayMetrics(), two_view_detector).threshold == 0.725
+    assert GuardrailsStage(default, GatewayMetrics(), two_view_detector).threshold == 0.675
     assert GuardrailsStage(explicit, GatewayMetrics(), two_view_detector).threshold == 0.8

@@ -9,7 +9,8 @@ sentence embeddings learns the meaning; a logistic regression over word and char
 (TF-IDF) is averaged with it because MiniLM is an English model and the n-grams carry the look
 of attacks in other languages and of obfuscated spellings; optionally (the gateway's default)
 a third RBF SVM over the built-in LLM's pooled hidden states (``llm_features``), which read
-every script, is averaged in too (+3.5 points of dev detection at 3% false positives).
+every script, is averaged in too. The n-grams weigh as much as the vector views together
+(``NGRAM_SHARE``).
 The library ships with the package (``data/injection_exemplars.jsonl``, the dev half of
 ``benchmarks/data/injection_prompts.jsonl``); a deployment can point at its own file.
 
@@ -54,10 +55,18 @@ LABELS = ("attack", "benign")
 # noise, and a point higher than at 4 (docs/gateway.md lists every variant).
 _SVM_C = 32.0
 _NGRAM_C = 16.0
+# How much each view counts in the mean: the n-gram model half, the views over vectors (MiniLM,
+# and SmolLM2 when it is on) share the other half equally. On the 1,172-prompt dev half (5-fold
+# CV, 3 shuffles, attacks caught at 3% false positives) weighting n-grams 1, MiniLM 0.5 and the
+# LLM 0.5 caught 75.7% against 72.4% for the plain mean, higher on each shuffle; a grid of
+# weights showed a broad plateau there (74-77%), and a logistic regression stacked on the
+# views' out-of-fold scores learned the same shape (docs/gateway.md). Two views stay 1:1.
+NGRAM_SHARE = 0.5
 # Default thresholds: the lowest step of 0.025 whose false-positive rate stays at or under 3% on
 # the dev half (5-fold cross-validation, 3 shuffles averaged; docs/gateway.md). The views'
-# mean is a different scale with or without the LLM view, so each has its own.
-DEFAULT_THRESHOLD = 0.725
+# weighted mean is a different scale with or without the LLM view, so each has its own (on the
+# 1,172-prompt dev half both came out at 0.675).
+DEFAULT_THRESHOLD = 0.675
 DEFAULT_THRESHOLD_WITH_LLM = 0.675
 
 
@@ -110,8 +119,8 @@ def load_exemplars(path: str | None = None) -> list[Exemplar]:
 
 class InjectionDetector:
     """``llm``: optional vectors from the built-in generative model (``llm_features``); given,
-    they are a third view, averaged with the other two. ``vector_cache``: where the exemplars'
-    vectors are read from and kept (None: always embedded)."""
+    they are a third view, averaged with the other two (``view_weights``). ``vector_cache``:
+    where the exemplars' vectors are read from and kept (None: always embedded)."""
 
     def __init__(self, embedder: Embedder, exemplars: list[Exemplar], max_windows: int = 64,
                  llm: Embedder | None = None, vector_cache: VectorCache | None = None) -> None:
@@ -138,6 +147,14 @@ class InjectionDetector:
     @property
     def views(self) -> tuple[str, ...]:
         return ("embedding", "ngrams") + (("llm",) if self.llm is not None else ())
+
+    @property
+    def view_weights(self) -> dict[str, float]:
+        """Each view's weight in the score (they sum to 1): ``NGRAM_SHARE`` for the n-grams, the
+        rest split equally between the views over vectors."""
+        vector_views = [v for v in self.views if v != "ngrams"]
+        return {v: NGRAM_SHARE if v == "ngrams" else (1 - NGRAM_SHARE) / len(vector_views)
+                for v in self.views}
 
     def _vector_embedders(self) -> dict[str, Embedder]:
         """The views that need vectors, and what embeds them (the n-gram view needs none)."""
@@ -213,11 +230,10 @@ class InjectionDetector:
             rows = [row_of[t] for t in some]
             return {view: found[rows] for view, found in all_vectors.items()}
 
-        # Each view its own model; their probabilities are averaged. In cross-validation on the
-        # dev half this beat one model over both feature sets joined (85% vs 76% of attacks at
-        # 2.6% false positives): the n-grams' many weights no longer drown the embedding's.
-        # Taking the larger of the two instead of the mean, or a weighted mean, scored lower;
-        # so did weighting the LLM view 0.5 or 2 (docs/gateway.md).
+        # Each view its own model; their probabilities are averaged (``view_weights``). In
+        # cross-validation on the dev half this beat one model over both feature sets joined (85%
+        # vs 76% of attacks at 2.6% false positives): the n-grams' many weights no longer drown
+        # the embedding's. Taking the larger of the views instead of a mean scored lower.
         for view in self.views:
             view_texts, view_labels = list(texts), list(labels)
             model = self._new_model(view)
@@ -233,7 +249,9 @@ class InjectionDetector:
                 model.fit(self._features(view, view_texts, vectors(view_texts)), view_labels)
 
     def _predict(self, texts: list[str], vectors: dict[str, np.ndarray]) -> np.ndarray:
-        return np.mean([self._view_probs(view, texts, vectors) for view in self.views], axis=0)
+        weights = self.view_weights
+        return np.sum([weights[view] * self._view_probs(view, texts, vectors)
+                       for view in self.views], axis=0)
 
     def using(self, embedder: Embedder) -> InjectionDetector:
         """The same trained model, embedding through ``embedder`` (e.g. a memoizing wrapper)."""
