@@ -68,7 +68,6 @@ def compute(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from sklearn.model_selection import StratifiedKFold
-    from wordllama_embedder import WordLlamaEmbedder  # benchmarks/, next to this script
 
     from tokenmill.gateway.embedding_memo import MemoizedEmbedder
     from tokenmill.gateway.embeddings import load_embedder
@@ -78,8 +77,17 @@ def compute(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(int(os.environ.get("TOKENMILL_NUM_THREADS", "1")))
     minilm = MemoizedEmbedder(load_embedder(), max_entries=200_000)
-    embedders = {"minilm": minilm, "wordllama": WordLlamaEmbedder()}
+    embedders: dict[str, Any] = {"minilm": minilm}
     views = args.views or list(VIEWS)
+    if any(VIEWS[v][0] == "wordllama" for v in views):
+        # WordLlama is not a tokenmill dependency; only the experiment's extra views need it
+        try:
+            from wordllama_embedder import WordLlamaEmbedder  # benchmarks/, next to this script
+        except ImportError as exc:
+            raise SystemExit("the WordLlama views need `pip install --no-deps "
+                             "wordllama==0.4.0.post1 toml==0.10.2`; or pass --views without "
+                             f"them ({exc})") from exc
+        embedders["wordllama"] = WordLlamaEmbedder()
     if any(VIEWS[v][0] == "llm" for v in views):
         embedders["llm"] = MemoizedEmbedder(LLMEmbedder(), max_entries=200_000)
 
