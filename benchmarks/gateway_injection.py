@@ -64,8 +64,8 @@ def dev_curve(embedder, dev: list[dict], folds: int, llm=None) -> np.ndarray:
 
 
 def origin_of(row: dict) -> str:
-    """Which batch a prompt came in: "s25" or "s26" for the prompts added in that session (never
-    scored before it), "older" for the rest; the test figure is printed for each apart."""
+    """Which batch a prompt came in: "s25", "s26", "s27" for the prompts added in that session
+    (never scored before it), "older" for the rest; the test figure is printed for each apart."""
     return row.get("added") or "older"
 
 
@@ -82,14 +82,20 @@ def print_by_origin(rows: list[dict], scores: np.ndarray, threshold: float, half
               f"{flagged[~attack].mean():.3f} ({int(flagged[~attack].sum())}/"
               f"{int((~attack).sum())}) |")
     added = [i for i, r in enumerate(rows) if "kind" in r]
-    if added:  # the s25 and s26 batches name their kind (non-English ones are all "encoded")
-        print(f"\n{half}, prompts with a kind (the s25 and s26 batches), by kind")
-        print("| label | kind | flagged |")
-        print("|---|---|---|")
+    if added:  # the batches from session 25 on name their kind (non-English ones are "encoded")
+        batches = sorted({origin_of(rows[i]) for i in added})
+        print(f"\n{half}, prompts with a kind (the {', '.join(batches)} batches), by kind "
+              "and batch: flagged/prompts")
+        print("| label | kind | all | " + " | ".join(batches) + " |")
+        print("|---" * (3 + len(batches)) + "|")
         for label, kind in sorted({(rows[i]["label"], rows[i]["kind"]) for i in added}):
             picked = [i for i in added if (rows[i]["label"], rows[i]["kind"]) == (label, kind)]
-            num = int((scores[picked] >= threshold).sum())
-            print(f"| {label} | {kind} | {num}/{len(picked)} |")
+            cells = []
+            for batch in [None, *batches]:
+                chosen = [i for i in picked if batch is None or origin_of(rows[i]) == batch]
+                num = int((scores[chosen] >= threshold).sum())
+                cells.append(f"{num}/{len(chosen)}" if chosen else "-")
+            print(f"| {label} | {kind} | " + " | ".join(cells) + " |")
 
 
 def regex_baseline(rows: list[dict]) -> tuple[float, float]:

@@ -61,6 +61,20 @@ VIEWS: dict[str, tuple[str, Callable[[], Any]]] = {
     "wl_svm4": ("wordllama", svm(4.0)),
     "wl_svm32": ("wordllama", svm(32.0)),
     "wl_lr": ("wordllama", logistic(16.0)),
+    # session 27's n-gram variants, against the then detector's char_wb n-grams (aimed at
+    # non-English attacks): weaker regularisation, so n-grams seen in few exemplars count more;
+    # n-grams seen once kept (languages with one or two exemplars lose most of their character
+    # n-grams at min_df=2); character n-grams across word boundaries ("char", adopted: "ngrams"
+    # is now that, and "ngrams_wb" the session 26 view)
+    "ngrams_wb": ("ngrams", logistic(16.0)),
+    "ngrams_wb_c64": ("ngrams", logistic(64.0)),
+    "ngrams_wb_mindf1": ("ngrams", logistic(16.0)),
+}
+# char n-gram vectoriser settings of the n-gram views that differ from the detector's own
+NGRAM_CHARS: dict[str, dict[str, Any]] = {
+    "ngrams_wb": {"analyzer": "char_wb", "min_df": 2},
+    "ngrams_wb_c64": {"analyzer": "char_wb", "min_df": 2},
+    "ngrams_wb_mindf1": {"analyzer": "char_wb", "min_df": 1},
 }
 
 
@@ -96,6 +110,16 @@ def compute(args: argparse.Namespace) -> None:
 
         def __init__(self, view: str, exemplars: list[Exemplar]) -> None:
             self.view = view
+            self.own_ngrams = None
+            if view in NGRAM_CHARS:
+                from sklearn.feature_extraction.text import TfidfVectorizer
+                from sklearn.pipeline import FeatureUnion
+
+                self.own_ngrams = FeatureUnion([
+                    ("chars", TfidfVectorizer(ngram_range=(2, 6), sublinear_tf=True,
+                                              **NGRAM_CHARS[view])),
+                    ("words", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)),
+                ]).fit([e.text for e in exemplars])
             super().__init__(minilm, exemplars)
 
         @property
@@ -111,7 +135,8 @@ def compute(args: argparse.Namespace) -> None:
 
         def _features(self, view: str, texts: list[str], vectors: dict[str, np.ndarray]) -> Any:
             if VIEWS[view][0] == "ngrams":
-                return self.ngrams.transform(texts)
+                own = self.own_ngrams
+                return (self.ngrams if own is None else own).transform(texts)
             return vectors[view]
 
     dev = load_dev()
@@ -199,6 +224,9 @@ def report(args: argparse.Namespace) -> None:
                      mean_of({"embedding": 1.0, "ngrams": 1.0})))
     variants.append(("n-grams 1, MiniLM 0.5, LLM 0.5 (adopted)",
                      mean_of({"embedding": 0.5, "ngrams": 1.0, "llm": 0.5})))
+    for ng in sorted(v for v in available if v.startswith("ngrams_")):
+        variants.append((f"adopted weights, n-gram view {ng}",
+                         mean_of({"embedding": 0.5, ng: 1.0, "llm": 0.5})))
     for wl in sorted(v for v in available if v.startswith("wl_")):
         variants.append((f"current + {wl}", mean_of({**base, wl: 1.0})))
         variants.append((f"current + {wl}, MiniLM 0.5", mean_of({**base, wl: 1.0,

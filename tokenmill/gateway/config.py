@@ -158,7 +158,7 @@ class InjectionDetectorSection:
     threshold: float | None = _help(
         "Attack probability in (0, 1] at which a text is blocked; tenants may override it. "
         "None: the lowest step keeping false positives at or under 3% on the dev half for the "
-        "views in use (0.675 with or without the LLM view; docs/gateway.md).",
+        "views in use (0.65 with the LLM view, 0.675 without; docs/gateway.md).",
         default=None)
     exemplars: str | None = _help(
         "JSONL exemplar library ({label: attack|benign, text}); default: the one shipped in "

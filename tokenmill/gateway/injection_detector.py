@@ -65,9 +65,9 @@ NGRAM_SHARE = 0.5
 # Default thresholds: the lowest step of 0.025 whose false-positive rate stays at or under 3% on
 # the dev half (5-fold cross-validation, 3 shuffles averaged; docs/gateway.md). The views'
 # weighted mean is a different scale with or without the LLM view, so each has its own (on the
-# 1,172-prompt dev half both came out at 0.675).
+# 1,305-prompt dev half: 0.675 without the LLM view, 0.65 with it).
 DEFAULT_THRESHOLD = 0.675
-DEFAULT_THRESHOLD_WITH_LLM = 0.675
+DEFAULT_THRESHOLD_WITH_LLM = 0.65
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,11 @@ class InjectionDetector:
         self.vector_cache = vector_cache
         self.ngrams = FeatureUnion([
             # 2-6 over 3-5: two points more on dev; 2-grams carry Chinese and Japanese words.
-            ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 6), min_df=2,
+            # "char" (across word boundaries, so "modo desarrollador" and "system prompt" are
+            # n-grams) over "char_wb": on the 1,305-prompt dev half 80.2% caught at 3% false
+            # positives against 78.7%, higher on each of 3 shuffles; without the LLM view a tie
+            # (77.2% against 77.1%; docs/gateway.md).
+            ("chars", TfidfVectorizer(analyzer="char", ngram_range=(2, 6), min_df=2,
                                       sublinear_tf=True)),
             ("words", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)),
         ]).fit([e.text for e in exemplars])
