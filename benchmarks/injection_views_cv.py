@@ -61,7 +61,7 @@ VIEWS: dict[str, tuple[str, Callable[[], Any]]] = {
     "wl_svm4": ("wordllama", svm(4.0)),
     "wl_svm32": ("wordllama", svm(32.0)),
     "wl_lr": ("wordllama", logistic(16.0)),
-    # session 27's n-gram variants, against the then detector's char_wb n-grams (aimed at
+    # the second round's (data batch s27) n-gram variants, against the then detector's char_wb n-grams (aimed at
     # non-English attacks): weaker regularisation, so n-grams seen in few exemplars count more;
     # n-grams seen once kept (languages with one or two exemplars lose most of their character
     # n-grams at min_df=2); character n-grams across word boundaries ("char", adopted: "ngrams"
