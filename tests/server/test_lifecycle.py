@@ -65,7 +65,7 @@ class Stream:
 @pytest.fixture(scope="module")
 def small_server():
     server = ServerProcess("--max-num-seqs", "2", "--max-waiting-requests", "1",
-                           "--shutdown-timeout", "10", kv_cache_bytes=2**27)
+                           "--shutdown-timeout", "5", kv_cache_bytes=2**27)
     server.wait_ready()
     yield server
     server.stop()
@@ -120,7 +120,9 @@ def test_sigterm_lets_running_requests_finish_then_exits_cleanly(small_server):
     url = small_server.url
     short = Stream(url, {**LONG, "max_tokens": 40})
     assert short.first_event.wait(60)
-    endless = Stream(url, LONG)  # 1000 tokens: far longer than the 10 s shutdown timeout
+    # 2500 tokens: finishing them within the 5 s shutdown timeout would take 500 tokens/s beside
+    # another stream (a 2-core Xeon with AMX does ~185 alone; 1000 tokens in 10 s was reachable)
+    endless = Stream(url, {**LONG, "max_tokens": 2500})
     assert endless.first_event.wait(60)
     small_server.terminate()
     # From now on new requests are refused (503 while draining, or the socket is closed).
