@@ -240,12 +240,15 @@ def iter_gguf_tensors(tensors: list[TensorEntry], arch: ArchConfig, path: Path
             continue  # e.g. rope_freqs: read with the metadata (read_arch_config)
         type_name = tensor.tensor_type.name
         if type_name in KEPT_BLOCK_TYPES and len(tensor.shape) in (2, 3):
-            kept = (_native_weight(tensor, mapped, name, arch, path, permuted)
-                    if len(tensor.shape) == 2 else _native_experts(tensor, mapped, name, path))
+            if len(tensor.shape) == 2:
+                weight = _native_weight(tensor, mapped, name, arch, path, permuted)
+                kept = None if weight is None else [(name, weight)]
+            else:
+                kept = _native_experts(tensor, mapped, name, path)
             if kept is not None:  # None: a scale beyond float16, dequantized below
                 if type_name in CONVERTED_BLOCK_TYPES:
                     converted_types.add(type_name)
-                yield from ([(name, kept)] if isinstance(kept, QuantizedWeight) else kept)
+                yield from kept
                 continue
         if type_name not in ("F32", "F16", "BF16"):
             # stacked expert tensors [E, rows, cols] are dequantized whatever their type
