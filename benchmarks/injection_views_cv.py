@@ -69,6 +69,14 @@ VIEWS: dict[str, tuple[str, Callable[[], Any]]] = {
     "ngrams_wb": ("ngrams", logistic(16.0)),
     "ngrams_wb_c64": ("ngrams", logistic(64.0)),
     "ngrams_wb_mindf1": ("ngrams", logistic(16.0)),
+    # session 27's experiment: SmolLM2's hidden states pooled from a middle layer (or the mean of
+    # a band of layers) instead of the last (benchmarks/llm_layer_embedder.py; source
+    # "layers:<first>-<last>", 0 the embeddings, 30 the final norm)
+    **{f"llm_l{k}": (f"layers:{k}-{k}", svm(32.0)) for k in (4, 8, 12, 16, 20, 24, 30)},
+    "llm_l10_20": ("layers:10-20", svm(32.0)),
+    "llm_l1_30": ("layers:1-30", svm(32.0)),
+    # the same, on the text wrapped in a chat turn asking whether it is an attack, last token
+    **{f"llm_q{k}": (f"question:{k}-{k}", svm(32.0)) for k in (12, 20, 30)},
 }
 # char n-gram vectoriser settings of the n-gram views that differ from the detector's own
 NGRAM_CHARS: dict[str, dict[str, Any]] = {
@@ -102,6 +110,17 @@ def compute(args: argparse.Namespace) -> None:
                              "wordllama==0.4.0.post1 toml==0.10.2`; or pass --views without "
                              f"them ({exc})") from exc
         embedders["wordllama"] = WordLlamaEmbedder()
+    layer_sources = sorted({VIEWS[v][0] for v in views
+                            if VIEWS[v][0].startswith(("layers:", "question:"))})
+    if layer_sources:
+        # benchmarks/, an experiment
+        from llm_layer_embedder import QUESTION_TEMPLATE, AllLayers, LayerEmbedder
+
+        sources = {"layers": AllLayers(), "question": AllLayers(QUESTION_TEMPLATE, "last")}
+        for source in layer_sources:
+            kind, span = source.split(":")
+            first, last = map(int, span.split("-"))
+            embedders[source] = LayerEmbedder(sources[kind], list(range(first, last + 1)))
     if any(VIEWS[v][0] == "llm" for v in views):
         embedders["llm"] = MemoizedEmbedder(LLMEmbedder(), max_entries=200_000)
 
@@ -227,6 +246,9 @@ def report(args: argparse.Namespace) -> None:
     for ng in sorted(v for v in available if v.startswith("ngrams_")):
         variants.append((f"adopted weights, n-gram view {ng}",
                          mean_of({"embedding": 0.5, ng: 1.0, "llm": 0.5})))
+    for lv in sorted(v for v in available if v.startswith("llm_l")):
+        variants.append((f"adopted weights, LLM view {lv}",
+                         mean_of({"embedding": 0.5, "ngrams": 1.0, lv: 0.5})))
     for wl in sorted(v for v in available if v.startswith("wl_")):
         variants.append((f"current + {wl}", mean_of({**base, wl: 1.0})))
         variants.append((f"current + {wl}, MiniLM 0.5", mean_of({**base, wl: 1.0,
