@@ -77,7 +77,16 @@ VIEWS: dict[str, tuple[str, Callable[[], Any]]] = {
     "llm_l1_30": ("layers:1-30", svm(32.0)),
     # the same, on the text wrapped in a chat turn asking whether it is an attack, last token
     **{f"llm_q{k}": (f"question:{k}-{k}", svm(32.0)) for k in (12, 20, 30)},
+    # layer 20 through the final norm: what a model cut after layer 20 would give
+    "llm_qn20": ("question_norm:20-20", svm(32.0)),
+    # the cross-lingual concept features (tokenmill/gateway/injection_concepts.py): alone, and
+    # appended to the n-grams in one logistic regression
+    "concepts": ("concepts", logistic(16.0)),
+    "concepts_c1": ("concepts", logistic(1.0)),
+    "ngrams_concepts": ("ngrams+concepts", logistic(16.0)),
 }
+# the views whose features are computed from the text, not vectors from a model
+NOT_VECTORS = ("ngrams", "concepts", "ngrams+concepts")
 # char n-gram vectoriser settings of the n-gram views that differ from the detector's own
 NGRAM_CHARS: dict[str, dict[str, Any]] = {
     "ngrams_wb": {"analyzer": "char_wb", "min_df": 2},
@@ -111,16 +120,18 @@ def compute(args: argparse.Namespace) -> None:
                              f"them ({exc})") from exc
         embedders["wordllama"] = WordLlamaEmbedder()
     layer_sources = sorted({VIEWS[v][0] for v in views
-                            if VIEWS[v][0].startswith(("layers:", "question:"))})
+                            if VIEWS[v][0].startswith(("layers:", "question"))})
     if layer_sources:
         # benchmarks/, an experiment
         from llm_layer_embedder import QUESTION_TEMPLATE, AllLayers, LayerEmbedder
 
-        sources = {"layers": AllLayers(), "question": AllLayers(QUESTION_TEMPLATE, "last")}
+        question = AllLayers(QUESTION_TEMPLATE, "last")
+        sources = {"layers": AllLayers(), "question": question, "question_norm": question}
         for source in layer_sources:
             kind, span = source.split(":")
             first, last = map(int, span.split("-"))
-            embedders[source] = LayerEmbedder(sources[kind], list(range(first, last + 1)))
+            embedders[source] = LayerEmbedder(sources[kind], list(range(first, last + 1)),
+                                              normed=kind == "question_norm")
     if any(VIEWS[v][0] == "llm" for v in views):
         embedders["llm"] = MemoizedEmbedder(LLMEmbedder(), max_entries=200_000)
 
@@ -147,17 +158,29 @@ def compute(args: argparse.Namespace) -> None:
 
         def _vector_embedders(self) -> dict[str, Any]:
             source = VIEWS[self.view][0]
-            return {} if source == "ngrams" else {self.view: embedders[source]}
+            return {} if source in NOT_VECTORS else {self.view: embedders[source]}
 
         def _new_model(self, view: str) -> Any:  # type: ignore[override]
             return VIEWS[view][1]()
 
         def _features(self, view: str, texts: list[str], vectors: dict[str, np.ndarray]) -> Any:
+            if VIEWS[view][0] == "concepts":
+                return lexicon.features(texts)
+            if VIEWS[view][0] == "ngrams+concepts":
+                from scipy.sparse import csr_matrix, hstack
+
+                return hstack([self.ngrams.transform(texts),
+                               csr_matrix(lexicon.features(texts))]).tocsr()
             if VIEWS[view][0] == "ngrams":
                 own = self.own_ngrams
                 return (self.ngrams if own is None else own).transform(texts)
             return vectors[view]
 
+    lexicon = None
+    if any(VIEWS[v][0] in ("concepts", "ngrams+concepts") for v in views):
+        from tokenmill.gateway.injection_concepts import ConceptLexicon
+
+        lexicon = ConceptLexicon(os.environ.get("TOKENMILL_CONCEPTS"))
     dev = load_dev()
     exemplars = [Exemplar(r["text"], r["label"] == "attack", r["category"]) for r in dev]
     labels = np.array([e.is_attack for e in exemplars])
@@ -246,6 +269,15 @@ def report(args: argparse.Namespace) -> None:
     for ng in sorted(v for v in available if v.startswith("ngrams_")):
         variants.append((f"adopted weights, n-gram view {ng}",
                          mean_of({"embedding": 0.5, ng: 1.0, "llm": 0.5})))
+    for cv in sorted(v for v in available if v.startswith("concepts")):
+        for w in (0.25, 0.5, 1.0):
+            variants.append((f"adopted weights + {cv} weight {w}",
+                             mean_of({"embedding": 0.5, "ngrams": 1.0, "llm": 0.5, cv: w})))
+    if "ngrams_concepts" in available:
+        variants.append(("adopted weights, n-gram view ngrams_concepts",
+                         mean_of({"embedding": 0.5, "ngrams_concepts": 1.0, "llm": 0.5})))
+        variants.append(("two views, n-gram view ngrams_concepts (MiniLM 1)",
+                         mean_of({"embedding": 1.0, "ngrams_concepts": 1.0})))
     for lv in sorted(v for v in available if v.startswith("llm_l")):
         variants.append((f"adopted weights, LLM view {lv}",
                          mean_of({"embedding": 0.5, "ngrams": 1.0, lv: 0.5})))

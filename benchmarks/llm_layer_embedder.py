@@ -89,12 +89,20 @@ QUESTION_TEMPLATE = ("<|im_start|>user\nDoes the following message try to make a
 class LayerEmbedder:
     """``Embedder`` over one layer (or the mean of several) of ``AllLayers``: unit vectors."""
 
-    def __init__(self, source: AllLayers, layers: list[int]) -> None:
+    def __init__(self, source: AllLayers, layers: list[int], normed: bool = False) -> None:
+        """``normed``: pass the vector through the model's final RMSNorm, which is what a model
+        cut after the last of ``layers`` would hand back."""
         self.source = source
         self.layers = layers
+        self.normed = normed
 
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.source.model.config.hidden_size), dtype=np.float32)
         vectors = self.source.layers(texts)[:, self.layers].mean(1)
+        if self.normed:
+            import torch
+
+            with torch.inference_mode():
+                vectors = self.source.model.model.norm(torch.from_numpy(vectors)).numpy()
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

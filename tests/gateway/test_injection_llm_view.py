@@ -130,13 +130,13 @@ def test_a_model_that_cannot_load_leaves_the_two_view_detector(caplog):
 def test_default_threshold_follows_the_views_in_use(embedder, three_view_detector,
                                                     small_library):
     """Without the LLM view (off, or it could not load) the two-view model's own dev-chosen
-    threshold applies (on today's dev half one step above the three-view one) and its two
+    threshold applies (on today's dev half the same step as the three-view one) and its two
     views count equally; a configured threshold wins either way."""
     two_view_detector = InjectionDetector(embedder, small_library)
     assert two_view_detector.views == ("embedding", "ngrams")
     assert two_view_detector.view_weights == {"embedding": 0.5, "ngrams": 0.5}
     default, explicit = GuardrailsSection(), GuardrailsSection(
         injection_detector=InjectionDetectorSection(threshold=0.8))
-    assert GuardrailsStage(default, GatewayMetrics(), three_view_detector).threshold == 0.65
-    assert GuardrailsStage(default, GatewayMetrics(), two_view_detector).threshold == 0.675
+    assert GuardrailsStage(default, GatewayMetrics(), three_view_detector).threshold == 0.625
+    assert GuardrailsStage(default, GatewayMetrics(), two_view_detector).threshold == 0.625
     assert GuardrailsStage(explicit, GatewayMetrics(), two_view_detector).threshold == 0.8

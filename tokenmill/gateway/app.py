@@ -102,7 +102,8 @@ def build_gateway(config: GatewayConfig, *, embedder: Embedder | None = None,
         llm = shared_llm_embedder() if detector_section.llm_view else None
         detector = shared_detector(embedder, detector_section.exemplars,
                                    detector_section.max_windows, llm=llm,
-                                   vector_cache_dir=detector_section.vector_cache_dir)
+                                   vector_cache_dir=detector_section.vector_cache_dir,
+                                   concepts_path=detector_section.concepts)
     guardrails = GuardrailsStage(config.guardrails, metrics, detector)
     stages: list[Stage] = [auth, ratelimit, guardrails,
                            RagSpecStage(config.rag, RagStore(config.rag.dir, embedder.dim))]

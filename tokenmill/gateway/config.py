@@ -158,10 +158,14 @@ class InjectionDetectorSection:
     threshold: float | None = _help(
         "Attack probability in (0, 1] at which a text is blocked; tenants may override it. "
         "None: the lowest step keeping false positives at or under 3% on the dev half for the "
-        "views in use (0.65 with the LLM view, 0.675 without; docs/gateway.md).",
+        "views in use (0.625 with the LLM view and without; docs/gateway.md).",
         default=None)
     exemplars: str | None = _help(
         "JSONL exemplar library ({label: attack|benign, text}); default: the one shipped in "
+        "tokenmill/gateway/data.", default=None)
+    concepts: str | None = _help(
+        "JSON concept lexicon (word stems per attack concept and language; its concepts and "
+        "their pairs join the n-gram model's features); default: the one shipped in "
         "tokenmill/gateway/data.", default=None)
     max_windows: int = _help(
         "Most sentence windows scored per text; longer texts are scored in wider windows.",

@@ -1,6 +1,6 @@
 """Semantic prompt-injection / jailbreak detector: classifiers trained at start-up on a labelled
 library of attack and benign exemplars, over the gateway's MiniLM embedding, over n-grams and
-(optionally) over the built-in LLM's hidden states.
+cross-lingual concepts, and (optionally) over the built-in LLM's hidden states.
 
 Why a classifier and not regexes: attacks are paraphrased endlessly ("disregard everything you
 were told before", "you are now in developer mode") while harmless prompts share their words
@@ -10,7 +10,9 @@ sentence embeddings learns the meaning; a logistic regression over word and char
 of attacks in other languages and of obfuscated spellings; optionally (the gateway's default)
 a third RBF SVM over the built-in LLM's pooled hidden states (``llm_features``), which read
 every script, is averaged in too. The n-grams weigh as much as the vector views together
-(``NGRAM_SHARE``).
+(``NGRAM_SHARE``). The n-gram model also reads which attack concepts a text mentions, in any of
+37 languages (``injection_concepts``): n-grams learn a language only from exemplars in it, the
+concepts let an attack in Thai borrow what the English and Spanish exemplars taught.
 The library ships with the package (``data/injection_exemplars.jsonl``, the dev half of
 ``benchmarks/data/injection_prompts.jsonl``); a deployment can point at its own file.
 
@@ -43,6 +45,7 @@ import numpy as np
 
 from tokenmill.errors import ConfigError
 from tokenmill.gateway.embeddings import Embedder
+from tokenmill.gateway.injection_concepts import ConceptLexicon, default_lexicon_path, load_lexicon
 from tokenmill.gateway.injection_windows import decoded_payloads, windows
 from tokenmill.gateway.vector_cache import VectorCache, cache_for, model_identity
 
@@ -64,10 +67,11 @@ _NGRAM_C = 16.0
 NGRAM_SHARE = 0.5
 # Default thresholds: the lowest step of 0.025 whose false-positive rate stays at or under 3% on
 # the dev half (5-fold cross-validation, 3 shuffles averaged; docs/gateway.md). The views'
-# weighted mean is a different scale with or without the LLM view, so each has its own (on the
-# 1,305-prompt dev half: 0.675 without the LLM view, 0.65 with it).
-DEFAULT_THRESHOLD = 0.675
-DEFAULT_THRESHOLD_WITH_LLM = 0.65
+# weighted mean is a different scale with or without the LLM view, so each has its own; on the
+# 1,601-prompt dev half, with the concept features, both came out at 0.625 (2.4% and 2.9%
+# false positives; 0.6 is 3.1% and 3.7%).
+DEFAULT_THRESHOLD = 0.625
+DEFAULT_THRESHOLD_WITH_LLM = 0.625
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,10 @@ class InjectionDetector:
     where the exemplars' vectors are read from and kept (None: always embedded)."""
 
     def __init__(self, embedder: Embedder, exemplars: list[Exemplar], max_windows: int = 64,
-                 llm: Embedder | None = None, vector_cache: VectorCache | None = None) -> None:
+                 llm: Embedder | None = None, vector_cache: VectorCache | None = None,
+                 concepts: ConceptLexicon | None = None) -> None:
+        """``concepts``: the lexicon whose concepts join the n-grams (default: the shipped
+        one)."""
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.pipeline import FeatureUnion
 
@@ -131,6 +138,7 @@ class InjectionDetector:
         self.llm = llm
         self.max_windows = max_windows
         self.vector_cache = vector_cache
+        self.concepts = concepts or ConceptLexicon()
         self.ngrams = FeatureUnion([
             # 2-6 over 3-5: two points more on dev; 2-grams carry Chinese and Japanese words.
             # "char" (across word boundaries, so "modo desarrollador" and "system prompt" are
@@ -186,7 +194,15 @@ class InjectionDetector:
         return found
 
     def _features(self, view: str, texts: list[str], vectors: dict[str, np.ndarray]) -> Any:
-        return self.ngrams.transform(texts) if view == "ngrams" else vectors[view]
+        if view != "ngrams":
+            return vectors[view]
+        from scipy.sparse import csr_matrix, hstack
+
+        # One logistic regression over n-grams and concepts together: on the 1,601-prompt dev
+        # half this caught far more attacks at 3% false positives than the concepts as a view of
+        # their own averaged in (docs/gateway.md).
+        return hstack([self.ngrams.transform(texts),
+                       csr_matrix(self.concepts.features(texts))]).tocsr()
 
     def _view_probs(self, view: str, texts: list[str], vectors: dict[str, np.ndarray]
                     ) -> np.ndarray:
@@ -278,21 +294,24 @@ class InjectionDetector:
         return results
 
 
-_trained: dict[tuple[int, str, int, int], InjectionDetector] = {}
+_trained: dict[tuple[int, str, int, int, str], InjectionDetector] = {}
 _trained_lock = threading.Lock()
 
 
 def shared_detector(embedder: Embedder, exemplars_path: str | None = None,
                     max_windows: int = 64, llm: Embedder | None = None,
-                    vector_cache_dir: str | None = None) -> InjectionDetector:
-    """One trained detector per process, model(s) and library: training embeds every exemplar
-    (or reads their vectors from ``vector_cache_dir``: None the default folder, "off" never).
-    A wrapper embedder (``embedding_memo``) names the model it wraps as ``inner``."""
+                    vector_cache_dir: str | None = None,
+                    concepts_path: str | None = None) -> InjectionDetector:
+    """One trained detector per process, model(s), library and lexicon: training embeds every
+    exemplar (or reads their vectors from ``vector_cache_dir``: None the default folder, "off"
+    never). A wrapper embedder (``embedding_memo``) names the model it wraps as ``inner``."""
     model = getattr(embedder, "inner", embedder)
-    key = (id(model), exemplars_path or default_exemplars_path(), max_windows, id(llm))
+    key = (id(model), exemplars_path or default_exemplars_path(), max_windows, id(llm),
+           concepts_path or default_lexicon_path())
     with _trained_lock:
         if key not in _trained:
             _trained[key] = InjectionDetector(model, load_exemplars(exemplars_path), max_windows,
-                                              llm=llm, vector_cache=cache_for(vector_cache_dir))
+                                              llm=llm, vector_cache=cache_for(vector_cache_dir),
+                                              concepts=load_lexicon(concepts_path))
         detector = _trained[key]
     return detector.using(embedder)

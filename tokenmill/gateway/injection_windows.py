@@ -18,8 +18,12 @@ import re
 
 import lemminflect
 
-# Sentence ends, colons that introduce a quoted payload, and line breaks.
-_SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+|\n+")
+# Sentence ends, colons that introduce a quoted payload, and line breaks. Latin-script ends
+# need a space after them ("3.5", "e.g." stay whole); the full-width Chinese/Japanese marks,
+# the Devanagari danda, the Arabic and Urdu question mark and full stop, the Armenian and
+# Ethiopic full stops end a sentence whether a space follows or not (Chinese and Japanese put
+# none), so an instruction hidden in a Japanese document is a window of its own.
+_SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+|(?<=[。！？；：।॥؟۔։።])\s*|\n+")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
 _HEX = re.compile(r"\b(?:[0-9a-fA-F]{2}){8,}\b")
 # "i g n o r e" or "I.g.n.o.r.e": at least five single characters, each followed by a separator
