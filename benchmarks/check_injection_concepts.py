@@ -14,10 +14,11 @@ import unicodedata
 from pathlib import Path
 
 LEXICON = Path(__file__).resolve().parents[1] / "tokenmill/gateway/data/injection_concepts.json"
-REQUIRED_LANGUAGES = (
-    "en zh ja ko ru uk es pt fr de it nl pl cs ro tr ar he fa hi bn ta te mr ur vi th id ms tl sw "
-    "el hu fi sv ka hy am"
-).split()
+REQUIRED_LANGUAGES = [
+    "en", "zh", "ja", "ko", "ru", "uk", "es", "pt", "fr", "de", "it", "nl", "pl", "cs", "ro", "tr",
+    "ar", "he", "fa", "hi", "bn", "ta", "te", "mr", "ur", "vi", "th", "id", "ms", "tl", "sw", "el",
+    "hu", "fi", "sv", "ka", "hy", "am",
+]
 OPTIONAL_LANGUAGES = ("hi-Latn", "ur-Latn", "ar-Latn", "ru-Latn")
 ALPHABETIC_SCRIPTS = ("LATIN", "CYRILLIC", "GREEK", "ARMENIAN", "GEORGIAN")
 MIN_ALPHABETIC_LENGTH = 4

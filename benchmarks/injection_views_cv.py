@@ -80,7 +80,8 @@ VIEWS: dict[str, tuple[str, Callable[[], Any]]] = {
     # layer 20 through the final norm: what a model cut after layer 20 would give
     "llm_qn20": ("question_norm:20-20", svm(32.0)),
     # the cross-lingual concept features (tokenmill/gateway/injection_concepts.py): alone, and
-    # appended to the n-grams in one logistic regression
+    # appended to the n-grams in one logistic regression ("ngrams_concepts", the detector's own
+    # n-gram model since session 27; "ngrams" here stays the n-grams alone)
     "concepts": ("concepts", logistic(16.0)),
     "concepts_c1": ("concepts", logistic(1.0)),
     "ngrams_concepts": ("ngrams+concepts", logistic(16.0)),
@@ -264,7 +265,7 @@ def report(args: argparse.Namespace) -> None:
     variants.append(("MiniLM weight 0.5", mean_of({**base, "embedding": 0.5})))
     variants.append(("two views (MiniLM, n-grams), plain mean",
                      mean_of({"embedding": 1.0, "ngrams": 1.0})))
-    variants.append(("n-grams 1, MiniLM 0.5, LLM 0.5 (adopted)",
+    variants.append(("n-grams 1, MiniLM 0.5, LLM 0.5 (session 26's model)",
                      mean_of({"embedding": 0.5, "ngrams": 1.0, "llm": 0.5})))
     for ng in sorted(v for v in available if v.startswith("ngrams_")):
         variants.append((f"adopted weights, n-gram view {ng}",
@@ -274,7 +275,8 @@ def report(args: argparse.Namespace) -> None:
             variants.append((f"adopted weights + {cv} weight {w}",
                              mean_of({"embedding": 0.5, "ngrams": 1.0, "llm": 0.5, cv: w})))
     if "ngrams_concepts" in available:
-        variants.append(("adopted weights, n-gram view ngrams_concepts",
+        variants.append((("adopted weights, n-gram view ngrams_concepts (the detector since "
+                          "session 27)"),
                          mean_of({"embedding": 0.5, "ngrams_concepts": 1.0, "llm": 0.5})))
         variants.append(("two views, n-gram view ngrams_concepts (MiniLM 1)",
                          mean_of({"embedding": 1.0, "ngrams_concepts": 1.0})))

@@ -76,5 +76,5 @@ def test_a_bad_lexicon_file_is_a_config_error_naming_the_setting(tmp_path):
 def test_the_shipped_lexicon_passes_its_checker():
     # every concept has stems for all 37 languages and English, no stem too short to match safely
     result = subprocess.run([sys.executable, str(REPO / "benchmarks/check_injection_concepts.py")],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

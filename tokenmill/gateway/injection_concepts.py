@@ -13,7 +13,7 @@ classifier learns which combinations make an attack, not that a word is bad.
 
 Matching is by substring on the NFKC-normalized, case-folded text, so a stem ("игнорир", "無視")
 catches inflected forms and needs no word segmentation in scripts written without spaces; in a
-phrase of several words each word may inflect (``stem_pattern``).
+phrase of several words each word may inflect (``stem_parts``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from tokenmill.errors import ConfigError
-
 
 _PUNCTUATION = re.compile(r"[^\w\s]")
 
