@@ -103,6 +103,7 @@ def compute(args: argparse.Namespace) -> None:
 
     from tokenmill.gateway.embedding_memo import MemoizedEmbedder
     from tokenmill.gateway.embeddings import load_embedder
+    from tokenmill.gateway.injection_concepts import ConceptLexicon
     from tokenmill.gateway.injection_detector import Exemplar, InjectionDetector
     from tokenmill.gateway.injection_windows import windows
     from tokenmill.gateway.llm_features import LLMEmbedder
@@ -151,7 +152,7 @@ def compute(args: argparse.Namespace) -> None:
                                               **NGRAM_CHARS[view])),
                     ("words", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)),
                 ]).fit([e.text for e in exemplars])
-            super().__init__(minilm, exemplars)
+            super().__init__(minilm, exemplars, concepts=lexicon)
 
         @property
         def views(self) -> tuple[str, ...]:
@@ -166,22 +167,16 @@ def compute(args: argparse.Namespace) -> None:
 
         def _features(self, view: str, texts: list[str], vectors: dict[str, np.ndarray]) -> Any:
             if VIEWS[view][0] == "concepts":
-                return lexicon.features(texts)
-            if VIEWS[view][0] == "ngrams+concepts":
-                from scipy.sparse import csr_matrix, hstack
-
-                return hstack([self.ngrams.transform(texts),
-                               csr_matrix(lexicon.features(texts))]).tocsr()
+                return self.concepts.features(texts)
+            if VIEWS[view][0] == "ngrams+concepts":  # the detector's own n-gram model
+                return super()._features("ngrams", texts, vectors)
             if VIEWS[view][0] == "ngrams":
                 own = self.own_ngrams
                 return (self.ngrams if own is None else own).transform(texts)
             return vectors[view]
 
-    lexicon = None
-    if any(VIEWS[v][0] in ("concepts", "ngrams+concepts") for v in views):
-        from tokenmill.gateway.injection_concepts import ConceptLexicon
-
-        lexicon = ConceptLexicon(os.environ.get("TOKENMILL_CONCEPTS"))
+    # the lexicon the concept views read (default: the shipped one)
+    lexicon = ConceptLexicon(os.environ.get("TOKENMILL_CONCEPTS"))
     dev = load_dev()
     exemplars = [Exemplar(r["text"], r["label"] == "attack", r["category"]) for r in dev]
     labels = np.array([e.is_attack for e in exemplars])

@@ -19,7 +19,7 @@ import re
 import lemminflect
 
 # Sentence ends, colons that introduce a quoted payload, and line breaks. Latin-script ends
-# need a space after them ("3.5", "e.g." stay whole); the full-width Chinese/Japanese marks,
+# need a space after them ("3.5" stays whole); the full-width Chinese/Japanese marks,
 # the Devanagari danda, the Arabic and Urdu question mark and full stop, the Armenian and
 # Ethiopic full stops end a sentence whether a space follows or not (Chinese and Japanese put
 # none), so an instruction hidden in a Japanese document is a window of its own.
